@@ -1,0 +1,206 @@
+"""Host-side (numpy) index arrays for Qwen2.5-VL: everything that depends on image sizes.
+
+The jitted vision tower and language model only see fixed-size padded arrays; the ragged,
+size-dependent bookkeeping lives here and runs on the host before each call:
+
+* `vision_position_ids`, `window_index`: the same values as transformers'
+  `vision_utils.get_vision_position_ids` / `get_vision_window_index`.
+* `prepare_vision_inputs`: pads the patch count to a bucket and turns HF's window permutation and
+  `cu_seqlens` / `cu_window_seqlens` into gather indices and per-patch segment ids (block-diagonal
+  attention; padding patches get segment -1, so they attend only to each other).
+* `rope_index`: M-RoPE positions [3, B, T] equal to HF `Qwen2_5_VLModel.get_rope_index`, plus
+  per-row deltas for decoding (position of the token at cache index i >= prompt end = i + delta).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+PAD_SEGMENT = -1  # segment id of bucket-padding patches: never equal to a real window/frame id
+
+
+class VisionInputs(NamedTuple):
+    """Padded, bucketed inputs of `encode_images` (a pytree; every leaf has a bucket-sized shape).
+
+    Np = padded patch count (a multiple of merge_unit = spatial_merge_size**2), Mp = Np // merge_unit.
+    """
+    pixel_values: np.ndarray      # [Np, C*kt*p*p] float32, rows in the processor's order, zero padded
+    patch_order: np.ndarray       # [Np] int32: row of pixel_values at each window-permuted slot
+    rotary_pos: np.ndarray        # [Np, 2] int32 (h, w) patch coordinates, window-permuted order
+    window_segments: np.ndarray   # [Np] int32 window id per permuted slot (PAD_SEGMENT for padding)
+    full_segments: np.ndarray     # [Np] int32 image-frame id per permuted slot (PAD_SEGMENT for padding)
+    merge_inverse: np.ndarray     # [Mp] int32: merged row (permuted order) of each output token
+    token_valid: np.ndarray       # [Mp] bool: output token is a real image token
+
+
+def _grid_list(image_grid_thw) -> list[tuple[int, int, int]]:
+    grid = np.asarray(image_grid_thw)
+    if grid.ndim != 2 or grid.shape[1] != 3:
+        raise ValueError(f"image_grid_thw must have shape [num_images, 3] (t, h, w), got {grid.shape}")
+    return [tuple(int(v) for v in row) for row in grid]
+
+
+def vision_position_ids(image_grid_thw, spatial_merge_size: int) -> np.ndarray:
+    """[N, 2] (h, w) per patch, in the processor's merge-block-major patch order."""
+    out = []
+    m = spatial_merge_size
+    for t, h, w in _grid_list(image_grid_thw):
+        if h % m or w % m:
+            raise ValueError(f"grid {(t, h, w)} is not divisible by spatial_merge_size={m}; "
+                             "resize images with the processor's smart_resize")
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        shape = (h // m, m, w // m, m)
+        hh = hh.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        ww = ww.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+        out.append(np.tile(np.stack([hh, ww], -1), (t, 1)))
+    return np.concatenate(out, 0).astype(np.int32) if out else np.zeros((0, 2), np.int32)
+
+
+def window_index(image_grid_thw, *, spatial_merge_size: int, window_size: int,
+                 patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(window_index [M], cu_window_seqlens [W+1]) exactly as HF builds them.
+
+    window_index lists merged units (groups of merge_size**2 patches) window by window; windows
+    are vws x vws merged units (vws = window_size // merge // patch), ragged at the right and
+    bottom edges. cu_window_seqlens counts patches and has no repeated entries.
+    """
+    vws = window_size // spatial_merge_size // patch_size
+    if vws < 1:
+        raise ValueError(f"window_size={window_size} is smaller than one merged unit "
+                         f"({spatial_merge_size * patch_size} px)")
+    unit = spatial_merge_size ** 2
+    index, cu, offset = [], [0], 0
+    for t, h, w in _grid_list(image_grid_thw):
+        gh, gw = h // spatial_merge_size, w // spatial_merge_size
+        nh, nw = -(-gh // vws), -(-gw // vws)
+        padded = np.full((t, nh * vws, nw * vws), -1, np.int64)
+        padded[:, :gh, :gw] = np.arange(t * gh * gw).reshape(t, gh, gw)
+        windows = padded.reshape(t, nh, vws, nw, vws).transpose(0, 1, 3, 2, 4).reshape(t * nh * nw, -1)
+        lengths = (windows >= 0).sum(-1)
+        flat = windows.reshape(-1)
+        index.append(flat[flat >= 0] + offset)
+        cu.extend((np.cumsum(lengths[lengths > 0]) * unit + cu[-1]).tolist())
+        offset += t * gh * gw
+    idx = np.concatenate(index) if index else np.zeros((0,), np.int64)
+    return idx.astype(np.int32), np.asarray(cu, np.int32)
+
+
+def bucket_size(n: int, bucket, multiple: int) -> int:
+    """Padded length for n items: None -> n rounded up to `multiple`; an int -> next multiple of
+    it; "pow2" -> next power of two (at least `multiple`)."""
+    if bucket is None:
+        size = n
+    elif bucket == "pow2":
+        size = 1 << max(int(n - 1).bit_length(), 0) if n > 0 else multiple
+    elif isinstance(bucket, (int, np.integer)) and bucket > 0:
+        size = -(-n // int(bucket)) * int(bucket)
+    else:
+        raise ValueError(f"bucket must be None, a positive int or 'pow2', got {bucket!r}")
+    size = max(size, multiple)
+    return -(-size // multiple) * multiple
+
+
+def prepare_vision_inputs(pixel_values, image_grid_thw, *, spatial_merge_size: int = 2,
+                          window_size: int = 112, patch_size: int = 14,
+                          bucket=None) -> VisionInputs:
+    """Pad `pixel_values` [N, C*kt*p*p] (the processor's output, all images concatenated) to a
+    bucket and build the index arrays the jitted vision tower needs (see `VisionInputs`)."""
+    pixel_values = np.asarray(pixel_values, np.float32)
+    grids = _grid_list(image_grid_thw)
+    n = sum(t * h * w for t, h, w in grids)
+    if pixel_values.ndim != 2 or pixel_values.shape[0] != n:
+        raise ValueError(f"pixel_values must have shape [sum(t*h*w)={n}, C*kt*p*p] for "
+                         f"image_grid_thw={grids}, got {pixel_values.shape}")
+    unit = spatial_merge_size ** 2
+    n_pad = bucket_size(n, bucket, unit)
+    m, m_pad = n // unit, n_pad // unit
+
+    widx, cu_win = window_index(grids, spatial_merge_size=spatial_merge_size,
+                                window_size=window_size, patch_size=patch_size)
+    order = (widx[:, None] * unit + np.arange(unit)).reshape(-1)
+    patch_order = np.concatenate([order, np.arange(n, n_pad)]).astype(np.int32)
+
+    pos = vision_position_ids(grids, spatial_merge_size)[order]
+    rotary_pos = np.zeros((n_pad, 2), np.int32)
+    rotary_pos[:n] = pos
+
+    window_segments = np.full((n_pad,), PAD_SEGMENT, np.int32)
+    window_segments[:n] = np.repeat(np.arange(len(cu_win) - 1), np.diff(cu_win))
+    frame_lengths = [h * w for t, h, w in grids for _ in range(t)]
+    full_segments = np.full((n_pad,), PAD_SEGMENT, np.int32)
+    full_segments[:n] = np.repeat(np.arange(len(frame_lengths)), frame_lengths)
+
+    merge_inverse = np.concatenate([np.argsort(widx), np.arange(m, m_pad)]).astype(np.int32)
+    padded_pixels = np.zeros((n_pad, pixel_values.shape[1]), np.float32)
+    padded_pixels[:n] = pixel_values
+    return VisionInputs(padded_pixels, patch_order, rotary_pos, window_segments, full_segments,
+                        merge_inverse, np.arange(m_pad) < m)
+
+
+def image_token_counts(image_grid_thw, spatial_merge_size: int) -> list[int]:
+    return [t * h * w // spatial_merge_size ** 2 for t, h, w in _grid_list(image_grid_thw)]
+
+
+def rope_index(input_ids, attention_mask=None, image_grid_thw=None, *, image_token_id: int,
+               spatial_merge_size: int = 2, mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE positions [3, B, T] int32 (equal to HF get_rope_index; padding positions 0) and
+    deltas [B] int32 such that the token at cache index i after a row's last prompt token has
+    position i + delta on all three axes (for left-padded prompts: delta = max_pos + 1 - T).
+
+    Image tokens (mm_token_type_ids == 1, or input_ids == image_token_id if not given) take the
+    t/h/w grid of the next image offset by the current position; text continues after the max.
+    Images are consumed in order across the batch, one grid per image-token run.
+    """
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    b, t_len = input_ids.shape
+    mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+    is_image = (input_ids == image_token_id) if mm_token_type_ids is None else (np.asarray(mm_token_type_ids) == 1)
+    grids = _grid_list(image_grid_thw) if image_grid_thw is not None and len(image_grid_thw) else []
+    m = spatial_merge_size
+    positions = np.zeros((3, b, t_len), np.int64)
+    deltas = np.zeros((b,), np.int64)
+    next_image = 0
+    for row in range(b):
+        valid = np.nonzero(mask[row])[0]
+        kinds = is_image[row, valid]
+        chunks, cur, i = [], 0, 0
+        while i < len(valid):
+            j = i
+            while j < len(valid) and kinds[j] == kinds[i]:
+                j += 1
+            if not kinds[i]:
+                chunks.append(np.broadcast_to(np.arange(cur, cur + j - i), (3, j - i)))
+                cur += j - i
+            else:
+                k = i
+                while k < j:  # a run may hold several images only if nothing separates them
+                    if next_image >= len(grids):
+                        raise ValueError(f"row {row} has more image-token runs than image_grid_thw "
+                                         f"has images ({len(grids)})")
+                    gt, gh, gw = grids[next_image]
+                    next_image += 1
+                    lt, lh, lw = gt, gh // m, gw // m
+                    tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
+                    chunk = np.stack([tt, hh, ww]).reshape(3, -1) + cur
+                    if k + chunk.shape[1] > j:
+                        raise ValueError(f"row {row}: image {next_image - 1} with grid {(gt, gh, gw)} "
+                                         f"needs {chunk.shape[1]} image tokens, the prompt has {j - k}")
+                    chunks.append(chunk)
+                    cur += max(gh, gw) // m
+                    k += chunk.shape[1]
+            i = j
+        if len(valid):
+            row_pos = np.concatenate(chunks, 1)
+            positions[:, row, valid] = row_pos
+            deltas[row] = row_pos.max() + 1 - (valid[-1] + 1)
+        else:
+            deltas[row] = 0
+    if next_image != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} images but the prompts hold {next_image} "
+                         "image-token runs")
+    return positions.astype(np.int32), deltas.astype(np.int32)
