@@ -1,0 +1,317 @@
+"""Layers shared by every model: RMSNorm, projections, gated MLP, GQA attention, rotary variants.
+
+Ported from transformers v5 (qwen2, llama, qwen2_5_vl modeling files). Every parameter carries
+logical axis names in its ``out_sharding`` metadata (see balcap_jax/sharding.py); activations are
+constrained with `sharding.constrain`, a no-op unless `sharding.use_sharding(mesh, rules)` is on.
+
+Parameter layout (ours <- HF): kernels are [in..., out...] (HF Linear weights are [out, in]);
+attention kernels keep heads explicit: q [D, H, hd], k/v [D, KV, hd], o [H, hd, D], fused qkv
+[D, 3, H, hd] (HF `qkv.weight` [3*D, D] reshaped as (3, H, hd) on the out axis).
+
+Rotary (cos/sin are float32, last dim = head_dim, rotate_half layout as in HF):
+- `rope_inv_freq(head_dim, theta, rope_type="default", **params)`: np.float32 [head_dim/2];
+  rope types "default", "linear", "llama3".
+- `rope_cos_sin(positions[B,T], inv_freq) -> (cos, sin) [B,T,hd]`: 1-D RoPE.
+- `mrope_cos_sin(positions[3,B,T], inv_freq, mrope_section) -> [B,T,hd]`: Qwen2.5-VL M-RoPE as
+  v5 `Qwen2_5_VLRotaryEmbedding`: freqs per t/h/w, split dim/2 by section, chunk i from axis i%3,
+  then duplicated (cat(f, f)). sum(mrope_section) must equal head_dim/2.
+- `vision_rope_inv_freq(head_dim, theta=10000.)`, `vision_rope_cos_sin(hw[N,2], inv_freq) -> [N,hd]`:
+  HF `Qwen2_5_VLVisionRotaryEmbedding` (axial: cat(h*f, w*f) duplicated).
+- `apply_rotary(x[..., T, H, hd], cos[..., T, hd], sin)`: x*cos + rotate_half(x)*sin computed in
+  float32 (as HF's vision path; for float32 models identical to the text path), cast back.
+
+Attention: `Attention(embed_dim, num_heads, num_kv_heads, head_dim, qkv_bias, out_bias,
+fused_qkv=False)`; `attn(x[B,T,D], cos, sin, mask[B,T,S] bool, cache=None, cache_index=0)`
+returns (out [B,T,D], (k, v) written cache or None). cos/sin None skips rotary. `mask[b,t,s]`
+True = query t may attend key s; build it with `causal_mask(kv_mask, T, cache_index)` (decoder,
+left padding) or `segment_mask(segment_ids)` (vision tower: block-diagonal, non-causal). With a
+cache (k, v each [B,S,KV,hd]) the new keys are written at slots cache_index..cache_index+T-1
+and queries attend over all S slots; without one, keys are this call's T tokens (S = T).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from balcap_jax.sharding import constrain
+
+Array = jax.Array
+NEG_INF = float(np.finfo(np.float32).min)  # finite, as HF: fully masked rows give uniform, not NaN
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, names) -> nnx.Param:
+    if len(names) != len(shape):
+        raise ValueError(f"param shape {shape} needs {len(shape)} logical names, got {names}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, shape, dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+_normal = jax.nn.initializers.normal(0.02)
+_zeros = jax.nn.initializers.zeros
+_ones = jax.nn.initializers.ones
+
+
+class RMSNorm(nnx.Module):
+    """HF Qwen2RMSNorm/LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.weight = _param(rngs, _ones, (dim,), dtype, ("norm",))
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return self.weight[...] * y
+
+
+class Proj(nnx.Module):
+    """Dense map from the last `len(in_shape)` dims of x to `out_shape` (tensordot), opt. bias."""
+
+    def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], *,
+                 names: Sequence[str | None], bias: bool = False, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+        self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+        names = tuple(names)
+        self.kernel = _param(rngs, _normal, self.in_shape + self.out_shape, dtype, names)
+        self.bias = (_param(rngs, _zeros, self.out_shape, dtype, names[len(self.in_shape):])
+                     if bias else None)
+
+    def __call__(self, x: Array) -> Array:
+        n = len(self.in_shape)
+        if x.shape[x.ndim - n:] != self.in_shape:
+            raise ValueError(f"Proj expects trailing dims {self.in_shape}, got input {x.shape}")
+        k = self.kernel[...]
+        y = jnp.tensordot(x, k.astype(x.dtype), axes=(tuple(range(x.ndim - n, x.ndim)),
+                                                     tuple(range(n))))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.embedding = _param(rngs, _normal, (vocab, dim), dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+_ACTS = {"silu": jax.nn.silu, "swish": jax.nn.silu,
+         "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+         "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+         "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
+
+
+def activation(name: str):
+    if name not in _ACTS:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(_ACTS)}")
+    return _ACTS[name]
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)); HF Qwen2MLP / LlamaMLP / Qwen2_5_VLMLP(bias=True)."""
+
+    def __init__(self, dim: int, hidden: int, *, bias: bool = False, act: str = "silu",
+                 dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.act = act
+        activation(act)
+        self.gate_proj = Proj(dim, hidden, names=("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Proj(dim, hidden, names=("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Proj(hidden, dim, names=("mlp", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        h = activation(self.act)(self.gate_proj(x)) * self.up_proj(x)
+        h = constrain(h, ("batch", "seq", "act_mlp")) if h.ndim == 3 else h
+        return self.down_proj(h)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", *,
+                  factor: float | None = None, low_freq_factor: float | None = None,
+                  high_freq_factor: float | None = None,
+                  original_max_position_embeddings: int | None = None,
+                  partial_rotary_factor: float = 1.0, **unused) -> np.ndarray:
+    """Inverse frequencies as HF modeling_rope_utils (float32, computed like torch)."""
+    dim = int(head_dim * partial_rotary_factor)
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    inv = inv.astype(np.float32)
+    if rope_type in ("default", "mrope"):
+        return inv
+    if rope_type == "linear":
+        return (inv / np.float32(factor)).astype(np.float32)
+    if rope_type == "llama3":
+        low_wl = original_max_position_embeddings / low_freq_factor
+        high_wl = original_max_position_embeddings / high_freq_factor
+        wavelen = 2 * math.pi / inv
+        out = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, out).astype(np.float32)
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray | Array) -> tuple[Array, Array]:
+    """1-D RoPE: positions [..., T] int -> cos, sin [..., T, head_dim] float32."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def mrope_cos_sin(positions: Array, inv_freq: np.ndarray | Array,
+                  mrope_section: Sequence[int]) -> tuple[Array, Array]:
+    """M-RoPE: positions [3, B, T] (t, h, w) -> cos, sin [B, T, head_dim] float32."""
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    if positions.ndim != 3 or positions.shape[0] != 3:
+        raise ValueError(f"M-RoPE positions must be [3, B, T], got {positions.shape}")
+    if sum(mrope_section) != inv_freq.shape[0]:
+        raise ValueError(f"sum(mrope_section)={sum(mrope_section)} must equal head_dim/2="
+                         f"{inv_freq.shape[0]}")
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, B, T, hd/2]
+    bounds = np.cumsum([0, *mrope_section])
+    freqs = jnp.concatenate([freqs[i % 3, ..., bounds[i]:bounds[i + 1]]
+                             for i in range(len(mrope_section))], axis=-1)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def vision_rope_inv_freq(head_dim: int, theta: float = 10000.0) -> np.ndarray:
+    """HF Qwen2_5_VLVisionRotaryEmbedding.compute_axial_rope_parameters: dim = head_dim // 2."""
+    return rope_inv_freq(head_dim // 2, theta)
+
+
+def vision_rope_cos_sin(hw_positions: Array, inv_freq: np.ndarray | Array) -> tuple[Array, Array]:
+    """Axial 2-D RoPE: hw_positions [N, 2] (row h, col w) -> cos, sin [N, head_dim] float32."""
+    if hw_positions.ndim != 2 or hw_positions.shape[-1] != 2:
+        raise ValueError(f"vision positions must be [N, 2] (h, w), got {hw_positions.shape}")
+    freqs = hw_positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    fhw = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)  # [N, hd/2]
+    emb = jnp.concatenate([fhw, fhw], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate_half(x: Array) -> Array:
+    h = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """x [..., T, H, hd], cos/sin [..., T, hd] (broadcast over heads) -> x rotated, x.dtype."""
+    if cos.shape[-1] != x.shape[-1]:
+        raise ValueError(f"rotary cos last dim {cos.shape[-1]} != head_dim {x.shape[-1]}")
+    xf = x.astype(jnp.float32)
+    c = cos[..., None, :].astype(jnp.float32)
+    s = sin[..., None, :].astype(jnp.float32)
+    return (xf * c + rotate_half(xf) * s).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- masks
+
+def causal_mask(kv_mask: Array, q_len: int, cache_index: Array | int = 0) -> Array:
+    """bool [B, T, S]: query t (slot cache_index+t) sees slots s <= its slot with kv_mask[b,s]."""
+    if kv_mask.ndim != 2:
+        raise ValueError(f"kv_mask must be [B, S] (1 = valid key slot), got {kv_mask.shape}")
+    s = kv_mask.shape[1]
+    q_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)
+    allowed = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None]  # [T, S]
+    return allowed[None] & (kv_mask[:, None, :] != 0)
+
+
+def segment_mask(segment_ids: Array, kv_segment_ids: Array | None = None) -> Array:
+    """bool [B, T, S]: block-diagonal, non-causal; equal ids attend, ids < 0 are padding."""
+    kv = segment_ids if kv_segment_ids is None else kv_segment_ids
+    m = segment_ids[..., :, None] == kv[..., None, :]
+    return m & (segment_ids[..., :, None] >= 0) & (kv[..., None, :] >= 0)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None,
+                          scale: float | None = None) -> Array:
+    """GQA attention. q [B,T,H,hd], k/v [B,S,KV,hd], mask bool [B,T,S] -> [B,T,H,hd].
+
+    Softmax in float32, probabilities cast to the value dtype (as HF eager attention)."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    if h % kvh:
+        raise ValueError(f"num_heads {h} must be a multiple of num_kv_heads {kvh}")
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, kvh, h // kvh, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        if mask.shape != (b, t, k.shape[1]):
+            raise ValueError(f"attention mask must be [B,T,S]={(b, t, k.shape[1])}, got {mask.shape}")
+        logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query attention with rotary, optional KV cache, any boolean mask.
+
+    Text decoders: separate q/k/v (`qkv_bias` for Qwen2), `out_bias=False`, causal mask.
+    Qwen2.5-VL vision: `fused_qkv=True, qkv_bias=True, out_bias=True`, num_kv_heads=num_heads,
+    `segment_mask` for (window) blocks, vision cos/sin. Submodule names follow HF: q_proj,
+    k_proj, v_proj (or qkv), o_proj.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 qkv_bias: bool = False, out_bias: bool = False, fused_qkv: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+        if fused_qkv and num_kv_heads != num_heads:
+            raise ValueError("fused_qkv needs num_kv_heads == num_heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.fused_qkv = fused_qkv
+        kw = dict(bias=qkv_bias, dtype=dtype, rngs=rngs)
+        if fused_qkv:
+            self.qkv = Proj(embed_dim, (3, num_heads, head_dim),
+                            names=("embed", "qkv", "heads", "head_dim"), **kw)
+        else:
+            self.q_proj = Proj(embed_dim, (num_heads, head_dim),
+                               names=("embed", "heads", "head_dim"), **kw)
+            self.k_proj = Proj(embed_dim, (num_kv_heads, head_dim),
+                               names=("embed", "kv_heads", "head_dim"), **kw)
+            self.v_proj = Proj(embed_dim, (num_kv_heads, head_dim),
+                               names=("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Proj((num_heads, head_dim), embed_dim, names=("heads", "head_dim", "embed"),
+                           bias=out_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, cos: Array | None, sin: Array | None, mask: Array | None,
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | int = 0
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
+        if self.fused_qkv:
+            qkv = self.qkv(x)
+            q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if q.ndim == 4:
+            q = constrain(q, ("batch", "seq", "act_heads", None))
+            k = constrain(k, ("batch", "seq", "act_kv_heads", None))
+        new_cache = None
+        if cache is not None:
+            ck, cv = cache
+            if ck.shape[2:] != k.shape[2:] or ck.shape[0] != k.shape[0]:
+                raise ValueError(f"KV cache {ck.shape} does not fit keys {k.shape}")
+            idx = jnp.asarray(cache_index, jnp.int32)
+            zero = jnp.zeros((), jnp.int32)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, idx, zero, zero))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, idx, zero, zero))
+            ck = constrain(ck, ("batch", "cache_seq", "act_kv_heads", None))
+            cv = constrain(cv, ("batch", "cache_seq", "act_kv_heads", None))
+            new_cache = (ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        out = dot_product_attention(q, k, v, mask)
+        return self.o_proj(out), new_cache
