@@ -1,0 +1,181 @@
+"""The run configuration: every field with its default, and the up-front validation.
+
+Config files under configs/ start from ``base_config()`` and change what they need; any field
+can be overridden on the command line (``--config.train.steps=10``). ``validate`` runs before
+any model is built or compiled and names the field and the fix for every problem it finds.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+__all__ = ["base_config", "validate", "ConfigError"]
+
+PAPER_PROMPT = "Describe this image in detail."
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "workdir/run"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""            # a local HF checkpoint directory; "" = random init from below
+    c.model.preset = ""          # random init of a hub shape (balcap_jax.models.presets)
+    c.model.hf_config = ml_collections.ConfigDict()  # random init from an explicit config dict
+    c.model.dtype = "float32"    # parameter dtype: float32 or bfloat16
+    c.model.tokenizer = ""       # "qwen2.5" (offline vocabulary), a path, or "" = model.path
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1             # -1: all remaining devices
+    c.mesh.tensor = 1
+    c.mesh.device_memory_gb = 0.0  # 0: ask the backend (CPU reports none: no check)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # synthetic | tfds (see balcap_jax.data)
+    c.data.prompt = PAPER_PROMPT
+    c.data.image_size = 56
+    c.data.num_train = 256
+    c.data.num_eval = 16
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.num_samples = 8   # G rollouts per prompt
+    c.sampling.max_new_tokens = 512
+    c.sampling.temperature = 1.0
+    c.sampling.top_p = 1.0
+    c.sampling.top_k = 0
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.advantage = "cgdpo"     # cgdpo | grpo
+    c.rl.rewards = ["precision", "recall", "linguistic"]
+    c.rl.weights = [1.0, 1.0, 1.0]
+    c.rl.adv_eps = 1e-4
+    c.rl.batch_norm = True
+    c.rl.length_control = "mask"  # mask | linear | none
+    c.rl.length_reward = "linguistic"  # the channel the mask zeroes
+    c.rl.tau_low = 0.5
+    c.rl.tau_high = 2.0
+    c.rl.w_len = 1.0             # weight of the r_len channel when length_control = linear
+    c.rl.mask_truncated = False
+    c.rl.beta = 0.0              # KL weight; 0 = no reference model loaded
+    c.rl.eps_low = 0.2
+    c.rl.eps_high = 0.2
+    c.rl.aggregation = "dapo"
+    c.rl.ppo_epochs = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.batch_size = 8       # prompts per step (rollouts = batch_size * num_samples)
+    c.train.micro_batch_size = 16  # rollouts per gradient micro-batch
+    c.train.lr = 1e-6
+    c.train.warmup_steps = 0
+    c.train.schedule = "constant"  # constant | cosine
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.freeze_vision = False
+    c.train.remat = False
+    c.train.eval_every = 50
+    c.train.log_every = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 50
+    c.checkpoint.keep = 3
+
+    c.scorer = ml_collections.ConfigDict()
+    c.scorer.name = "token_frequency"
+    c.scorer.token = "a"
+    return c
+
+
+_CHOICES = {
+    "rl.advantage": ("cgdpo", "grpo"),
+    "rl.length_control": ("mask", "linear", "none"),
+    "rl.aggregation": ("dapo", "grpo", "dr_grpo", "bnpo"),
+    "train.schedule": ("constant", "cosine"),
+    "model.dtype": ("float32", "bfloat16"),
+}
+
+
+def _get(c, dotted):
+    for k in dotted.split("."):
+        c = c[k]
+    return c
+
+
+def resolve_mesh(c, n_devices: int) -> dict:
+    """Mesh sizes with -1 filled in; raises ConfigError when they do not multiply out."""
+    sizes = {k: int(c.mesh[k]) for k in ("data", "fsdp", "tensor")}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    known = 1
+    for k, v in sizes.items():
+        if v != -1:
+            if v < 1:
+                raise ConfigError(f"mesh.{k} must be >= 1 or -1, got {v}")
+            known *= v
+    if free:
+        if n_devices % known:
+            raise ConfigError(f"mesh: {n_devices} devices do not divide by the fixed axes "
+                              f"{sizes}; change mesh.* so their product divides {n_devices}")
+        sizes[free[0]] = n_devices // known
+    if sizes["data"] * sizes["fsdp"] * sizes["tensor"] != n_devices:
+        raise ConfigError(f"mesh: data*fsdp*tensor = {sizes} must equal the {n_devices} "
+                          f"devices; set one axis to -1 to fill the rest")
+    return sizes
+
+
+def validate(c, n_devices: int) -> dict:
+    """Checks the config against itself and the device count; returns the resolved mesh."""
+    errors = []
+    for field, options in _CHOICES.items():
+        if _get(c, field) not in options:
+            errors.append(f"{field}={_get(c, field)!r} is not one of {options}")
+    if len(c.rl.weights) != len(c.rl.rewards):
+        errors.append(f"rl.weights has {len(c.rl.weights)} entries but rl.rewards has "
+                      f"{len(c.rl.rewards)}: give one weight per reward")
+    if c.rl.length_control == "mask" and c.rl.length_reward not in c.rl.rewards:
+        errors.append(f"rl.length_reward={c.rl.length_reward!r} is not in rl.rewards "
+                      f"{list(c.rl.rewards)}")
+    if not 0 < c.rl.tau_low <= c.rl.tau_high:
+        errors.append(f"need 0 < rl.tau_low <= rl.tau_high, got {c.rl.tau_low}, {c.rl.tau_high}")
+    for f in ("train.steps", "train.batch_size", "train.micro_batch_size",
+              "sampling.num_samples", "sampling.max_new_tokens", "rl.ppo_epochs",
+              "checkpoint.every", "checkpoint.keep"):
+        if int(_get(c, f)) < 1:
+            errors.append(f"{f} must be >= 1, got {_get(c, f)}")
+    if c.sampling.num_samples < 2 and c.rl.advantage in ("cgdpo", "grpo"):
+        errors.append("sampling.num_samples must be >= 2: group-relative advantages of a "
+                      "single sample are always 0")
+    if c.sampling.temperature < 0:
+        errors.append(f"sampling.temperature must be >= 0, got {c.sampling.temperature}")
+    if not c.model.path and not c.model.preset and not c.model.hf_config:
+        errors.append("model: set model.path (a local HF checkpoint directory), or "
+                      "model.preset / model.hf_config for a random init")
+    try:
+        mesh = resolve_mesh(c, n_devices)
+    except ConfigError as e:
+        errors.append(str(e))
+        mesh = None
+    if mesh is not None and not errors:
+        shards = mesh["data"] * mesh["fsdp"]
+        rollouts = c.train.batch_size * c.sampling.num_samples
+        if c.train.batch_size % shards:
+            errors.append(f"train.batch_size={c.train.batch_size} does not divide across the "
+                          f"{shards} batch shards (mesh.data*mesh.fsdp); use a multiple of "
+                          f"{shards}")
+        if rollouts % c.train.micro_batch_size:
+            errors.append(f"train.micro_batch_size={c.train.micro_batch_size} must divide the "
+                          f"{rollouts} rollouts per step (train.batch_size*sampling.num_samples)")
+        elif c.train.micro_batch_size % shards:
+            errors.append(f"train.micro_batch_size={c.train.micro_batch_size} does not divide "
+                          f"across the {shards} batch shards; use a multiple of {shards}")
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    return mesh

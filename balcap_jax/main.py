@@ -1,0 +1,118 @@
+"""Entry point: ``python -m balcap_jax.main --config=configs/qwen.py [--config.a.b=v ...]``.
+
+Order of work, so that every mistake a user can make fails before anything compiles:
+validate the config -> (multi-host init) -> memory plan -> build -> restore -> loop.
+Everything the run writes goes under ``config.workdir``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
+flags.mark_flags_as_required(["config"])
+
+log = logging.getLogger("balcap_jax")
+
+
+def maybe_initialize_distributed() -> None:
+    """jax.distributed.initialize when the environment asks for it (several processes).
+
+    Set BALCAP_COORDINATOR=host:port, BALCAP_NUM_PROCESSES and BALCAP_PROCESS_ID, or run on a
+    TPU pod / SLURM / Kubernetes where JAX detects the cluster itself (BALCAP_DISTRIBUTED=1).
+    """
+    import jax
+    coord = os.environ.get("BALCAP_COORDINATOR")
+    if coord:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu" or jax.config.jax_platforms == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coord,
+                                   num_processes=int(os.environ["BALCAP_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["BALCAP_PROCESS_ID"]))
+    elif os.environ.get("BALCAP_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
+def run(cfg) -> dict:
+    """Runs (or resumes) training as configured; returns the last metrics row."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from balcap_jax import build, checkpoint, config as config_lib
+    from balcap_jax.metrics import MetricsWriter
+    from balcap_jax.sharding import use_sharding
+
+    maybe_initialize_distributed()
+    mesh_sizes = config_lib.validate(cfg, jax.device_count())
+    plan = build.memory_plan(cfg, mesh_sizes)
+    if jax.process_index() == 0:
+        print(f"[balcap_jax] mesh {mesh_sizes}; memory plan per device:\n{plan.table()}",
+              flush=True)
+    plan.check()
+
+    os.makedirs(cfg.workdir, exist_ok=True)
+    checkpoint.save_config(cfg.workdir, cfg)
+    mesh, rules = build.mesh_and_rules(cfg, mesh_sizes)
+    with use_sharding(mesh, rules):
+        trainer = build.build_trainer(cfg, mesh, rules)
+        ckpt = checkpoint.Checkpointer(cfg.workdir, every=cfg.checkpoint.every,
+                                       keep=cfg.checkpoint.keep)
+        if ckpt.latest_step is not None:
+            tree, meta, step = ckpt.restore(trainer.state.tree())
+            trainer.load_tree(tree, meta)
+            print(f"[balcap_jax] resumed from step {step} ({ckpt.directory})", flush=True)
+        writer = MetricsWriter(cfg.workdir) if jax.process_index() == 0 else None
+        sigterm = checkpoint.SigtermFlag()
+        row: dict = {}
+        bar = tqdm(total=cfg.train.steps, initial=trainer.state.step, desc="balcap",
+                   dynamic_ncols=True, disable=jax.process_index() != 0)
+        try:
+            while trainer.state.step < cfg.train.steps and not sigterm.triggered:
+                metrics = trainer.train_step(next(trainer.p.loader))
+                step = trainer.state.step
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    ev, records = trainer.evaluate()
+                    metrics.update(ev)
+                    if writer:
+                        writer.write_completions(step, records)
+                if writer and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+                    row = writer.write(step, metrics)
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics, cfg.rl.rewards))
+                ckpt.save(step, trainer.state.tree(), trainer.meta())
+        finally:
+            bar.close()
+            # Always leave a restorable checkpoint: at the end, on SIGTERM, and on a crash.
+            ckpt.save(trainer.state.step, trainer.state.tree(), trainer.meta(), force=True)
+            ckpt.close()
+            sigterm.restore()
+            if writer:
+                writer.close()
+        if trainer.state.step >= cfg.train.steps and jax.process_index() == 0:
+            path = build.export(trainer, os.path.join(cfg.workdir, "export"))
+            if path:
+                print(f"[balcap_jax] exported the policy to {path}", flush=True)
+    return row
+
+
+def _postfix(m: dict, rewards) -> dict:
+    out = {r[:4]: f"{m.get(f'reward/{r}', float('nan')):.3f}" for r in rewards}
+    out["len"] = f"{m.get('length/caption_words', float('nan')):.1f}"
+    return out
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    t = time.time()
+    row = run(_CONFIG.value)
+    print(json.dumps({"final": row, "seconds": round(time.time() - t, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,371 @@
+"""The BalCapRL loop: rollout -> score -> length control -> advantages -> update -> log -> save.
+
+This is the only module that wires data, processing, sampling, rewards and rl together.
+One step:
+  1. a batch of B prompts (image, references, instruction) from the loader;
+  2. ``generate`` G rollouts per prompt (rows prompt-major: row i*G + j);
+  3. decode, score with the scorer -> rewards [B, G, K];
+  4. length-conditional masking of the linguistic channel (or a linear r_len channel);
+  5. advantages (c-GDPO or GRPO), optionally 0 for truncated rollouts;
+  6. old_logp from the trainer's own forward pass before the first update (SPEC.md section 5);
+  7. ``ppo_epochs`` passes over micro-batches with exact gradient accumulation (the loss of each
+     micro-batch is divided by the global denominator, so the summed gradient is the full
+     batch's), then one AdamW update. A step whose loss or gradient is not finite is skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from balcap_jax import sampling
+from balcap_jax.rl import advantages as adv_lib
+from balcap_jax.rl import length as length_lib
+from balcap_jax.rl import loss as loss_lib
+from balcap_jax.rewards.base import ScoreResult
+
+__all__ = ["TrainState", "make_optimizer", "RLStep", "word_count", "rollout_rewards"]
+
+
+@dataclasses.dataclass
+class TrainState:
+    params: Any          # nnx.State of the trainable-or-not Params
+    opt_state: Any
+    step: int
+    rng: jax.Array       # raw uint32 key data (checkpoint friendly)
+
+    def tree(self) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state,
+                "step": jnp.asarray(self.step, jnp.int32), "rng": self.rng}
+
+
+def _is_vision_path(path) -> bool:
+    return any(str(getattr(p, "key", p)).startswith(("visual", "vision")) for p in path)
+
+
+def make_optimizer(tc, params=None) -> optax.GradientTransformation:
+    """AdamW with warm-up + (constant | cosine) schedule, global-norm clipping and optional
+    frozen vision tower (its updates are exactly zero and it keeps no moments)."""
+    if tc.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1),
+                                                max(tc.steps, tc.warmup_steps + 1))
+    elif tc.warmup_steps > 0:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, tc.warmup_steps),
+                                   optax.constant_schedule(tc.lr)], [tc.warmup_steps])
+    else:
+        lr = tc.lr
+    opt = optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity(),
+        optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+    if tc.freeze_vision:
+        if params is None:
+            raise ValueError("make_optimizer(freeze_vision=True) needs params to label")
+        labels = jax.tree_util.tree_map_with_path(
+            lambda p, _: "frozen" if _is_vision_path(p) else "train", params)
+        opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
+    return opt
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def rollout_rewards(result: ScoreResult, rl, captions: Sequence[str],
+                    references: Sequence[Sequence[str]], b: int, g: int
+                    ) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
+    """Stacks the scorer's rewards [B, G, K] in config order and applies length control.
+
+    Returns (rewards, channel names, weights, diagnostics). rho uses whitespace words of the
+    decoded caption against the mean word count of the image's references (SPEC.md section 3).
+    """
+    names = list(rl.rewards)
+    weights = list(rl.weights)
+    r = result.stack(names)                                            # [N, K]
+    gen = np.array([word_count(c) for c in captions], np.float32)
+    ref = np.array([np.mean([word_count(x) for x in refs]) if refs else 0.0
+                    for refs in references], np.float32)
+    rho = np.asarray(length_lib.length_ratio(gen, ref))
+    diag = {"caption_words": float(gen.mean()), "rho_mean": float(np.nanmean(rho)) if
+            np.isfinite(rho).any() else float("nan")}
+    if rl.length_control == "mask":
+        k = names.index(rl.length_reward)
+        inside = np.asarray(length_lib.in_length_window(gen, ref, tau_low=rl.tau_low,
+                                                        tau_high=rl.tau_high))
+        r[:, k] = np.asarray(length_lib.length_conditional_mask(
+            r[:, k], gen, ref, tau_low=rl.tau_low, tau_high=rl.tau_high))
+        diag["masked_fraction"] = float(1.0 - inside.mean())
+    elif rl.length_control == "linear":
+        pen = np.asarray(length_lib.linear_length_penalty(gen, ref, coef=1.0), np.float32)
+        r = np.concatenate([r, pen[:, None]], axis=1)
+        names, weights = names + ["length"], weights + [rl.w_len]
+    return r.reshape(b, g, -1), names, np.asarray(weights, np.float32), diag
+
+
+def _loss_fn(params, graphdef, rest, batch, adv, old_logp, ref_logp, normalizer, *, rl,
+             temperature, max_len):
+    model = nnx.merge(graphdef, params, rest)
+    logp = sampling.token_logprobs_fn(model, batch, temperature=temperature)
+    loss, metrics = loss_lib.policy_loss(
+        logp, old_logp, adv, batch["mask"], ref_logp=ref_logp, eps_low=rl.eps_low,
+        eps_high=rl.eps_high, beta=rl.beta, aggregation=rl.aggregation,
+        max_completion_length=max_len, normalizer=normalizer)
+    return loss, metrics
+
+
+class RLStep:
+    """Jitted pieces of one step, built once per run: log-probs, gradient, update.
+
+    Each is a jax.jit with the graphdef static and the state as an argument (DESIGN.md); the
+    update donates the parameters and optimiser state.
+    """
+
+    def __init__(self, graphdef, rest, optimizer, rl, *, temperature: float, max_len: int):
+        self.graphdef, self.rest, self.opt = graphdef, rest, optimizer
+        loss = functools.partial(_loss_fn, rl=rl, temperature=temperature, max_len=max_len)
+        gd = graphdef
+
+        @jax.jit
+        def logprobs(params, rest, batch):
+            model = nnx.merge(gd, params, rest)
+            return sampling.token_logprobs_fn(model, batch, temperature=temperature)
+
+        @jax.jit
+        def grad(params, rest, batch, adv, old_logp, ref_logp, normalizer):
+            (l, m), g = jax.value_and_grad(loss, has_aux=True)(
+                params, gd, rest, batch, adv, old_logp, ref_logp, normalizer)
+            return l, m, g
+
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        def apply(params, opt_state, grads):
+            gnorm = optax.global_norm(grads)
+            finite = jnp.isfinite(gnorm)
+            updates, new_opt = self.opt.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            # a non-finite step is skipped: keep the old state, report it
+            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+            return pick(new_params, params), pick(new_opt, opt_state), gnorm, finite
+
+        self.logprobs, self.grad, self.apply = logprobs, grad, apply
+        self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
+def gather_rows(inputs: dict, rows: np.ndarray) -> dict:
+    """Selects prompt rows (with repeats) from a processor batch with one image per row,
+    keeping pixel_values aligned with image_grid_thw."""
+    out = {k: np.asarray(v)[rows] for k, v in inputs.items()
+           if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "pixel_values" in inputs:
+        grid = np.asarray(inputs["image_grid_thw"])
+        if len(grid) != len(np.asarray(inputs["input_ids"])):
+            raise ValueError("gather_rows needs exactly one image per prompt row")
+        sizes = grid.prod(-1)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        pv = np.asarray(inputs["pixel_values"])
+        out["pixel_values"] = np.concatenate([pv[starts[i]:starts[i] + sizes[i]] for i in rows])
+        out["image_grid_thw"] = grid[rows]
+    return out
+
+
+def completion_text(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
+                    truncated: np.ndarray) -> list[str]:
+    """Decoded captions without the stop token and padding."""
+    out = []
+    for t, n, cut in zip(tokens, lengths, truncated):
+        n = int(n) if cut else max(int(n) - 1, 0)   # drop the stop token
+        out.append(tokenizer.decode(t[:n].tolist(), skip_special_tokens=True).strip())
+    return out
+
+
+@dataclasses.dataclass
+class RunParts:
+    """Everything a run needs, built by ``balcap_jax.build.build_run`` (or by a test)."""
+    model: Any                  # the policy (nnx.Module)
+    tokenizer: Any
+    processor: Any              # prompts + images -> model inputs
+    scorer: Any                 # balcap_jax.rewards.base.Scorer
+    loader: Any                 # iterator of example batches with get_state / set_state
+    eval_examples: list         # fixed held-out examples
+    eos_token_ids: tuple
+    pad_id: int
+
+
+class Trainer:
+    """Owns the train state and runs steps; ``main.py`` adds checkpoints, logging and export."""
+
+    def __init__(self, cfg, parts: RunParts):
+        self.cfg, self.p = cfg, parts
+        graphdef, params, rest = nnx.split(parts.model, nnx.Param, ...)
+        self.graphdef, self.rest = graphdef, rest
+        self.optimizer = make_optimizer(cfg.train, params)
+        self.state = TrainState(params, self.optimizer.init(params), 0,
+                                jax.random.key_data(jax.random.key(cfg.seed)))
+        self.ref_params = params if cfg.rl.beta > 0 else None   # frozen copy (arrays immutable)
+        self.fn = RLStep(graphdef, rest, self.optimizer, cfg.rl,
+                         temperature=cfg.sampling.temperature,
+                         max_len=cfg.sampling.max_new_tokens)
+        self.skipped = 0
+        self.estimator = adv_lib.get_advantage_estimator(cfg.rl.advantage)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def model(self):
+        return nnx.merge(self.graphdef, self.state.params, self.rest)
+
+    def _inputs(self, examples) -> dict:
+        from balcap_jax.processing import build_caption_prompt
+        texts = [build_caption_prompt(e["prompt"], self.p.tokenizer) for e in examples]
+        return self.p.processor(texts, images=[[e["image"]] for e in examples])
+
+    def _next_key(self) -> jax.Array:
+        key = jax.random.wrap_key_data(jnp.asarray(self.state.rng))
+        key, sub = jax.random.split(key)
+        self.state.rng = jax.random.key_data(key)
+        return sub
+
+    def _generate(self, inputs, *, greedy: bool, num_samples: int):
+        s = self.cfg.sampling
+        return sampling.generate(
+            self.model(), inputs, max_new_tokens=s.max_new_tokens, num_samples=num_samples,
+            temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
+            top_k=0 if greedy else s.top_k, eos_token_ids=self.p.eos_token_ids,
+            rng=self._next_key(), pad_id=self.p.pad_id)
+
+    def _score(self, examples, rows, samples):
+        tokens, lengths, trunc = (np.asarray(x) for x in
+                                  (samples.tokens, samples.lengths, samples.truncated))
+        captions = completion_text(self.p.tokenizer, tokens, lengths, trunc)
+        refs = [examples[i]["references"] for i in rows]
+        result = self.p.scorer([examples[i]["image"] for i in rows], captions, refs,
+                               token_ids=tokens, lengths=lengths)
+        return captions, refs, result
+
+    # -- one RL step -----------------------------------------------------------------------
+    def train_step(self, examples: list[dict]) -> dict:
+        cfg, rl = self.cfg, self.cfg.rl
+        b, g = len(examples), cfg.sampling.num_samples
+        t0 = time.perf_counter()
+        inputs = self._inputs(examples)
+        samples = self._generate(inputs, greedy=False, num_samples=g)
+        tokens = np.asarray(samples.tokens)
+        mask = np.asarray(samples.mask)
+        truncated = np.asarray(samples.truncated)
+        t1 = time.perf_counter()
+
+        rows = np.repeat(np.arange(b), g)
+        captions, refs, result = self._score(examples, rows, samples)
+        rewards, names, weights, ldiag = rollout_rewards(result, rl, captions, refs, b, g)
+        kw = {"batch_norm": rl.batch_norm} if rl.advantage == "cgdpo" else {}
+        adv = np.asarray(self.estimator(rewards, weights, eps=rl.adv_eps, **kw)).reshape(-1)
+        if rl.mask_truncated:
+            adv = np.where(truncated, 0.0, adv)
+        t2 = time.perf_counter()
+
+        metrics = self._update(inputs, rows, tokens, mask, adv, np.asarray(samples.logprobs))
+        t3 = time.perf_counter()
+        self.state.step += 1
+
+        n_tok = float(mask.sum())
+        for k, name in enumerate(names):
+            col = rewards[..., k]
+            metrics[f"reward/{name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else \
+                float("nan")
+            metrics[f"reward/{name}_std"] = float(np.nanstd(col)) if np.isfinite(col).any() \
+                else float("nan")
+            metrics[f"reward/{name}_nan"] = float(np.isnan(col).mean())
+            metrics[f"zero_std_groups/{name}"] = float(np.mean(np.nanstd(col, axis=1) == 0))
+        metrics.update({f"length/{k}": v for k, v in ldiag.items()})
+        metrics.update({f"scorer/{k}": v for k, v in result.diagnostics.items()})
+        metrics.update({
+            "length/tokens": n_tok / len(mask), "truncated": float(truncated.mean()),
+            "advantage_abs": float(np.abs(adv).mean()), "skipped_steps": float(self.skipped),
+            "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
+            "tokens_per_s": n_tok / max(t1 - t0, 1e-9),
+        })
+        return metrics
+
+    def _micro_batches(self, inputs, rows, tokens, mask):
+        m = self.cfg.train.micro_batch_size
+        model = self.model()
+        for s in range(0, len(rows), m):
+            sl = slice(s, s + m)
+            yield sl, sampling.prepare_logprob_batch(
+                model, gather_rows(inputs, rows[sl]), tokens[sl], mask[sl], pad_id=self.p.pad_id)
+
+    def _update(self, inputs, rows, tokens, mask, adv, sampler_logp) -> dict:
+        rl, fn, st = self.cfg.rl, self.fn, self.state
+        mbs = list(self._micro_batches(inputs, rows, tokens, mask))
+        old = [fn.logprobs(st.params, self.rest, mb) for _, mb in mbs]
+        ref = ([fn.logprobs(self.ref_params, self.rest, mb) for _, mb in mbs]
+               if self.ref_params is not None else [None] * len(mbs))
+        norm = None if rl.aggregation == "bnpo" else loss_lib.loss_normalizer(
+            mask, aggregation=rl.aggregation, max_completion_length=mask.shape[1])
+        old_all = np.concatenate([np.asarray(o) for o in old])
+        gap = float((np.abs(old_all - sampler_logp) * mask).sum() / max(mask.sum(), 1))
+        out = {"logp_gap_sampler_trainer": gap,
+               "entropy_est": float(-(old_all * mask).sum() / max(mask.sum(), 1))}
+        for epoch in range(rl.ppo_epochs):
+            grads, acc, loss = None, None, 0.0
+            for (sl, mb), o, r in zip(mbs, old, ref):
+                l, m, gr = fn.grad(st.params, self.rest, mb, jnp.asarray(adv[sl], jnp.float32),
+                                   o, r, norm)
+                grads = gr if grads is None else fn.add(grads, gr)
+                acc = loss_lib.accumulate_metrics(acc, m)
+                loss += float(l)
+            if rl.aggregation == "bnpo":  # per micro-batch losses, averaged
+                grads = jax.tree.map(lambda x: x / len(mbs), grads)
+                loss /= len(mbs)
+            finite_loss = np.isfinite(loss)
+            if not finite_loss:  # never apply a step built on a non-finite loss
+                grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), grads)
+            st.params, st.opt_state, gnorm, ok = fn.apply(st.params, st.opt_state, grads)
+            if not bool(ok):
+                self.skipped += 1
+            out.update({"loss": loss, "grad_norm": float(gnorm)})
+            out.update({k: float(v) for k, v in loss_lib.reduce_metrics(acc).items()})
+        return out
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, examples: list[dict] | None = None, *, num_samples_logged: int = 4):
+        """Greedy captions on the fixed held-out set: mean rewards (+ b-CapScore when the three
+        BalCapRL channels are present) and a few (prompt, caption, rewards) records."""
+        from balcap_jax.eval import b_capscore
+        examples = self.p.eval_examples if examples is None else examples
+        if not examples:
+            return {}, []
+        b = self.cfg.train.batch_size
+        captions, rewards = [], {}
+        for s in range(0, len(examples), b):
+            chunk = examples[s:s + b]
+            samples = self._generate(self._inputs(chunk), greedy=True, num_samples=1)
+            caps, _, res = self._score(chunk, np.arange(len(chunk)), samples)
+            captions += caps
+            for k, v in res.rewards.items():
+                rewards.setdefault(k, []).append(np.asarray(v, np.float32))
+        rewards = {k: np.concatenate(v) for k, v in rewards.items()}
+        out = {f"eval/{k}": float(np.nanmean(v)) for k, v in rewards.items()}
+        out["eval/words"] = float(np.mean([word_count(c) for c in captions]))
+        if all(k in rewards for k in ("precision", "recall", "linguistic")):
+            out["eval/b_capscore"] = float(b_capscore(rewards["precision"], rewards["recall"],
+                                                      rewards["linguistic"]))
+        records = [{"image_id": str(e.get("image_id")), "prompt": e["prompt"], "caption": c,
+                    "references": e["references"],
+                    "rewards": {k: float(v[i]) for k, v in rewards.items()}}
+                   for i, (e, c) in enumerate(zip(examples, captions))][:num_samples_logged]
+        return out, records
+
+    # -- checkpoint glue -------------------------------------------------------------------
+    def meta(self) -> dict:
+        """The JSON side of a checkpoint: data position and counters."""
+        return {"data": self.p.loader.get_state(), "skipped": self.skipped}
+
+    def load_tree(self, tree: dict, meta: dict) -> None:
+        self.state = TrainState(tree["params"], tree["opt_state"], int(tree["step"]),
+                                np.asarray(tree["rng"]))
+        self.skipped = int(meta.get("skipped", 0))
+        self.p.loader.set_state(meta["data"])
