@@ -1,0 +1,184 @@
+"""Qwen2.5-VL vision tower in Flax NNX (HF `Qwen2_5_VisionTransformerPretrainedModel`).
+
+patch embedding (the Conv3d as one matmul over flattened patches) -> blocks (RMSNorm, fused-qkv
+attention with 2-D rotary, gated SiLU MLP with bias) -> patch merger (RMSNorm, 2-layer GELU MLP
+over 2x2 merged patches). Blocks in `fullatt_block_indexes` attend within each image frame, the
+others within each window; both are block-diagonal masks built from segment ids computed on the
+host (`qwen2_5_vl_index.prepare_vision_inputs`), in HF's window-permuted patch order, which is
+undone after the merger. Several images of different grids go through one call; bucket padding
+patches carry segment -1 and never touch real patches.
+
+The tower runs in the model dtype like HF (norms and the softmax in float32 inside the layers).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from balcap_jax.models import layers
+from balcap_jax.models.qwen2_5_vl_index import VisionInputs
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    out_hidden_size: int = 3584
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> "VisionConfig":
+        """From an HF `vision_config` dict, v4 (`in_chans`) or v5 (`in_channels`, `rope_parameters`)."""
+        rope = d.get("rope_parameters") or {}
+        return cls(
+            depth=int(d["depth"]), hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]), num_heads=int(d["num_heads"]),
+            out_hidden_size=int(d["out_hidden_size"]),
+            in_channels=int(d.get("in_channels", d.get("in_chans", 3))),
+            patch_size=int(d.get("patch_size", 14)),
+            temporal_patch_size=int(d.get("temporal_patch_size", 2)),
+            spatial_merge_size=int(d.get("spatial_merge_size", 2)),
+            window_size=int(d.get("window_size", 112)),
+            fullatt_block_indexes=tuple(int(i) for i in d.get("fullatt_block_indexes", ())),
+            hidden_act=d.get("hidden_act", "silu"),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))))
+
+    def to_hf(self) -> dict:
+        return dict(depth=self.depth, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size, num_heads=self.num_heads,
+                    out_hidden_size=self.out_hidden_size, in_channels=self.in_channels,
+                    patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+                    spatial_merge_size=self.spatial_merge_size, window_size=self.window_size,
+                    fullatt_block_indexes=list(self.fullatt_block_indexes),
+                    hidden_act=self.hidden_act, model_type="qwen2_5_vl_vision",
+                    rope_parameters={"rope_type": "axial", "rope_theta": self.rope_theta})
+
+
+class VisionBlock(nnx.Module):
+    """x + attn(norm1(x)); x + mlp(norm2(x)). HF Qwen2_5_VLVisionBlock."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        d = cfg.hidden_size
+        self.norm1 = layers.RMSNorm(d, eps=1e-6, dtype=dtype, rngs=rngs)
+        self.norm2 = layers.RMSNorm(d, eps=1e-6, dtype=dtype, rngs=rngs)
+        self.attn = layers.Attention(d, cfg.num_heads, cfg.num_heads, cfg.head_dim, qkv_bias=True,
+                                     out_bias=True, fused_qkv=True, dtype=dtype, rngs=rngs)
+        self.mlp = layers.GatedMLP(d, cfg.intermediate_size, bias=True, act=cfg.hidden_act,
+                                   dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+        """x [N, D] (permuted patches), cos/sin [N, head_dim], mask bool [1, N, N]."""
+        h, _ = self.attn(self.norm1(x)[None], cos, sin, mask)
+        x = x + h[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm per patch, concatenate each merge_size**2 group, Linear-GELU-Linear."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.unit = cfg.spatial_merge_size ** 2
+        wide = cfg.hidden_size * self.unit
+        self.ln_q = layers.RMSNorm(cfg.hidden_size, eps=1e-6, dtype=dtype, rngs=rngs)
+        self.fc1 = layers.Proj(wide, wide, names=("mlp_in", "mlp"), bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = layers.Proj(wide, cfg.out_hidden_size, names=("mlp", "embed"), bias=True,
+                               dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        """x [N, D] -> [N / unit, out_hidden_size]."""
+        h = self.ln_q(x).reshape(x.shape[0] // self.unit, -1)
+        return self.fc2(jax.nn.gelu(self.fc1(h), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        self.dtype = dtype
+        # Conv3d with stride == kernel over pre-flattened patches is a plain matmul.
+        self.patch_embed = layers.Proj(cfg.patch_dim, cfg.hidden_size, names=("patch", "embed"),
+                                       dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
+
+    def rotary(self, rotary_pos: Array) -> tuple[Array, Array]:
+        inv = layers.vision_rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
+        return layers.vision_rope_cos_sin(rotary_pos, inv)
+
+    def blocks_forward(self, x: Array, vi: VisionInputs) -> Array:
+        """Permuted patch embeddings [Np, D] -> last block's hidden states [Np, D]."""
+        cos, sin = self.rotary(vi.rotary_pos)
+        window_mask = layers.segment_mask(vi.window_segments)[None]
+        full_mask = layers.segment_mask(vi.full_segments)[None]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, full_mask if i in self.cfg.fullatt_block_indexes else window_mask)
+        return x
+
+    def __call__(self, vi: VisionInputs) -> Array:
+        """VisionInputs (padded, bucketed) -> image embeddings [Mp, out_hidden_size] in image
+        order; rows past the real token count (token_valid False) are zero."""
+        if vi.pixel_values.shape[-1] != self.cfg.patch_dim:
+            raise ValueError(f"pixel_values last dim {vi.pixel_values.shape[-1]} != C*kt*p*p="
+                             f"{self.cfg.patch_dim}; use the Qwen2-VL image processor's output")
+        x = jnp.take(jnp.asarray(vi.pixel_values), vi.patch_order, axis=0).astype(self.dtype)
+        x = self.patch_embed(x)
+        x = self.blocks_forward(x, vi)
+        merged = jnp.take(self.merger(x), vi.merge_inverse, axis=0)
+        return jnp.where(vi.token_valid[:, None], merged, jnp.zeros((), merged.dtype))
+
+
+# ----------------------------------------------------------------------------- HF key map
+# (hf key, our param path under the tower, kind). Kinds: "dense" = an HF Linear/Conv weight
+# [out, in...] <-> our Proj kernel [in..., out...] (flatten, transpose, reshape to our shape);
+# "vector" = bias or norm weight (reshape only).
+
+def hf_vision_keys(cfg: VisionConfig, prefix: str = "visual.") -> list[tuple[str, tuple, str]]:
+    keys = [(f"{prefix}patch_embed.proj.weight", ("patch_embed", "kernel"), "dense")]
+    for i in range(cfg.depth):
+        b, o = f"{prefix}blocks.{i}.", ("blocks", i)
+        keys += [(b + "norm1.weight", o + ("norm1", "weight"), "vector"),
+                 (b + "norm2.weight", o + ("norm2", "weight"), "vector"),
+                 (b + "attn.qkv.weight", o + ("attn", "qkv", "kernel"), "dense"),
+                 (b + "attn.qkv.bias", o + ("attn", "qkv", "bias"), "vector"),
+                 (b + "attn.proj.weight", o + ("attn", "o_proj", "kernel"), "dense"),
+                 (b + "attn.proj.bias", o + ("attn", "o_proj", "bias"), "vector")]
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            keys += [(b + f"mlp.{p}.weight", o + ("mlp", p, "kernel"), "dense"),
+                     (b + f"mlp.{p}.bias", o + ("mlp", p, "bias"), "vector")]
+    m = f"{prefix}merger."
+    keys += [(m + "ln_q.weight", ("merger", "ln_q", "weight"), "vector"),
+             (m + "mlp.0.weight", ("merger", "fc1", "kernel"), "dense"),
+             (m + "mlp.0.bias", ("merger", "fc1", "bias"), "vector"),
+             (m + "mlp.2.weight", ("merger", "fc2", "kernel"), "dense"),
+             (m + "mlp.2.bias", ("merger", "fc2", "bias"), "vector")]
+    return keys
+
+
+def hf_vision_shape(cfg: VisionConfig, hf_key: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+    """HF tensor shape for one of our params (the inverse direction needs the conv's 5-D shape)."""
+    if hf_key.endswith("patch_embed.proj.weight"):
+        return (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
+                cfg.patch_size)
+    return ours

@@ -1,0 +1,122 @@
+"""Qwen2.5-VL vision tower: per-submodule and whole-tower parity with transformers (float32).
+
+Tolerance: atol 1e-4 (float32 both sides; observed errors are ~1e-6).
+"""
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+import jax.numpy as jnp
+
+from balcap_jax.models import qwen2_5_vl_index as qi
+from balcap_jax.models.qwen2_5_vl_vision import VisionConfig, VisionTower, hf_vision_keys
+from tests.models import qwen_vl_fixtures as fx
+
+ATOL = 1e-4
+GRIDS = [(1, 6, 10), (1, 4, 4), (1, 10, 6)]   # ragged against 2x2, 3x3 and 4x4 windows
+
+
+@pytest.fixture(scope="module", params=sorted(fx.CONFIGS))
+def pair(request):
+    hf = fx.hf_model(request.param)
+    cfg = VisionConfig.from_hf(hf.config.vision_config.to_dict())
+    tower = VisionTower(cfg, rngs=nnx.Rngs(0))
+    fx.load_keys(tower, hf_vision_keys(cfg), fx.hf_tensors(hf))
+    return hf, tower, cfg
+
+
+def _prep(cfg, grids, bucket=None, seed=0):
+    pix = fx.pixels_for(grids, seed)
+    vi = qi.prepare_vision_inputs(pix, grids, spatial_merge_size=cfg.spatial_merge_size,
+                                  window_size=cfg.window_size, patch_size=cfg.patch_size,
+                                  bucket=bucket)
+    return pix, vi
+
+
+def _hf_rotary(visual, grids):
+    """HF's permuted (cos, sin) and its window bookkeeping, as its forward computes them."""
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+    g = torch.tensor(grids)
+    pos = get_vision_position_ids(g, visual.spatial_merge_size)
+    widx, cu_win = get_vision_window_index(g, visual.spatial_merge_size, visual.window_size,
+                                           visual.patch_size)
+    n = int(pos.shape[0])
+    cos, sin = visual.rotary_pos_emb(torch.zeros(n, 1), pos)
+    cos, sin = (visual.permute_input_for_window_attn(t, widx, seq_len=n) for t in (cos, sin))
+    return cos, sin, cu_win
+
+
+def test_config_from_v4_and_v5_dicts():
+    v5 = fx.hf_config("win56_full1").vision_config.to_dict()
+    v4 = dict(depth=2, hidden_act="silu", hidden_size=32, intermediate_size=48, num_heads=2,
+              in_chans=3, out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+              spatial_patch_size=14, window_size=56, fullatt_block_indexes=[1],
+              tokens_per_second=2, temporal_patch_size=2)
+    assert VisionConfig.from_hf(v4) == VisionConfig.from_hf(v5)
+    assert VisionConfig.from_hf(VisionConfig.from_hf(v5).to_hf()) == VisionConfig.from_hf(v5)
+
+
+def test_patch_embed_and_rotary(pair):
+    hf, tower, cfg = pair
+    pix, vi = _prep(cfg, GRIDS)
+    with torch.no_grad():
+        want = hf.model.visual.patch_embed(torch.from_numpy(pix)).numpy()
+    got = np.asarray(tower.patch_embed(jnp.asarray(pix)))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    cos, sin, _ = _hf_rotary(hf.model.visual, GRIDS)
+    n = pix.shape[0]
+    gcos, gsin = tower.rotary(jnp.asarray(vi.rotary_pos))
+    np.testing.assert_allclose(np.asarray(gcos)[:n], cos.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(gsin)[:n], sin.numpy(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["window", "full"])
+def test_vision_block(pair, kind):
+    """One block on window-permuted hidden states: HF with cu_(window_)seqlens vs our segment mask
+    (bucket-padded with garbage rows that must not leak into real ones)."""
+    from transformers.vision_utils import get_vision_cu_seqlens
+    hf, tower, cfg = pair
+    pix, vi = _prep(cfg, GRIDS, bucket=64)
+    n, n_pad = pix.shape[0], vi.pixel_values.shape[0]
+    cos, sin, cu_win = _hf_rotary(hf.model.visual, GRIDS)
+    cu = cu_win if kind == "window" else get_vision_cu_seqlens(torch.tensor(GRIDS))
+    x = np.random.default_rng(1).standard_normal((n_pad, cfg.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        want = hf.model.visual.blocks[0](torch.from_numpy(x[:n]), cu_seqlens=cu.int(),
+                                         position_embeddings=(cos, sin)).numpy()
+    seg = vi.window_segments if kind == "window" else vi.full_segments
+    from balcap_jax.models import layers
+    gcos, gsin = tower.rotary(jnp.asarray(vi.rotary_pos))
+    got = tower.blocks[0](jnp.asarray(x), gcos, gsin, layers.segment_mask(jnp.asarray(seg))[None])
+    np.testing.assert_allclose(np.asarray(got)[:n], want, atol=ATOL, rtol=0)
+
+
+def test_merger(pair):
+    hf, tower, cfg = pair
+    x = np.random.default_rng(2).standard_normal((48, cfg.hidden_size)).astype(np.float32)
+    with torch.no_grad():
+        want = hf.model.visual.merger(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(tower.merger(jnp.asarray(x))), want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("bucket", [None, 128])
+def test_tower_equals_hf_image_features(pair, bucket):
+    hf, tower, cfg = pair
+    pix, vi = _prep(cfg, GRIDS, bucket=bucket)
+    with torch.no_grad():
+        feats = hf.model.get_image_features(torch.from_numpy(pix), torch.tensor(GRIDS)).pooler_output
+    want = torch.cat(feats).numpy()
+    got = np.asarray(_jit_tower(tower, jax_tree(vi)))
+    m = want.shape[0]
+    assert got.shape == (vi.merge_inverse.shape[0], cfg.out_hidden_size)
+    np.testing.assert_allclose(got[:m], want, atol=ATOL, rtol=0)
+    assert not got[m:].any()
+
+
+@nnx.jit
+def _jit_tower(tower, vi):
+    return tower(vi)
+
+
+def jax_tree(vi):
+    return qi.VisionInputs(*(jnp.asarray(a) for a in vi))
