@@ -1,0 +1,84 @@
+"""The data section of an experiment config, and the loader made from it.
+
+    cfg.data = default_data_config()
+    cfg.data.files = "/data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json"
+    cfg.data.image_root = "/data/sharegpt4v/images"
+    loader = make_loader(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed)
+
+`builder`: "sharegpt4v" | "coco" | "captions" (CSV/JSONL `image,caption`). `files`: one path or
+several joined by commas. The dataset is prepared once under `data_dir` (default
+`workdir/tfds`) and reused while the inputs are unchanged.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from balcap_jax.data import builders, images
+from balcap_jax.data.loader import CaptionLoader
+
+# The paper's caption instruction is not published; this is our default.
+CAPTION_PROMPT = "Describe this image in detail."
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.builder = "sharegpt4v"
+    c.files = ""                 # annotation file(s), comma-separated
+    c.image_root = ""            # relative image paths are joined to it (default: the file's dir)
+    c.split = "train"
+    c.data_dir = ""              # "" -> workdir/tfds
+    c.name = ""                  # dataset config name; "" -> a hash of the inputs
+    c.prompt = CAPTION_PROMPT
+    c.prompts = ()               # if given, one is chosen per example from (seed, epoch, id)
+    c.use_data_prompt = False    # use the file's own instruction (ShareGPT4V human turn) if any
+    c.seed = 0                   # shuffle seed
+    c.batch_size = 8
+    c.max_side = images.DEFAULT_MAX_SIDE
+    c.max_pixels = images.DEFAULT_MAX_PIXELS
+    c.build_workers = 4          # image-decoding threads while preparing the dataset
+    c.read_threads = 4           # grain read threads while training
+    return c
+
+
+def _build(cfg: ml_collections.ConfigDict, *, is_builder_host: bool):
+    kwargs = dict(split=cfg.split, image_root=cfg.image_root or None,
+                  data_dir=cfg.data_dir or None, max_side=cfg.max_side,
+                  max_pixels=cfg.max_pixels, num_workers=cfg.build_workers,
+                  name=cfg.name or None)
+    if is_builder_host:
+        return builders.build_dataset(cfg.builder, cfg.files, **kwargs)[0]
+    return builders.BUILDERS[cfg.builder](
+        config=builders.make_config(cfg.builder, cfg.files, **{
+            k: kwargs[k] for k in ("split", "image_root", "max_side", "max_pixels", "name")},
+            num_workers=cfg.build_workers),
+        data_dir=builders.resolve_data_dir(kwargs["data_dir"]), file_format="array_record")
+
+
+def make_loader(cfg: ml_collections.ConfigDict, *, batch_size: int | None = None,
+                seed: int | None = None, shard_index: int | None = None,
+                shard_count: int | None = None) -> CaptionLoader:
+    """Prepares (or reuses) the dataset of `cfg` and returns this host's CaptionLoader.
+
+    With several JAX processes, process 0 builds while the others wait at a barrier (the data
+    dir must be on a shared file system); shard index/count default to the process's.
+    """
+    import jax  # deferred: data-only tools need not start JAX
+
+    multi = jax.process_count() > 1
+    is_builder_host = not multi or jax.process_index() == 0
+    if is_builder_host:
+        builder = _build(cfg, is_builder_host=True)
+    if multi:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("balcap_jax.data.build")
+    if not is_builder_host:
+        builder = _build(cfg, is_builder_host=False)
+        if not builder.is_prepared():
+            raise RuntimeError(f"dataset {builder.data_dir} was built by process 0 but is not "
+                               "visible here: data_dir must be on a file system all hosts share")
+    source = builders.open_source(builder, cfg.split)
+    return CaptionLoader(source, batch_size=cfg.batch_size if batch_size is None else batch_size,
+                         seed=cfg.seed if seed is None else seed, prompt=cfg.prompt,
+                         prompts=tuple(cfg.prompts), use_data_prompt=cfg.use_data_prompt,
+                         shard_index=shard_index, shard_count=shard_count,
+                         read_threads=cfg.read_threads)

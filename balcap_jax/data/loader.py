@@ -1,0 +1,157 @@
+"""The training loader: an endless, seeded, per-host-sharded stream of caption batches.
+
+    loader = CaptionLoader(source, batch_size=8, seed=0, prompt="Describe this image in detail.")
+    batch = next(loader)          # list of batch_size dicts:
+                                  #   image uint8 [H, W, 3], image_id str, references list[str],
+                                  #   prompt str
+    state = loader.get_state()    # {"epoch", "index", "seed", ...}: small, JSON-serialisable
+    loader.set_state(state)       # the next batch is the one that followed when state was taken
+
+Order: epoch e is a permutation of the whole split (grain's index shuffle, seed combined with e);
+host k of K takes every K-th element of it from position k, so hosts are disjoint and together
+cover the split; the host then reads its share in order, epochs following one another without a
+gap (a batch may straddle two epochs). Images differ in size, so a batch is a list, not an array.
+
+The position counts examples handed out, so a restore yields exactly the remaining examples.
+grain runs the reads in threads (`read_threads`) and prefetches ahead of the consumer; prefetched
+but unconsumed examples are simply read again after a restore.
+"""
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_ENDLESS = 1 << 62
+
+
+def _text(x: Any) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def default_shard() -> tuple[int, int]:
+    """(process_index, process_count) from JAX: one shard per host."""
+    import jax  # deferred: the data tools must not pay for JAX unless sharding asks for it
+    return jax.process_index(), jax.process_count()
+
+
+class CaptionLoader:
+    """Endless batches of caption examples from a random-access source (see module doc)."""
+
+    def __init__(self, source: Sequence[dict], *, batch_size: int, seed: int,
+                 prompt: str = "Describe this image in detail.", prompts: Sequence[str] = (),
+                 use_data_prompt: bool = False, shard_index: int | None = None,
+                 shard_count: int | None = None, read_threads: int = 4,
+                 prefetch: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"seed={seed} must be in [0, 2**32) (grain's shuffle seed range)")
+        if shard_index is None or shard_count is None:
+            d_index, d_count = default_shard()
+            shard_index = d_index if shard_index is None else shard_index
+            shard_count = d_count if shard_count is None else shard_count
+        if shard_count < 1 or not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard_index={shard_index} must be in [0, shard_count="
+                             f"{shard_count})")
+        self.num_examples = len(source)
+        if self.num_examples < shard_count:
+            raise ValueError(f"the split has {self.num_examples} examples, fewer than "
+                             f"shard_count={shard_count}: every host needs at least one")
+        self.source = source
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.prompts = tuple(prompts) if prompts else (prompt,)
+        self.use_data_prompt = use_data_prompt
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.read_threads, self.prefetch = read_threads, prefetch
+        # Examples this host reads per epoch: len(range(shard_index, N, shard_count)).
+        self.examples_per_epoch = len(range(shard_index, self.num_examples, shard_count))
+        self._position = 0
+        self._iter = None
+
+    # --- position ---------------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        epoch, index = divmod(self._position, self.examples_per_epoch)
+        return {"version": _STATE_VERSION, "epoch": epoch, "index": index, "seed": self.seed,
+                "shard_index": self.shard_index, "shard_count": self.shard_count,
+                "num_examples": self.num_examples}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        missing = {"epoch", "index", "seed"} - set(state)
+        if missing:
+            raise ValueError(f"loader state {state} lacks {sorted(missing)}; it must come from "
+                             "CaptionLoader.get_state()")
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if int(state["seed"]) != self.seed:
+            log.warning("loader state has seed %s, config has %s: resuming with the state's "
+                        "seed so the order continues", state["seed"], self.seed)
+            self.seed = int(state["seed"])
+        if state.get("num_examples", self.num_examples) != self.num_examples:
+            log.warning("loader state was saved on a split of %s examples, this one has %s: "
+                        "the resumed order is not a continuation", state["num_examples"],
+                        self.num_examples)
+        old_count = int(state.get("shard_count", self.shard_count))
+        if old_count != self.shard_count:
+            # Another host count means another partition; keep the epoch and the fraction of it.
+            old_len = len(range(int(state.get("shard_index", 0)), self.num_examples, old_count))
+            index = index * self.examples_per_epoch // max(old_len, 1)
+            log.warning("loader state was saved with %s shards, now %s: resuming epoch %s at "
+                        "the same fraction (index %s); a few examples may repeat or be missed",
+                        old_count, self.shard_count, epoch, index)
+        if not 0 <= index < self.examples_per_epoch:
+            raise ValueError(f"loader state index {index} is outside this host's epoch of "
+                             f"{self.examples_per_epoch} examples")
+        self._position = epoch * self.examples_per_epoch + index
+        self._iter = None
+
+    # --- reading ----------------------------------------------------------------------------
+    def _global_index(self, position: int) -> int:
+        """Host position -> index into the seeded, epoch-repeated shuffle of the split."""
+        epoch, i = divmod(position, self.examples_per_epoch)
+        return epoch * self.num_examples + self.shard_index + i * self.shard_count
+
+    def _example(self, position: int, shuffled) -> dict[str, Any]:
+        raw = shuffled[self._global_index(position)]
+        image_id = _text(raw["image_id"])
+        prompt = _text(raw.get("prompt", b"")) if self.use_data_prompt else ""
+        if not prompt:
+            epoch = position // self.examples_per_epoch
+            # Deterministic in (seed, epoch, image): resumes and hosts agree, epochs vary.
+            key = f"{self.seed}:{epoch}:{image_id}".encode()
+            prompt = self.prompts[zlib.crc32(key) % len(self.prompts)]
+        image = np.asarray(raw["image"], dtype=np.uint8)
+        return {"image": image, "image_id": image_id,
+                "references": [_text(r) for r in raw["references"]], "prompt": prompt}
+
+    def _make_iter(self):
+        # grain reshuffles epoch e with seed + e, so seeds s and s+1 would share epochs shifted
+        # by one; a mixed seed keeps different user seeds unrelated.
+        mixed = int(np.random.SeedSequence(self.seed).generate_state(1)[0])
+        shuffled = grain.MapDataset.source(self.source).shuffle(seed=mixed)
+        ds = (grain.MapDataset.range(self._position, _ENDLESS)
+              .map(lambda p: self._example(p, shuffled))
+              .batch(self.batch_size, batch_fn=list))
+        options = grain.ReadOptions(num_threads=self.read_threads,
+                                    prefetch_buffer_size=self.prefetch)
+        return iter(ds.to_iter_dataset(options))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        if self._iter is None:
+            self._iter = self._make_iter()
+        batch = next(self._iter)
+        self._position += len(batch)
+        return batch
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.examples_per_epoch / self.batch_size
