@@ -155,6 +155,10 @@ def validate(c, n_devices: int) -> dict:
                       "single sample are always 0")
     if c.sampling.temperature < 0:
         errors.append(f"sampling.temperature must be >= 0, got {c.sampling.temperature}")
+    from balcap_jax.rewards.base import SCORERS
+    if c.scorer.name not in SCORERS:
+        errors.append(f"scorer.name={c.scorer.name!r} is not available in this checkout; "
+                      f"choose one of {sorted(SCORERS)}")
     if not c.model.path and not c.model.preset and not c.model.hf_config:
         errors.append("model: set model.path (a local HF checkpoint directory), or "
                       "model.preset / model.hf_config for a random init")

@@ -14,7 +14,10 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-__all__ = ["ScoreResult", "Scorer", "TokenFrequencyScorer", "make_scorer"]
+__all__ = ["ScoreResult", "Scorer", "TokenFrequencyScorer", "make_scorer", "SCORERS"]
+
+# Scorer names a config may use (make_scorer builds them).
+SCORERS = ("token_frequency",)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,58 @@
+"""Config validation fails early, naming the field and the fix; configs load."""
+import importlib.util
+
+import pytest
+
+from balcap_jax.config import ConfigError, base_config, resolve_mesh, validate
+
+
+def load_config(path, arg=None):
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
+def _ok():
+    c = load_config("configs/tiny.py")
+    c.mesh.fsdp = -1
+    return c
+
+
+def test_shipped_configs_validate():
+    assert validate(_ok(), 1) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert validate(_ok(), 4) == {"data": 1, "fsdp": 4, "tensor": 1}
+    q = load_config("configs/qwen.py")
+    with pytest.raises(ConfigError, match="scorer.name='judges' is not available"):
+        validate(q, 8)
+    q.scorer.name = "token_frequency"
+    assert validate(q, 8)["fsdp"] == 8
+    assert load_config("configs/qwen.py", "3b").model.preset == "qwen2_5_vl_3b"
+    with pytest.raises(ValueError, match="qwen.py:3b"):
+        load_config("configs/qwen.py", "13b")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: setattr(c.train, "batch_size", 3), r"train.batch_size=3 does not divide .* 2"),
+    (lambda c: setattr(c.rl, "advantage", "ppo"), r"rl.advantage='ppo' is not one of"),
+    (lambda c: setattr(c.rl, "weights", [1.0, 2.0]), r"rl.weights has 2 entries"),
+    (lambda c: setattr(c.sampling, "num_samples", 1), r"sampling.num_samples must be >= 2"),
+    (lambda c: setattr(c.train, "micro_batch_size", 5), r"micro_batch_size=5 must divide"),
+    (lambda c: setattr(c.rl, "aggregation", "mean"), r"rl.aggregation='mean'"),
+    (lambda c: setattr(c.mesh, "fsdp", 3), r"mesh: .*must equal the 2 devices"),
+    (lambda c: setattr(c.model, "hf_config", {}), r"model: set model.path"),
+])
+def test_bad_config_names_field_and_fix(edit, match):
+    c = _ok()
+    edit(c)
+    with pytest.raises(ConfigError, match=match):
+        validate(c, 2)
+
+
+def test_mesh_resolution():
+    c = base_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, -1, 2
+    assert resolve_mesh(c, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    c.mesh.fsdp = 4
+    with pytest.raises(ConfigError, match="must equal the 8 devices"):
+        resolve_mesh(c, 8)
