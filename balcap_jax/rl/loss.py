@@ -76,10 +76,11 @@ def loss_normalizer(mask, *, aggregation: str = "dapo", max_completion_length: i
 def k3_kl(logp, ref_logp):
     """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref - logp clamped to +-20.
 
-    >= 0 everywhere, 0 exactly where ref == logp.
+    >= 0 everywhere, 0 exactly where ref == logp. Written as expm1(d) - d: exp(d) - d - 1 in
+    float32 goes slightly negative for tiny d; the max() only removes rounding below 0.
     """
     d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return jnp.exp(d) - d - 1.0
+    return jnp.maximum(jnp.expm1(d) - d, 0.0)
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low: float = 0.2,
