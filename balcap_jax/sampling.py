@@ -1,0 +1,464 @@
+"""Jitted KV-cache sampler and exact per-token log-probabilities.
+
+`generate` runs two jitted functions: a prefill over the padded prompt batch (images included,
+the vision tower runs once per prompt) that also samples the first token, and a decode
+`lax.while_loop` that stops as soon as every row is done. The cache is created inside the
+prefill, repeated G times for `num_samples` (never recomputed) and donated to the decode loop.
+
+Model protocol (duck-typed; the text decoder and Qwen2.5-VL provide it):
+  model.embed(input_ids [B,T]) -> [B,T,D]
+  model.forward_embeds(x, positions, kv_mask, cache, cache_index) -> (hidden [B,T,D], cache)
+      positions [B,T] (1-D RoPE) or [3,B,T] (M-RoPE); kv_mask [B,S] (1 = valid key slot);
+      query t sits at cache slot cache_index + t and sees slots <= its own with kv_mask == 1.
+  model.logits(hidden) -> float32 [B,T,V];  model.init_cache(batch, max_len, dtype) -> pytree
+  optional: model.token_logprobs_from_hidden / lm_head weights are not required.
+Prompt preparation (host side, numpy) is dispatched on the model: a model may define
+`prepare_prompt(inputs) -> (embed_inputs pytree, positions, deltas)` and
+`embed_prompt(embed_inputs) -> [B,T,D]`; otherwise Qwen2.5-VL-like models (with
+`encode_images`) and text decoders are handled by the adapters in `balcap_jax.prompting`... see
+`_prepare` below. Decode position of the token at cache slot i is i + delta[row] on every
+rotary axis, so text and M-RoPE models share one decode loop.
+
+Conventions
+- Rows are prompt-major: row i*G + j is sample j of prompt i. Row r draws its randomness from
+  `fold_in(rng, r)`, step s from `fold_in(fold_in(rng, r), s)`: a row's samples do not depend on
+  the batch it sits in, so G samples from one prefill equal G copies of the prompt.
+- `lengths` INCLUDE the stop token (TRL's completion mask covers generated tokens up to and
+  including EOS); a truncated row (no stop within max_new_tokens) has length max_new_tokens.
+  Tokens after the stop are `pad_id`, their log-probabilities 0.
+- Log-probabilities are log_softmax(logits / T) at the chosen token (T = 1 for greedy), i.e.
+  under the temperature-scaled distribution before top-k/top-p filtering: the same quantity
+  `token_logprobs` recomputes and the loss uses.
+- Prompt lengths are left-padded to a bucket (next power of two, or the smallest of a given list),
+  so a training run compiles a bounded number of times; `compile_count()` counts traces.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def compile_count(name: str | None = None) -> int:
+    """Number of times the jitted sampler functions were traced (= compiled): `name` in
+    {"prefill", "decode", "token_logprobs"} or None for the total."""
+    return sum(_TRACES.values()) if name is None else _TRACES[name]
+
+
+class Samples(NamedTuple):
+    tokens: jax.Array     # [N, max_new_tokens] int32, pad_id after the stop token
+    logprobs: jax.Array   # [N, max_new_tokens] float32, 0 after the stop token
+    lengths: jax.Array    # [N] int32, generated tokens including the stop token
+    truncated: jax.Array  # [N] bool, no stop token within max_new_tokens
+
+    @property
+    def mask(self) -> jax.Array:
+        """[N, max_new_tokens] float32: 1 on generated tokens up to and including the stop."""
+        steps = jnp.arange(self.tokens.shape[1])[None, :]
+        return (steps < self.lengths[:, None]).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling filters (pure, per step)
+# ----------------------------------------------------------------------------------------------
+
+def _inverse_cdf(scores: jax.Array, u: jax.Array, block: int = 128) -> jax.Array:
+    """Index drawn from softmax(scores) [N,V] with one uniform u [N] per row.
+
+    Two-level inverse CDF (block sums, then one block): one random number per row instead of V
+    Gumbel draws, and cumulative sums over V/block + block entries instead of V. Zero-probability
+    entries (-inf scores) are never chosen.
+    """
+    n, v = scores.shape
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    if v % block or v <= block:
+        c = jnp.cumsum(p, axis=-1)
+        target = u * c[:, -1]
+        return jnp.minimum(jnp.sum(c <= target[:, None], axis=-1), v - 1).astype(jnp.int32)
+    pb = p.reshape(n, v // block, block)
+    cb = jnp.cumsum(jnp.sum(pb, axis=-1), axis=-1)                       # [N, V/block]
+    target = u * cb[:, -1]
+    bi = jnp.minimum(jnp.sum(cb <= target[:, None], axis=-1), v // block - 1)
+    before = jnp.where(bi > 0, jnp.take_along_axis(cb, jnp.maximum(bi - 1, 0)[:, None], 1)[:, 0], 0.)
+    inner = jnp.take_along_axis(pb, bi[:, None, None], axis=1)[:, 0]     # [N, block]
+    ci = jnp.cumsum(inner, axis=-1)
+    # the clamp keeps rounding (target - before >= block total) inside the block's support
+    j = jnp.sum(ci <= (target - before)[:, None], axis=-1)
+    last_nonzero = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    j = jnp.minimum(j, last_nonzero)
+    return (bi * block + j).astype(jnp.int32)
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """One token per row from float logits [N,V] with per-row keys [N].
+
+    Returns (tokens [N] int32, logprobs [N] float32) where logprobs = log_softmax(logits / T) at
+    the token (T = 1 for greedy, temperature == 0). top_k (0 = off) is applied before top_p over
+    the renormalised top-k distribution, as transformers' logits processors do. With both off no
+    sort is done.
+    """
+    logits = logits.astype(jnp.float32)
+    v = logits.shape[-1]
+    if temperature == 0:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        scaled = logits
+    else:
+        scaled = logits / temperature
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+        if top_k <= 0 and top_p >= 1.0:
+            tok = _inverse_cdf(scaled, u)
+        else:
+            k = v if top_k <= 0 or top_k >= v else top_k
+            vals, idx = jax.lax.top_k(scaled, k)                           # sorted, descending
+            if top_p < 1.0:
+                probs = jax.nn.softmax(vals, axis=-1)
+                before = jnp.cumsum(probs, axis=-1) - probs                # mass strictly above
+                vals = jnp.where(before < top_p, vals, -jnp.inf)           # the top one always stays
+            j = _inverse_cdf(vals, u)
+            tok = jnp.take_along_axis(idx, j[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    lp = (jnp.take_along_axis(scaled, tok[:, None], axis=-1)[:, 0]
+          - jax.nn.logsumexp(scaled, axis=-1))
+    return tok, lp
+
+
+def row_keys(rng: jax.Array, num_rows: int) -> jax.Array:
+    """Per-row keys fold_in(rng, row) [N] (typed or raw uint32 keys both work)."""
+    return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(num_rows, dtype=jnp.uint32))
+
+
+def _step_keys(keys: jax.Array, step) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side prompt preparation: left-align, bucket, positions
+# ----------------------------------------------------------------------------------------------
+
+def bucket_length(n: int, buckets: Sequence[int] | None = None, minimum: int = 8) -> int:
+    """Padded prompt length: the next power of two (>= minimum) or the smallest listed bucket."""
+    if buckets is None:
+        return max(minimum, 1 << max(n - 1, 0).bit_length())
+    fitting = [b for b in sorted(buckets) if b >= n]
+    if not fitting:
+        raise ValueError(f"prompt length {n} exceeds the largest prompt bucket {max(buckets)}; "
+                         "add a larger bucket (prompt_buckets=...) or shorten the prompts")
+    return fitting[0]
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensors from an HF processor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def left_align(inputs: dict, length: int, pad_id: int = 0) -> dict:
+    """input_ids / attention_mask / mm_token_type_ids re-packed to [B, length], every row's valid
+    tokens (attention_mask == 1) at the right end. Accepts left or right padded inputs."""
+    if "input_ids" not in inputs:
+        raise ValueError(f"inputs needs 'input_ids' (got keys {sorted(inputs)})")
+    ids = _to_numpy(inputs["input_ids"])
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+    mask = _to_numpy(inputs.get("attention_mask", np.ones_like(ids))).astype(bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    per_token = {"input_ids": (ids, pad_id), "attention_mask": (mask, 0)}
+    if inputs.get("mm_token_type_ids") is not None:
+        per_token["mm_token_type_ids"] = (_to_numpy(inputs["mm_token_type_ids"]), 0)
+    n_valid = mask.sum(1)
+    if n_valid.max(initial=0) > length:
+        raise ValueError(f"prompt of {n_valid.max()} tokens does not fit length {length}")
+    if (n_valid == 0).any():
+        raise ValueError(f"rows {np.nonzero(n_valid == 0)[0].tolist()} have no prompt tokens")
+    out = {}
+    for name, (arr, fill) in per_token.items():
+        res = np.full((ids.shape[0], length), fill, dtype=np.int32)
+        for r in range(ids.shape[0]):
+            vals = arr[r][mask[r]]
+            res[r, length - len(vals):] = vals
+        out[name] = res
+    return out
+
+
+class Prompt(NamedTuple):
+    """A bucketed prompt batch: what the jitted functions take (all arrays, a pytree)."""
+    embed_inputs: Any     # pytree consumed by the adapter's embed (input_ids, vision inputs ...)
+    positions: Any        # [B,T] or [3,B,T] int32 rotary positions of the prompt tokens
+    mask: Any             # [B,T] int32, 1 = real prompt token (left padded)
+    deltas: Any           # [B] int32: token at cache slot i >= T has position i + delta
+
+
+class _TextAdapter:
+    """Plain decoders: positions = number of valid tokens before (HF: cumsum(mask) - 1)."""
+
+    @staticmethod
+    def prepare(model, aligned: dict, inputs: dict) -> Prompt:
+        mask = aligned["attention_mask"]
+        pos = np.where(mask > 0, np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+        deltas = (mask.sum(1) - mask.shape[1]).astype(np.int32)
+        return Prompt({"input_ids": aligned["input_ids"]}, pos, mask, deltas)
+
+    @staticmethod
+    def embed(model, embed_inputs):
+        return model.embed(embed_inputs["input_ids"])
+
+
+class _CustomAdapter:
+    """Models that prepare their own prompts: prepare_prompt(inputs) -> (embed_inputs,
+    positions, deltas) on the aligned, bucketed inputs; embed_prompt(embed_inputs) -> [B,T,D]."""
+
+    @staticmethod
+    def prepare(model, aligned: dict, inputs: dict) -> Prompt:
+        merged = dict(inputs)
+        merged.update(aligned)
+        embed_inputs, positions, deltas = model.prepare_prompt(merged)
+        return Prompt(embed_inputs, np.asarray(positions, np.int32), aligned["attention_mask"],
+                      np.asarray(deltas, np.int32).reshape(-1))
+
+    @staticmethod
+    def embed(model, embed_inputs):
+        return model.embed_prompt(embed_inputs)
+
+
+def _adapter(model):
+    if hasattr(model, "prepare_prompt") and hasattr(model, "embed_prompt"):
+        return _CustomAdapter
+    if hasattr(model, "encode_images"):
+        return _QwenVLAdapter
+    return _TextAdapter
+
+
+def prepare_prompt(model, inputs: dict, *, prompt_buckets: Sequence[int] | None = None,
+                   pad_id: int = 0) -> Prompt:
+    """Host side: left-align and bucket the prompt, then let the model's adapter build the
+    embedding inputs and positions. Returns numpy arrays."""
+    mask = _to_numpy(inputs.get("attention_mask", np.ones_like(_to_numpy(inputs["input_ids"]))))
+    length = bucket_length(int(mask.sum(1).max()), prompt_buckets)
+    aligned = left_align(inputs, length, pad_id)
+    return _adapter(model).prepare(model, aligned, inputs)
+
+
+class _QwenVLAdapter:
+    """Placeholder until balcap_jax.models.qwen2_5_vl lands (filled in below)."""
+
+    @staticmethod
+    def prepare(model, aligned, inputs):
+        raise NotImplementedError("Qwen2.5-VL prompt preparation not wired yet")
+
+    @staticmethod
+    def embed(model, embed_inputs):
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted prefill + decode
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    max_new_tokens: int
+    num_samples: int
+    temperature: float
+    top_k: int
+    top_p: float
+    pad_id: int
+
+
+class _Carry(NamedTuple):
+    step: jax.Array       # int32: tokens generated so far (column of the next one)
+    tokens: jax.Array     # [N, M] int32
+    logprobs: jax.Array   # [N, M] float32
+    done: jax.Array       # [N] bool: a stop token was generated
+    last: jax.Array       # [N] int32: the latest token (input of the next step)
+    cache: Any
+
+
+def _repeat_batch(cache, model, b: int, g: int, max_len: int, dtype):
+    """Repeat every cache leaf g times along its batch axis (found by comparing the shapes of
+    init_cache(b) and init_cache(b*g), so the cache layout stays the model's business)."""
+    if g == 1:
+        return cache
+    small = jax.eval_shape(lambda: model.init_cache(b, max_len, dtype))
+    big = jax.eval_shape(lambda: model.init_cache(b * g, max_len, dtype))
+
+    def rep(x, s, l):
+        axes = [i for i, (p, q) in enumerate(zip(s.shape, l.shape)) if p != q]
+        return jnp.repeat(x, g, axis=axes[0]) if axes else x
+    return jax.tree.map(rep, cache, small, big)
+
+
+def _decode_positions(slot, deltas, mrope: bool):
+    pos = (slot + deltas)[:, None].astype(jnp.int32)                    # [N, 1]
+    return jnp.broadcast_to(pos[None], (3,) + pos.shape) if mrope else pos
+
+
+def _emit(carry: _Carry, tok, lp, eos, cfg: _Config) -> _Carry:
+    tok = jnp.where(carry.done, cfg.pad_id, tok)
+    lp = jnp.where(carry.done, 0.0, lp)
+    done = carry.done | jnp.isin(tok, eos)
+    tokens = jax.lax.dynamic_update_slice(carry.tokens, tok[:, None], (0, carry.step))
+    logprobs = jax.lax.dynamic_update_slice(carry.logprobs, lp[:, None], (0, carry.step))
+    return carry._replace(step=carry.step + 1, tokens=tokens, logprobs=logprobs, done=done,
+                          last=jnp.where(done, 0, tok).astype(jnp.int32))  # stays a valid id
+
+
+def _sample(logits, keys, step, cfg: _Config):
+    return sample_logits(logits, _step_keys(keys, step), temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def _prefill(graphdef, state, prompt: Prompt, rng, eos, cfg: _Config):
+    _TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    b, t = prompt.mask.shape
+    g, n, s = cfg.num_samples, prompt.mask.shape[0] * cfg.num_samples, t + cfg.max_new_tokens
+    x = _adapter(model).embed(model, prompt.embed_inputs)
+    cache = model.init_cache(b, s, x.dtype)
+    kv_mask = jnp.concatenate([prompt.mask.astype(jnp.int32),
+                               jnp.ones((b, cfg.max_new_tokens), jnp.int32)], axis=1)
+    hidden, cache = model.forward_embeds(x, prompt.positions, kv_mask, cache, jnp.int32(0))
+    logits = model.logits(hidden[:, -1:])[:, 0]                           # [B, V]
+    # G rollouts per prompt share this prefill: repeat its results, prompt-major.
+    cache = _repeat_batch(cache, model, b, g, s, x.dtype)
+    logits = jnp.repeat(logits, g, axis=0)
+    kv_mask = jnp.repeat(kv_mask, g, axis=0)
+    deltas = jnp.repeat(prompt.deltas.astype(jnp.int32), g, axis=0)
+    keys = row_keys(rng, n)
+    carry = _Carry(step=jnp.int32(0),
+                   tokens=jnp.full((n, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
+                   logprobs=jnp.zeros((n, cfg.max_new_tokens), jnp.float32),
+                   done=jnp.zeros((n,), bool), last=jnp.zeros((n,), jnp.int32), cache=cache)
+    tok, lp = _sample(logits, keys, 0, cfg)
+    return _emit(carry, tok, lp, eos, cfg), kv_mask, deltas, keys
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mrope"), donate_argnames=("carry",))
+def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, keys, eos, cfg: _Config, mrope: bool):
+    """The while_loop; returns (Samples, final carry). The carry is donated and returned so its
+    buffers (the KV cache above all) are updated in place rather than copied."""
+    _TRACES["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    prompt_len = kv_mask.shape[1] - cfg.max_new_tokens
+
+    def cond(c: _Carry):
+        return (c.step < cfg.max_new_tokens) & ~jnp.all(c.done)
+
+    def body(c: _Carry):
+        slot = prompt_len + c.step - 1                     # cache slot of the latest token
+        x = model.embed(c.last[:, None])
+        hidden, cache = model.forward_embeds(x, _decode_positions(slot, deltas, mrope), kv_mask,
+                                             c.cache, slot)
+        tok, lp = _sample(model.logits(hidden)[:, 0], keys, c.step, cfg)
+        return _emit(c._replace(cache=cache), tok, lp, eos, cfg)
+
+    carry = jax.lax.while_loop(cond, body, carry)
+    is_stop = jnp.isin(carry.tokens, eos)
+    stopped = jnp.any(is_stop, axis=1)
+    lengths = jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, cfg.max_new_tokens)
+    return Samples(carry.tokens, carry.logprobs, lengths.astype(jnp.int32), ~stopped), carry
+
+
+def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             eos_token_ids: int | Sequence[int], rng: jax.Array, pad_id: int = 0,
+             prompt_buckets: Sequence[int] | None = None) -> Samples:
+    """Sample `num_samples` completions per prompt (rows prompt-major); see the module docstring.
+
+    inputs: the processor's dict (input_ids, attention_mask; optionally pixel_values,
+    image_grid_thw, mm_token_type_ids), numpy, jax or torch arrays, left or right padded.
+    temperature 0 is greedy. eos_token_ids: one id or several; ids outside the vocabulary never
+    stop. Returns Samples on device.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    eos = (int(eos_token_ids),) if np.ndim(eos_token_ids) == 0 else tuple(int(e) for e in eos_token_ids)
+    cfg = _Config(int(max_new_tokens), int(num_samples), float(temperature), int(top_k),
+                  float(top_p), int(pad_id))
+    eos = np.asarray(eos, np.int32)  # traced: changing the stop ids does not recompile
+    prompt = prepare_prompt(model, inputs, prompt_buckets=prompt_buckets, pad_id=pad_id)
+    graphdef, state = nnx.split(model)
+    carry, kv_mask, deltas, keys = _prefill(graphdef, state, prompt, rng, eos, cfg)
+    samples, _ = _decode(graphdef, state, carry, kv_mask, deltas, keys, eos, cfg,
+                         np.ndim(prompt.positions) == 3)
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Recomputed log-probabilities (what the loss differentiates)
+# ----------------------------------------------------------------------------------------------
+
+def prepare_logprob_batch(model, inputs: dict, completions, mask, *,
+                          prompt_buckets: Sequence[int] | None = None, pad_id: int = 0) -> dict:
+    """Host side: the bucketed prompt plus completions [B,L] int and mask [B,L] (1 = scored),
+    as a dict of numpy arrays for `token_logprobs_fn`."""
+    completions = _to_numpy(completions).astype(np.int32)
+    mask = _to_numpy(mask)
+    if completions.ndim != 2 or mask.shape != completions.shape:
+        raise ValueError(f"completions [B, L] and mask [B, L] must agree, got {completions.shape} "
+                         f"and {mask.shape}")
+    prompt = prepare_prompt(model, inputs, prompt_buckets=prompt_buckets, pad_id=pad_id)
+    if prompt.mask.shape[0] != completions.shape[0]:
+        raise ValueError(f"{prompt.mask.shape[0]} prompts but {completions.shape[0]} completions; "
+                         "repeat each prompt G times (prompt-major) to score G samples")
+    return {"prompt": prompt, "completions": np.where(mask > 0, completions, pad_id).astype(np.int32),
+            "mask": mask.astype(np.float32)}
+
+
+def token_logprobs_fn(model, batch: dict, *, temperature: float = 1.0) -> jax.Array:
+    """Pure: per-token log-probabilities [B, L] of batch["completions"] under
+    log_softmax(logits / T) (T = 1 when temperature == 0), 0 where batch["mask"] == 0.
+
+    One causal forward over prompt + completion without a cache; differentiable w.r.t. the
+    model's parameters (use inside nnx.grad / jax.grad on nnx.merge(graphdef, params)).
+    """
+    prompt: Prompt = batch["prompt"]
+    comp, mask = batch["completions"], batch["mask"]
+    b, t = prompt.mask.shape
+    length = comp.shape[1]
+    temp = 1.0 if temperature == 0 else temperature
+    x = jnp.concatenate([_adapter(model).embed(model, prompt.embed_inputs), model.embed(comp)], 1)
+    comp_pos = t + jnp.arange(length, dtype=jnp.int32)[None, :] + prompt.deltas[:, None]  # [B, L]
+    positions = prompt.positions
+    if jnp.ndim(positions) == 3:
+        comp_pos = jnp.broadcast_to(comp_pos[None], (3, b, length))
+    positions = jnp.concatenate([positions, comp_pos.astype(positions.dtype)], axis=-1)
+    kv_mask = jnp.concatenate([prompt.mask, (mask > 0)], axis=1).astype(jnp.int32)
+    hidden, _ = model.forward_embeds(x, positions, kv_mask, None, jnp.int32(0))
+    hidden = hidden[:, t - 1:t + length - 1]               # the states that predict the completion
+    logits = model.logits(hidden).astype(jnp.float32) / temp
+    logp = jnp.take_along_axis(logits, comp[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, -1)
+    return jnp.where(mask > 0, logp, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature"))
+def _token_logprobs_jit(graphdef, state, batch, temperature):
+    _TRACES["token_logprobs"] += 1
+    return token_logprobs_fn(nnx.merge(graphdef, state), batch, temperature=temperature)
+
+
+def token_logprobs(model, inputs: dict, completions, mask, *, temperature: float = 1.0,
+                   prompt_buckets: Sequence[int] | None = None, pad_id: int = 0) -> jax.Array:
+    """Eager wrapper: per-token log-probabilities [B, L] of `completions` after the prompts in
+    `inputs` (the processor's dict), 0 where mask == 0. Jitted, bucketed like `generate`."""
+    batch = prepare_logprob_batch(model, inputs, completions, mask, prompt_buckets=prompt_buckets,
+                                  pad_id=pad_id)
+    graphdef, state = nnx.split(model)
+    return _token_logprobs_jit(graphdef, state, batch, float(temperature))

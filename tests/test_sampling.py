@@ -1,0 +1,242 @@
+"""Sampler and recomputed log-probabilities.
+
+Model-independent pieces (filters, keys, bucketing, the decode loop's bookkeeping) run on a tiny
+hand-built attention model that follows the decoder protocol; parity with transformers' greedy
+`generate` runs on the real decoders against tiny random HF models.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from balcap_jax import sampling
+
+
+class FakeLM(nnx.Module):
+    """One attention layer with a KV cache and sinusoidal positions: enough to make the output
+    depend on the cache contents, positions and kv_mask, as a real decoder's does."""
+
+    def __init__(self, vocab=97, dim=32, *, seed=0):
+        k = jax.random.split(jax.random.key(seed), 5)
+        init = lambda key, shape, s: nnx.Param(s * jax.random.normal(key, shape))
+        self.emb = init(k[0], (vocab, dim), 1.0)
+        self.wq, self.wk, self.wv = (init(k[i], (dim, dim), dim ** -0.5) for i in (1, 2, 3))
+        self.head = init(k[4], (dim, vocab), 3 * dim ** -0.5)
+        self.dim = dim
+
+    def embed(self, ids):
+        return self.emb[...][ids]
+
+    def init_cache(self, batch, max_len, dtype):
+        z = jnp.zeros((batch, max_len, self.dim), dtype)
+        return {"k": z, "v": z}
+
+    def forward_embeds(self, x, positions, kv_mask, cache, cache_index):
+        freqs = 1.0 / (10.0 ** (jnp.arange(self.dim) / self.dim))
+        h = x + jnp.sin(positions[..., None] * freqs)
+        q, k, v = h @ self.wq[...], h @ self.wk[...], h @ self.wv[...]
+        t = x.shape[1]
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache["k"], k, (0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v, (0, cache_index, 0))
+            cache = {"k": k, "v": v}
+        q_slot = cache_index + jnp.arange(t)
+        allowed = (jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])[None] & (kv_mask[:, None, :] > 0)
+        att = jax.nn.softmax(jnp.where(allowed, q @ k.transpose(0, 2, 1) / self.dim ** 0.5, -1e30))
+        return h + jnp.tanh(att @ v), cache
+
+    def logits(self, hidden):
+        return (hidden @ self.head[...]).astype(jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    return FakeLM()
+
+
+def _prompts(rng=0, lengths=(5, 3, 7), vocab=97):
+    """Left-padded batch with different lengths."""
+    r = np.random.default_rng(rng)
+    t = max(lengths)
+    ids = np.zeros((len(lengths), t), np.int32)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, t - n:] = r.integers(3, vocab, n)
+        mask[i, t - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _reference_greedy(model, inputs, steps, width=32):
+    """Greedy by full recomputation, one row at a time, no left padding, no cache (sequences
+    right-padded to a fixed width: causal attention never looks right)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def next_token(state, seq, n):
+        m = nnx.merge(graphdef, state)
+        h, _ = m.forward_embeds(m.embed(seq), jnp.arange(width)[None], jnp.ones((1, width), jnp.int32),
+                                None, 0)
+        return jnp.argmax(m.logits(h)[0, n - 1])
+
+    out = []
+    for ids, msk in zip(inputs["input_ids"], inputs["attention_mask"]):
+        seq = np.zeros((1, width), np.int32)
+        n = int(msk.sum())
+        seq[0, :n] = ids[msk > 0]
+        for _ in range(steps):
+            seq[0, n] = int(next_token(state, seq, n))
+            n += 1
+        out.append(seq[0, n - steps:n])
+    return np.array(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# filters
+# ---------------------------------------------------------------------------------------------
+
+def test_greedy_and_logprob_under_scaled_distribution():
+    logits = jax.random.normal(jax.random.key(1), (4, 300)) * 3
+    keys = sampling.row_keys(jax.random.key(0), 4)
+    tok, lp = sampling.sample_logits(logits, keys, temperature=0)
+    np.testing.assert_array_equal(tok, np.argmax(logits, -1))
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits)[jnp.arange(4), tok], atol=1e-6)
+    tok, lp = sampling.sample_logits(logits, keys, temperature=0.7)
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits / 0.7)[jnp.arange(4), tok], atol=1e-5)
+    tok1, lp1 = sampling.sample_logits(logits, keys, temperature=1.0, top_k=1)
+    np.testing.assert_array_equal(tok1, np.argmax(logits, -1))
+
+
+@pytest.mark.parametrize("vocab", [10, 512])  # one-level and two-level inverse CDF
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (4, 1.0), (0, 0.6), (5, 0.8)])
+def test_sampling_frequencies_match_filtered_distribution(vocab, top_k, top_p):
+    n = 20000
+    base = np.random.default_rng(3).normal(size=vocab) * 2
+    base[:6] += 4  # a few dominant tokens so top-p cuts somewhere interesting
+    logits = jnp.broadcast_to(jnp.asarray(base, jnp.float32), (n, vocab))
+    keys = sampling.row_keys(jax.random.key(7), n)
+    tok, _ = jax.jit(lambda l, k: sampling.sample_logits(l, k, temperature=1.3, top_k=top_k,
+                                                         top_p=top_p))(logits, keys)
+    # expected: HF order (temperature, top-k, then top-p on the renormalised top-k distribution)
+    p = np.exp(base / 1.3 - np.max(base / 1.3))
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros(vocab, bool)
+    kk = top_k if top_k else vocab
+    keep[order[:kk]] = True
+    q = np.where(keep, p, 0)
+    q /= q.sum()
+    if top_p < 1:
+        qs = q[order]
+        above = np.cumsum(qs) - qs
+        drop = order[above >= top_p]
+        q[drop] = 0
+        q /= q.sum()
+    freq = np.bincount(np.asarray(tok), minlength=vocab) / n
+    assert freq[q == 0].sum() == 0, "a filtered-out token was sampled"
+    np.testing.assert_allclose(freq, q, atol=0.015)  # ~5 sigma at n = 20k
+
+
+def test_bucket_length_and_left_align():
+    assert [sampling.bucket_length(n) for n in (1, 8, 9, 100)] == [8, 8, 16, 128]
+    assert sampling.bucket_length(20, [16, 32, 64]) == 32
+    with pytest.raises(ValueError, match="largest prompt bucket"):
+        sampling.bucket_length(65, [16, 32, 64])
+    right = {"input_ids": np.array([[5, 6, 0], [7, 8, 9]]), "attention_mask": np.array([[1, 1, 0], [1, 1, 1]])}
+    out = sampling.left_align(right, 4, pad_id=2)
+    np.testing.assert_array_equal(out["input_ids"], [[2, 2, 5, 6], [2, 7, 8, 9]])
+    np.testing.assert_array_equal(out["attention_mask"], [[0, 0, 1, 1], [0, 1, 1, 1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# generate on the fake model
+# ---------------------------------------------------------------------------------------------
+
+def test_greedy_matches_recomputation_and_padding_invariance(fake):
+    inputs = _prompts()
+    s = sampling.generate(fake, inputs, max_new_tokens=6, temperature=0, eos_token_ids=[-1],
+                          rng=jax.random.key(0))
+    np.testing.assert_array_equal(s.tokens, _reference_greedy(fake, inputs, 6))
+    assert s.truncated.all() and (s.lengths == 6).all()
+
+
+def test_fixed_rng_reproducible_and_logprobs_match_recompute(fake):
+    inputs = _prompts()
+    kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.95, top_k=20, eos_token_ids=[3, 4],
+              rng=jax.random.key(42))
+    a = sampling.generate(fake, inputs, **kw)
+    b = sampling.generate(fake, inputs, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    c = sampling.generate(fake, inputs, **{**kw, "rng": jax.random.key(43)})
+    assert not np.array_equal(a.tokens, c.tokens)
+    lp = sampling.token_logprobs(fake, inputs, a.tokens, a.mask, temperature=0.9)
+    np.testing.assert_allclose(lp, a.logprobs, atol=1e-4)
+    assert (np.asarray(a.logprobs)[np.asarray(a.mask) == 0] == 0).all()
+
+
+def test_stop_tokens_lengths_truncation_and_padding(fake):
+    inputs = _prompts(lengths=(4, 6, 2, 5))
+    g = sampling.generate(fake, inputs, max_new_tokens=8, temperature=0, eos_token_ids=[-1],
+                          rng=jax.random.key(0))
+    toks = np.asarray(g.tokens)
+    # pick as stop tokens the 3rd greedy token of row 0 and the 1st of row 1
+    stops = [int(toks[0, 2]), int(toks[1, 0])]
+    s = sampling.generate(fake, inputs, max_new_tokens=8, temperature=0, eos_token_ids=stops,
+                          rng=jax.random.key(0), pad_id=-7)
+    t = np.asarray(s.tokens)
+    for r in range(len(t)):
+        hits = np.nonzero(np.isin(toks[r], stops))[0]
+        n = hits[0] + 1 if len(hits) else 8
+        assert s.lengths[r] == n and bool(s.truncated[r]) == (not len(hits))
+        np.testing.assert_array_equal(t[r, :n], toks[r, :n])
+        assert (t[r, n:] == -7).all() and (np.asarray(s.logprobs)[r, n:] == 0).all()
+    assert s.lengths[0] <= 3 and s.lengths[1] == 1
+
+
+def test_top_k_1_equals_greedy(fake):
+    inputs = _prompts()
+    g = sampling.generate(fake, inputs, max_new_tokens=5, temperature=0, eos_token_ids=[-1],
+                          rng=jax.random.key(0))
+    k1 = sampling.generate(fake, inputs, max_new_tokens=5, temperature=1.0, top_k=1,
+                           eos_token_ids=[-1], rng=jax.random.key(5))
+    np.testing.assert_array_equal(g.tokens, k1.tokens)
+    np.testing.assert_allclose(g.logprobs, k1.logprobs, atol=1e-6)
+
+
+def test_num_samples_share_prefill_equal_repeated_prompts(fake):
+    inputs = _prompts()
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_token_ids=[3], rng=jax.random.key(9))
+    grouped = sampling.generate(fake, inputs, num_samples=3, **kw)
+    repeated = {k: np.repeat(v, 3, axis=0) for k, v in inputs.items()}
+    separate = sampling.generate(fake, repeated, **kw)
+    np.testing.assert_array_equal(grouped.tokens, separate.tokens)
+    np.testing.assert_allclose(grouped.logprobs, separate.logprobs, atol=1e-5)
+    assert grouped.tokens.shape == (9, 6)
+    assert len({tuple(r) for r in np.asarray(grouped.tokens)[:3]}) > 1  # samples differ
+
+
+def test_compiles_bounded_by_buckets(fake):
+    kw = dict(max_new_tokens=4, temperature=1.0, eos_token_ids=[3], rng=jax.random.key(1))
+    sampling.generate(fake, _prompts(lengths=(9, 10, 11)), **kw)
+    before = sampling.compile_count()
+    for lengths in [(12, 9, 16), (13, 14, 10)]:  # all in the 16 bucket
+        sampling.generate(fake, _prompts(lengths=lengths), **kw)
+    assert sampling.compile_count() == before
+    sampling.generate(fake, _prompts(lengths=(17, 3, 5)), **kw)  # the 32 bucket
+    assert sampling.compile_count() == before + 2  # one prefill + one decode
+
+
+def test_token_logprobs_is_differentiable(fake):
+    inputs = _prompts()
+    comp = np.array([[5, 6, 7], [8, 9, 3], [10, 11, 12]])
+    mask = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    batch = sampling.prepare_logprob_batch(fake, inputs, comp, mask)
+    graphdef, params = nnx.split(fake)
+
+    def loss(p):
+        return -sampling.token_logprobs_fn(nnx.merge(graphdef, p), batch, temperature=1.0).sum()
+
+    grads = jax.grad(loss)(params)
+    norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and all(n > 0 for n in norms)
