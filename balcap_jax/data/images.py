@@ -16,7 +16,7 @@ Choices (documented because they change pixels):
   before decoding); anything above it is skipped, anything below it loads (JPEGs decode straight
   at reduced size).
 - Images that needed no change keep their original JPEG/PNG bytes; changed ones are re-encoded
-  as JPEG (quality 95).
+  as JPEG (quality 95, no chroma subsampling).
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def load_image(path: str, *, max_side: int = DEFAULT_MAX_SIDE,
     if not fixes and fmt in ("JPEG", "PNG"):
         return LoadedImage(data, img.width, img.height, ())
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=_JPEG_QUALITY)
+    img.save(buf, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)  # 4:4:4: no colour bleed
     return LoadedImage(buf.getvalue(), img.width, img.height, tuple(fixes))
 
 
