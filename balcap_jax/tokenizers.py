@@ -158,8 +158,8 @@ def llama_sp_tokenizer(*, image_token: str = "<image>", chat_template: str | Non
     try:
         import mistral_common
     except ImportError as e:
-        raise ImportError("llama_sp_tokenizer() needs `mistral-common` and `sentencepiece`: "
-                          "pip install mistral-common sentencepiece (or pip install .[test])") from e
+        raise ImportError("llama_sp_tokenizer() needs `mistral-common` and `sentencepiece`: pip "
+                          "install mistral-common sentencepiece (or pip install .[test])") from e
     from transformers import AutoTokenizer
     src = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
     if not os.path.exists(src):

@@ -134,6 +134,8 @@ def test_qwen_from_config_reads_both_formats():
     v5 = P.QwenImageProcessor.from_config({"size": {"shortest_edge": 3136,
                                                     "longest_edge": 12845056}})
     assert v4 == v5 and v4.max_pixels == 12845056
+    hf = hf_image_processor(1234, 99999).to_dict()  # what save_pretrained writes
+    assert P.QwenImageProcessor.from_config(hf) == P.QwenImageProcessor(1234, 99999)
     assert v4.num_image_tokens(100, 150) == int(np.prod(v4.grid_thw(100, 150))) // 4
 
 
@@ -311,6 +313,11 @@ def test_llava_image_parity(kw):
     got = ours(images)["pixel_values"]
     assert got.dtype == np.float32 and got.shape == (4, 3) + ours.crop_size
     np.testing.assert_allclose(got, ref, rtol=0, atol=ATOL)
+
+
+def test_llava_from_config_reads_transformers_dict():
+    ours = P.LlavaImageProcessor(size=224, crop_size=(224, 200), do_pad=False)
+    assert P.LlavaImageProcessor.from_config(hf_llava_processor_for(ours).to_dict()) == ours
 
 
 def test_llava_pad_to_square_by_hand():

@@ -115,8 +115,8 @@ def _images_in_messages(messages: list[dict]) -> list:
     found = []
     for m in messages:
         if isinstance(m.get("content"), list):
-            found += [c["image"] for c in m["content"]
-                      if isinstance(c, dict) and isinstance(c.get("image"), (Image.Image, np.ndarray))]
+            found += [c["image"] for c in m["content"] if isinstance(c, dict)
+                      and isinstance(c.get("image"), (Image.Image, np.ndarray))]
     return found
 
 
@@ -170,16 +170,17 @@ class _ChatProcessor:
     def __call__(self, text, images=None, *, padding_side: str = "left",
                  pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
         texts, rows = self._texts_and_images(text, images)
-        flat = [im for r in rows for im in r]
-        feats, counts = self._image_features(flat) if flat else ({}, [])
         encoded = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        expanded, k = [], 0
         for i, (ids, row_imgs) in enumerate(zip(encoded, rows)):
             n_placeholders = sum(1 for t in ids if t == self.image_token_id)
             if n_placeholders != len(row_imgs):
                 raise ValueError(f"prompt {i} has {n_placeholders} {self.image_token} "
                                  f"placeholders but {len(row_imgs)} images; put one placeholder "
                                  "per image (the chat template does this for image items)")
+        flat = [im for r in rows for im in r]
+        feats, counts = self._image_features(flat) if flat else ({}, [])
+        expanded, k = [], 0
+        for ids in encoded:
             out = []
             for t in ids:
                 if t == self.image_token_id:
