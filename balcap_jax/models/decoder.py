@@ -1,0 +1,278 @@
+"""Decoder-only causal LMs (Qwen2/Qwen2.5, Llama) built from models/layers.py.
+
+Config: `DecoderConfig` (frozen dataclass; Qwen2 = q/k/v bias, Llama = no bias; tied or untied
+embeddings; `mrope_section` turns on Qwen2.5-VL M-RoPE with positions [3, B, T]).
+
+Modules (parameter paths mirror HF names: model/layers/0/self_attn/q_proj/kernel, lm_head/kernel):
+  `Decoder` = embed_tokens + layers + final norm;  `CausalLM` = model (a Decoder) + lm_head or tied.
+
+Eager call (users, parity tests):
+  `lm(input_ids=..., attention_mask=None, position_ids=None, **ignored)` -> float32 logits
+  [B, T, V]; numpy or jax inputs; left padding allowed (positions = clip(cumsum(mask) - 1, 0));
+  the sequence is right-padded to a bucket and run through one jitted function.
+
+Low-level API (sampler, trainer; all jit-friendly, call inside your own jit):
+  `lm.embed(input_ids[B,T]) -> [B,T,D]`
+  `lm.forward_embeds(x[B,T,D], positions, kv_mask[B,S], cache=None, cache_index=0)`
+      -> (hidden [B,T,D] after the final norm, new KVCache or None).
+      positions: int [B,T] (1-D RoPE) or [3,B,T] (M-RoPE). kv_mask: 1 = valid key slot; without
+      a cache S = T; with a cache S = cache length and query token t sits at slot cache_index+t
+      and attends to slots s <= cache_index+t with kv_mask[b,s] == 1. The new keys/values are
+      written at slots cache_index .. cache_index+T-1 (one int32 scalar for the whole batch).
+  `lm.logits(hidden) -> float32 [B,T,V]`;  `lm.lm_head_weight() -> [D,V]` (tied: embedding.T)
+  `lm.init_cache(batch, max_len, dtype=None) -> KVCache` (k, v: tuples over layers of
+      [B, max_len, kv_heads, head_dim], zeros).
+  `lm.token_logprobs(hidden, targets, temperature=1.0, chunk_size=256) -> float32 [B,T]`
+  `token_logprobs_from_hidden(hidden[B,T,D], lm_head_weight[D,V], targets[B,T], *,
+      temperature=1.0, chunk_size=256)`: log_softmax(hidden @ W / temperature)[targets] computed
+      chunk by chunk over the sequence (lax.map + jax.checkpoint), so neither the forward nor the
+      backward pass holds float32 [B, T, V] logits at once.
+Sharding: a model built by hf.from_pretrained(mesh=..., rules=...) remembers (mesh, rules) and
+its forward functions apply activation constraints under `sharding.use_sharding`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from balcap_jax import sharding as shd
+from balcap_jax.models import layers as L
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None          # default hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_params: tuple[tuple[str, Any], ...] = ()   # extra HF rope_parameters (factor, ...)
+    mrope_section: tuple[int, ...] | None = None     # Qwen2.5-VL: positions [3, B, T]
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    act: str = "silu"
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    model_type: str = "qwen2"            # hf.py registry key used by save_pretrained
+    hf_extra: str = "{}"                 # JSON of other config.json fields kept for saving
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def inv_freq(self) -> np.ndarray:
+        return L.rope_inv_freq(self.dim_per_head, self.rope_theta, self.rope_type,
+                               **dict(self.rope_params))
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer key/value buffers: k[i], v[i] are [B, S, kv_heads, head_dim]."""
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, *, dtype, rngs: nnx.Rngs | None):
+        d = cfg.hidden_size
+        self.input_layernorm = L.RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.self_attn = L.Attention(d, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head,
+                                     qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, dtype=dtype,
+                                     rngs=rngs)
+        self.post_attention_layernorm = L.RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = L.GatedMLP(d, cfg.intermediate_size, bias=cfg.mlp_bias, act=cfg.act,
+                              dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=0):
+        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        x = shd.constrain(x + h, ("batch", "seq", "act_embed"))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return shd.constrain(x, ("batch", "seq", "act_embed")), new_cache
+
+
+class Decoder(nnx.Module):
+    """embed_tokens + DecoderLayers + final RMSNorm (HF Qwen2Model / LlamaModel)."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.cfg = cfg
+        self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
+        self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+
+    def rotary(self, positions: Array) -> tuple[Array, Array]:
+        cfg = self.cfg
+        if cfg.mrope_section is not None:
+            if positions.ndim == 2:       # text-only input: the three axes coincide (as HF)
+                positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
+            return L.mrope_cos_sin(positions, cfg.inv_freq(), cfg.mrope_section)
+        if positions.ndim != 2:
+            raise ValueError(f"positions must be [B, T] for 1-D RoPE, got {positions.shape}")
+        return L.rope_cos_sin(positions, cfg.inv_freq())
+
+    def __call__(self, x: Array, positions: Array, kv_mask: Array, cache: KVCache | None = None,
+                 cache_index: Array | int = 0) -> tuple[Array, KVCache | None]:
+        b, t, _ = x.shape
+        if cache is not None and kv_mask.shape != (b, cache.max_len):
+            raise ValueError(f"with a cache kv_mask must be [B, S]={(b, cache.max_len)}, "
+                             f"got {kv_mask.shape}")
+        if cache is None and kv_mask.shape != (b, t):
+            raise ValueError(f"without a cache kv_mask must be [B, T]={(b, t)}, got {kv_mask.shape}")
+        cos, sin = self.rotary(positions)
+        mask = L.causal_mask(kv_mask, t, cache_index)
+        x = shd.constrain(x, ("batch", "seq", "act_embed"))
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, new = layer(x, cos, sin, mask, layer_cache, cache_index)
+            if new is not None:
+                ks.append(new[0])
+                vs.append(new[1])
+        new_cache = KVCache(tuple(ks), tuple(vs)) if cache is not None else None
+        return self.norm(x), new_cache
+
+
+def token_logprobs_from_hidden(hidden: Array, lm_head_weight: Array, targets: Array, *,
+                               temperature: float = 1.0, chunk_size: int = 256) -> Array:
+    """log p(targets) under softmax(hidden @ W / temperature), float32 [B, T], chunked over T."""
+    b, t, d = hidden.shape
+    if lm_head_weight.shape[0] != d:
+        raise ValueError(f"lm_head_weight must be [D={d}, V], got {lm_head_weight.shape}")
+    if targets.shape != (b, t):
+        raise ValueError(f"targets must be [B, T]={(b, t)}, got {targets.shape}")
+    c = max(1, min(chunk_size, t))
+    n = -(-t // c)
+    pad = n * c - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
+    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+    w = lm_head_weight
+
+    @jax.checkpoint   # recompute each chunk's logits in the backward pass instead of storing them
+    def chunk(args):
+        hc, tc = args
+        logits = jnp.einsum("bcd,dv->bcv", hc, w.astype(hc.dtype),
+                            preferred_element_type=jnp.float32) / temperature
+        tgt = jnp.take_along_axis(logits, tc[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return tgt - jax.nn.logsumexp(logits, axis=-1)
+
+    out = jax.lax.map(chunk, (h, tg))                   # [n, B, c]
+    return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+
+
+def default_positions(attention_mask: Array) -> Array:
+    """HF-style positions for left padding: clip(cumsum(mask) - 1, 0)."""
+    return jnp.clip(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eager_logits(graphdef, state, input_ids, attention_mask, positions):
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.forward_embeds(model.embed(input_ids), positions, attention_mask)
+    return model.logits(hidden)
+
+
+class CausalLM(nnx.Module):
+    """Decoder + lm_head (or tied embeddings): HF Qwen2ForCausalLM / LlamaForCausalLM."""
+
+    def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                 mesh=None, rules: shd.Rules | None = None):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.model = Decoder(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        L.Proj(cfg.hidden_size, cfg.vocab_size, names=("embed", "vocab"),
+                               dtype=dtype, rngs=rngs))
+        self.set_sharding(mesh, rules)
+
+    def set_sharding(self, mesh, rules: shd.Rules | None = None) -> None:
+        """Remember (mesh, rules) so forward passes constrain activations on that mesh."""
+        self.mesh = mesh
+        self.rules = rules if rules is not None or mesh is None else shd.Rules()
+
+    # --- low-level API --------------------------------------------------------------------
+    def embed(self, input_ids: Array) -> Array:
+        with shd.use_sharding(self.mesh, self.rules):
+            return shd.constrain(self.model.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
+
+    def forward_embeds(self, x: Array, positions: Array, kv_mask: Array,
+                       cache: KVCache | None = None, cache_index: Array | int = 0
+                       ) -> tuple[Array, KVCache | None]:
+        with shd.use_sharding(self.mesh, self.rules):
+            return self.model(x, positions, kv_mask, cache, cache_index)
+
+    def lm_head_weight(self) -> Array:
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, hidden: Array) -> Array:
+        with shd.use_sharding(self.mesh, self.rules):
+            w = self.lm_head_weight()
+            out = jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype),
+                             preferred_element_type=jnp.float32)
+            return shd.constrain(out, ("batch", "seq", "act_vocab"))
+
+    def token_logprobs(self, hidden: Array, targets: Array, *, temperature: float = 1.0,
+                       chunk_size: int = 256) -> Array:
+        with shd.use_sharding(self.mesh, self.rules):
+            return token_logprobs_from_hidden(hidden, self.lm_head_weight(), targets,
+                                              temperature=temperature, chunk_size=chunk_size)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        cfg = self.cfg
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+        dt = self.dtype if dtype is None else jnp.dtype(dtype)
+        zeros = lambda: jnp.zeros(shape, dt)
+        if self.mesh is not None:
+            s = shd.named_sharding(("batch", "cache_seq", "act_kv_heads", None), shape,
+                                   self.mesh, self.rules)
+            zeros = lambda: jax.device_put(jnp.zeros(shape, dt), s)
+        return KVCache(tuple(zeros() for _ in range(cfg.num_layers)),
+                       tuple(zeros() for _ in range(cfg.num_layers)))
+
+    # --- eager convenience ----------------------------------------------------------------
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None,
+                 **ignored: Any) -> Array:
+        """HF-style keyword call -> float32 logits [B, T, V]; extra keys are ignored."""
+        if input_ids is None:
+            raise ValueError("pass input_ids=[B, T] token ids")
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+        b, t = ids.shape
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {mask.shape} must match input_ids {ids.shape}")
+        pos = (np.asarray(default_positions(jnp.asarray(mask))) if position_ids is None
+               else np.asarray(position_ids))
+        tb = _bucket(t)   # right padding never changes earlier tokens under a causal mask
+        pad = [(0, 0)] * (pos.ndim - 1) + [(0, tb - t)]
+        ids = np.pad(ids, ((0, 0), (0, tb - t)))
+        mask = np.pad(mask, ((0, 0), (0, tb - t)))
+        pos = np.pad(pos, pad)
+        graphdef, state = nnx.split(self)
+        out = _eager_logits(graphdef, state, jnp.asarray(ids, jnp.int32),
+                            jnp.asarray(mask, jnp.int32), jnp.asarray(pos, jnp.int32))
+        return out[:, :t]
