@@ -11,13 +11,14 @@ Model protocol (duck-typed; the text decoder and Qwen2.5-VL provide it):
       positions [B,T] (1-D RoPE) or [3,B,T] (M-RoPE); kv_mask [B,S] (1 = valid key slot);
       query t sits at cache slot cache_index + t and sees slots <= its own with kv_mask == 1.
   model.logits(hidden) -> float32 [B,T,V];  model.init_cache(batch, max_len, dtype) -> pytree
-  optional: model.token_logprobs_from_hidden / lm_head weights are not required.
+  optional: model.token_logprobs(hidden, targets, temperature=) (chunked over the vocabulary),
+  model.mesh / model.rules (prompt arrays are then placed batch-sharded on that mesh).
 Prompt preparation (host side, numpy) is dispatched on the model: a model may define
 `prepare_prompt(inputs) -> (embed_inputs pytree, positions, deltas)` and
-`embed_prompt(embed_inputs) -> [B,T,D]`; otherwise Qwen2.5-VL-like models (with
-`encode_images`) and text decoders are handled by the adapters in `balcap_jax.prompting`... see
-`_prepare` below. Decode position of the token at cache slot i is i + delta[row] on every
-rotary axis, so text and M-RoPE models share one decode loop.
+`embed_prompt(embed_inputs) -> [B,T,D]` (Qwen2.5-VL does: vision tower + image tokens);
+otherwise it is a text decoder (positions from the attention mask). The token at cache slot
+i >= T has position i + delta[row] on every rotary axis, so text and M-RoPE models share one
+decode loop.
 
 Conventions
 - Rows are prompt-major: row i*G + j is sample j of prompt i. Row r draws its randomness from
@@ -231,10 +232,36 @@ class _CustomAdapter:
 
 def _adapter(model):
     if hasattr(model, "prepare_prompt") and hasattr(model, "embed_prompt"):
-        return _CustomAdapter
-    if hasattr(model, "encode_images"):
-        return _QwenVLAdapter
+        return _CustomAdapter   # Qwen2.5-VL (images), LLaVA, ...
     return _TextAdapter
+
+
+def _place(model, tree, batch_axis_of):
+    """On a model with a mesh (model.mesh), put arrays with a batch axis on the mesh, batch
+    sharded by the model's rules ("batch" logical axis); others replicated. No-op otherwise."""
+    mesh = getattr(model, "mesh", None)
+    if mesh is None:
+        return tree
+    from balcap_jax import sharding as shd
+    rules = getattr(model, "rules", None)
+
+    def put(path, x):
+        x = np.asarray(x)
+        names = [None] * x.ndim
+        axis = batch_axis_of(path, x)
+        if axis is not None:
+            names[axis] = "batch"
+        return jax.device_put(x, shd.named_sharding(names, x.shape, mesh, rules))
+    return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def _prompt_batch_axis(path, x):
+    keys = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    if "vision" in keys:             # patches of all images concatenated: no batch axis
+        return None
+    if "positions" in keys:
+        return x.ndim - 2            # [B,T] or [3,B,T]
+    return 0
 
 
 def prepare_prompt(model, inputs: dict, *, prompt_buckets: Sequence[int] | None = None,
@@ -245,18 +272,6 @@ def prepare_prompt(model, inputs: dict, *, prompt_buckets: Sequence[int] | None 
     length = bucket_length(int(mask.sum(1).max()), prompt_buckets)
     aligned = left_align(inputs, length, pad_id)
     return _adapter(model).prepare(model, aligned, inputs)
-
-
-class _QwenVLAdapter:
-    """Placeholder until balcap_jax.models.qwen2_5_vl lands (filled in below)."""
-
-    @staticmethod
-    def prepare(model, aligned, inputs):
-        raise NotImplementedError("Qwen2.5-VL prompt preparation not wired yet")
-
-    @staticmethod
-    def embed(model, embed_inputs):
-        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +409,7 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
                   float(top_p), int(pad_id))
     eos = np.asarray(eos, np.int32)  # traced: changing the stop ids does not recompile
     prompt = prepare_prompt(model, inputs, prompt_buckets=prompt_buckets, pad_id=pad_id)
+    prompt = _place(model, prompt, _prompt_batch_axis)
     graphdef, state = nnx.split(model)
     carry, kv_mask, deltas, keys = _prefill(graphdef, state, prompt, rng, eos, cfg)
     samples, _ = _decode(graphdef, state, carry, kv_mask, deltas, keys, eos, cfg,
@@ -443,8 +459,12 @@ def token_logprobs_fn(model, batch: dict, *, temperature: float = 1.0) -> jax.Ar
     kv_mask = jnp.concatenate([prompt.mask, (mask > 0)], axis=1).astype(jnp.int32)
     hidden, _ = model.forward_embeds(x, positions, kv_mask, None, jnp.int32(0))
     hidden = hidden[:, t - 1:t + length - 1]               # the states that predict the completion
-    logits = model.logits(hidden).astype(jnp.float32) / temp
-    logp = jnp.take_along_axis(logits, comp[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, -1)
+    if hasattr(model, "token_logprobs"):   # chunked: never float32 [B, L, V] logits at once
+        logp = model.token_logprobs(hidden, comp, temperature=temp)
+    else:
+        logits = model.logits(hidden).astype(jnp.float32) / temp
+        logp = (jnp.take_along_axis(logits, comp[..., None], axis=-1)[..., 0]
+                - jax.nn.logsumexp(logits, -1))
     return jnp.where(mask > 0, logp, 0.0)
 
 
@@ -460,5 +480,6 @@ def token_logprobs(model, inputs: dict, completions, mask, *, temperature: float
     `inputs` (the processor's dict), 0 where mask == 0. Jitted, bucketed like `generate`."""
     batch = prepare_logprob_batch(model, inputs, completions, mask, prompt_buckets=prompt_buckets,
                                   pad_id=pad_id)
+    batch = _place(model, batch, _prompt_batch_axis)
     graphdef, state = nnx.split(model)
     return _token_logprobs_jit(graphdef, state, batch, float(temperature))

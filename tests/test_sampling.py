@@ -240,3 +240,68 @@ def test_token_logprobs_is_differentiable(fake):
     grads = jax.grad(loss)(params)
     norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and all(n > 0 for n in norms)
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with transformers' greedy generate (tiny random models, float32)
+# ---------------------------------------------------------------------------------------------
+
+TIE_GAP = 1e-4   # compare tokens only before the first step whose HF top-2 logits are this close
+LP_ATOL = 1e-4   # float32 log-probabilities
+
+
+def _hf_greedy(hf, inputs, steps, eos, pad):
+    """transformers' greedy generate -> (tokens [B, steps] padded with pad, raw logits [B, S, V])."""
+    import torch
+    kw = {k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = hf.generate(**kw, max_new_tokens=steps, do_sample=False, eos_token_id=eos,
+                          pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+    t = inputs["input_ids"].shape[1]
+    toks = out.sequences[:, t:].numpy()
+    toks = np.pad(toks, ((0, 0), (0, steps - toks.shape[1])), constant_values=pad)
+    logits = torch.stack(out.logits, 1).float().numpy()
+    return toks, logits
+
+
+def _compare_greedy(ours_samples, hf_toks, hf_logits, eos):
+    """Tokens equal up to the first near-tie; greedy log-probs equal log_softmax(HF logits)."""
+    toks = np.asarray(ours_samples.tokens)
+    lps = np.asarray(ours_samples.logprobs)
+    compared, max_lp_err = 0, 0.0
+    for r in range(toks.shape[0]):
+        top2 = np.sort(hf_logits[r], axis=-1)[:, -2:]
+        ties = np.nonzero(top2[:, 1] - top2[:, 0] < TIE_GAP)[0]
+        upto = ties[0] if len(ties) else hf_toks.shape[1]
+        np.testing.assert_array_equal(toks[r, :upto], hf_toks[r, :upto], err_msg=f"row {r}")
+        stop = np.nonzero(np.isin(hf_toks[r, :upto], eos))[0]
+        live = min(upto, stop[0] + 1 if len(stop) else upto, hf_logits.shape[1])
+        ref = jax.nn.log_softmax(hf_logits[r, :live], -1)[np.arange(live), hf_toks[r, :live]]
+        max_lp_err = max(max_lp_err, float(np.abs(lps[r, :live] - np.asarray(ref)).max(initial=0)))
+        compared += upto
+    assert max_lp_err < LP_ATOL, max_lp_err
+    return compared, max_lp_err
+
+
+@pytest.fixture(scope="module")
+def text_pair(tmp_path_factory):
+    from balcap_jax.models import from_pretrained
+    from tests.models.conftest import CONFIGS, build_hf
+    hf = build_hf(*CONFIGS["qwen2_gqa"])
+    d = tmp_path_factory.mktemp("qwen2_sampling")
+    hf.save_pretrained(d)
+    return hf, from_pretrained(str(d))
+
+
+def test_greedy_equals_transformers_text(text_pair):
+    hf, ours = text_pair
+    inputs = _prompts(lengths=(9, 4, 12, 6), vocab=160)
+    steps, eos = 12, [2, 7]
+    hf_toks, hf_logits = _hf_greedy(hf, inputs, steps, eos, pad=0)
+    s = sampling.generate(ours, inputs, max_new_tokens=steps, temperature=0, eos_token_ids=eos,
+                          rng=jax.random.key(0), pad_id=0)
+    compared, err = _compare_greedy(s, hf_toks, hf_logits, eos)
+    assert compared >= 0.75 * hf_toks.size
+    # and the recomputed log-probabilities of the greedy completion agree
+    lp = sampling.token_logprobs(ours, inputs, s.tokens, s.mask, temperature=0)
+    np.testing.assert_allclose(lp, s.logprobs, atol=LP_ATOL)
