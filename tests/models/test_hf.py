@@ -1,0 +1,158 @@
+"""Hugging Face checkpoints in and out (hf.py): round trips through transformers, config
+versions, sharded files, mesh loading, key errors. float32 logits atol 1e-4."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from balcap_jax import sharding as shd
+from balcap_jax.models import from_pretrained, save_pretrained
+from balcap_jax.models import hf as H
+from tests.models.conftest import hf_logits
+
+ATOL = 1e-4
+IDS = np.random.default_rng(1).integers(3, 160, size=(2, 10))
+
+
+def _auto_model(path):
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    return m
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen2_tied", "llama"])
+def test_save_then_transformers_loads_same_logits(name, hf_models, tmp_path):
+    d, hf = hf_models[name]
+    ours = from_pretrained(d)
+    save_pretrained(ours, tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    assert "rope_parameters" in cfg and "rope_scaling" not in cfg    # v5 form
+    back = _auto_model(str(tmp_path))
+    assert type(back) is type(hf)
+    ref = hf_logits(hf, IDS)
+    np.testing.assert_allclose(hf_logits(back, IDS), ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(from_pretrained(str(tmp_path))(input_ids=IDS)), ref,
+                               atol=ATOL, rtol=0)
+
+
+def _rewrite_config_v4(src, dst, rope_scaling=None):
+    shutil.copytree(src, dst)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    if rp.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = rope_scaling or rp
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "llama"])
+def test_v4_style_config(name, hf_models, tmp_path):
+    d, hf = hf_models[name]
+    v4 = tmp_path / "v4"
+    scaling = None
+    if name == "llama":   # v4 spelled the type key "type" in old checkpoints
+        scaling = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    _rewrite_config_v4(d, v4, scaling)
+    raw = json.load(open(v4 / "config.json"))
+    assert "rope_parameters" not in raw and "rope_theta" in raw
+    ours = from_pretrained(str(v4))
+    assert ours.cfg.rope_theta == hf.config.rope_parameters["rope_theta"]
+    ref = hf_logits(hf, IDS)
+    np.testing.assert_allclose(np.asarray(ours(input_ids=IDS)), ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(hf_logits(_auto_model(str(v4)), IDS), ref, atol=ATOL, rtol=0)
+
+
+def test_rope_from_hf_forms():
+    v5 = H.rope_from_hf({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                             "mrope_section": [16, 24, 24]}})
+    v4 = H.rope_from_hf({"rope_theta": 1e6, "rope_scaling": {"type": "mrope",
+                                                           "mrope_section": [16, 24, 24]}})
+    assert v4 == v5 == dict(rope_theta=1e6, rope_type="default", rope_params=(),
+                            mrope_section=(16, 24, 24))
+    assert H.rope_from_hf({})["rope_theta"] == 10000.0
+    with pytest.raises(NotImplementedError, match="yarn"):
+        H.rope_from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_sharded_checkpoint_with_index(hf_models, tmp_path):
+    _, hf = hf_models["qwen2_gqa"]
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="50KB")
+    files = os.listdir(tmp_path / "hf")
+    assert "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 2
+    ours = from_pretrained(str(tmp_path / "hf"))
+    ref = hf_logits(hf, IDS)
+    np.testing.assert_allclose(np.asarray(ours(input_ids=IDS)), ref, atol=ATOL, rtol=0)
+    # and our own sharded save loads in transformers
+    save_pretrained(ours, tmp_path / "ours", max_shard_size=50_000)
+    assert os.path.exists(tmp_path / "ours" / "model.safetensors.index.json")
+    np.testing.assert_allclose(hf_logits(_auto_model(str(tmp_path / "ours")), IDS), ref,
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa", "qwen2_tied"])
+def test_load_onto_2x2x2_mesh(name, hf_models):
+    d, hf = hf_models[name]
+    assert len(jax.devices()) == 8
+    mesh = shd.make_mesh((2, 2, 2))
+    ours = from_pretrained(d, mesh=mesh)
+    q = ours.model.layers[0].self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (32, 2, 16)
+    k = ours.model.layers[0].self_attn.k_proj.kernel[...]
+    kv_heads = hf.config.num_key_value_heads
+    assert k.sharding.spec[1] == ("tensor" if kv_heads % 2 == 0 else None)
+    emb = ours.model.embed_tokens.embedding[...]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert len({s.device for s in emb.addressable_shards}) == 8
+    ids, mask = IDS.copy(), np.ones_like(IDS)
+    mask[1, :3] = 0
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    ref = hf_logits(hf, ids, mask, pos)
+    got = np.asarray(ours(input_ids=ids, attention_mask=mask))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], ref[valid], atol=ATOL, rtol=0)
+
+
+def test_missing_tensor_is_named(hf_models, tmp_path):
+    d, _ = hf_models["qwen2_gqa"]
+    shutil.copytree(d, tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    t = load_file(f)
+    del t["model.layers.1.self_attn.k_proj.bias"]
+    t["model.layers.0.mlp.extra.weight"] = np.zeros((2,), np.float32)
+    save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        from_pretrained(str(tmp_path / "ck"))
+    assert "model/layers/1/self_attn/k_proj/bias" in str(e.value)
+    assert "model.layers.0.mlp.extra.weight" in str(e.value)
+
+
+def test_unknown_model_type_and_missing_dir(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="gpt2"):
+        from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(str(tmp_path / "nope"))
+
+
+def test_key_rule_round_trip():
+    r = H.KeyRule("model.layers.{i}.self_attn.o_proj.weight", "model/layers/{i}/self_attn/o_proj/kernel",
+                  H.LinearT(2), aliases=("model.language_model.layers.{i}.self_attn.o_proj.weight",))
+    assert r.match_hf("model.layers.12.self_attn.o_proj.weight") == \
+        "model/layers/12/self_attn/o_proj/kernel"
+    assert r.match_hf("model.language_model.layers.3.self_attn.o_proj.weight") == \
+        "model/layers/3/self_attn/o_proj/kernel"
+    assert r.match_hf("model.layers.1.self_attn.o_proj.bias") is None
+    assert r.match_ours("model/layers/7/self_attn/o_proj/kernel") == \
+        "model.layers.7.self_attn.o_proj.weight"
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)     # HF [out=D, in=H*hd]
+    k = r.transform.to_ours(w, (2, 16, 64))
+    np.testing.assert_array_equal(k.reshape(32, 64), w.T)
+    np.testing.assert_array_equal(r.transform.to_hf(k), w)
