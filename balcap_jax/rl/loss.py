@@ -91,6 +91,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low: flo
     logp, old_logp, mask (and ref_logp): [N, L] per completion token; advantages: [N].
     Tokens outside the mask never reach the arithmetic (their logp may be garbage) and get
     zero gradient. Differentiate w.r.t. logp; old_logp and ref_logp are treated as constants.
+    Metrics: pg_loss, ratio, clip_low, clip_high, clip_region (token means) and, whenever
+    ref_logp is given (even with beta = 0, as a diagnostic), kl.
     """
     _check_aggregation(aggregation)
     logp = _float(logp, "logp")
