@@ -305,3 +305,29 @@ def test_greedy_equals_transformers_text(text_pair):
     # and the recomputed log-probabilities of the greedy completion agree
     lp = sampling.token_logprobs(ours, inputs, s.tokens, s.mask, temperature=0)
     np.testing.assert_allclose(lp, s.logprobs, atol=LP_ATOL)
+
+
+@pytest.fixture(scope="module")
+def vl_pair(tmp_path_factory):
+    from tests.models import qwen_vl_fixtures as F
+    hf, ours, _ = F.hf_and_ours("win56_full1", tmp_path_factory.mktemp("qwen25vl_sampling"))
+    return hf, ours
+
+
+def _vl_batch():
+    from tests.models import qwen_vl_fixtures as F
+    # left padded; row 0: one 4x6 image, row 1: 6x10 and 4x4 images, row 2: text only
+    return F.make_batch(F.MIXED_ROWS)
+
+
+def test_greedy_equals_transformers_qwen2_5_vl(vl_pair):
+    hf, ours = vl_pair
+    inputs = _vl_batch()   # includes mm_token_type_ids: v5 needs it for 3-D M-RoPE positions
+    steps, eos = 10, [2]
+    hf_toks, hf_logits = _hf_greedy(hf, inputs, steps, eos, pad=0)
+    s = sampling.generate(ours, inputs, max_new_tokens=steps, temperature=0, eos_token_ids=eos,
+                          rng=jax.random.key(0), pad_id=0)
+    compared, err = _compare_greedy(s, hf_toks, hf_logits, eos)
+    assert compared >= 0.75 * hf_toks.size
+    lp = sampling.token_logprobs(ours, inputs, s.tokens, s.mask, temperature=0)
+    np.testing.assert_allclose(lp, s.logprobs, atol=LP_ATOL)
