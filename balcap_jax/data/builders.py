@@ -211,12 +211,21 @@ def build_dataset(fmt: str, files, *, split: str = "train", image_root: str | No
         if os.path.exists(summary_path):
             with open(summary_path) as f:
                 summary = json.load(f)
-        return builder, summary
-    builder.download_and_prepare()
-    summary = {s: builder.summaries[s].to_dict() for s in builder.summaries}
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
-    log.info("build summary written to %s", summary_path)
+    else:
+        try:
+            builder.download_and_prepare()
+        except AssertionError as e:  # TFDS refuses to write a split without examples
+            empty = {k: v.to_dict() for k, v in builder.summaries.items() if v.kept == 0}
+            if not empty:
+                raise
+            raise ValueError(f"dataset {builder.name}/{config.name}: no usable examples in "
+                             + "; ".join(f"split {k!r}: skipped {v['skipped']}, first offenders "
+                                         f"{v['examples']}" for k, v in empty.items())
+                             + ". Check the files and image_root") from e
+        summary = {s: builder.summaries[s].to_dict() for s in builder.summaries}
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=1, sort_keys=True)
+        log.info("build summary written to %s", summary_path)
     return builder, summary
 
 

@@ -8,6 +8,9 @@
 `builder`: "sharegpt4v" | "coco" | "captions" (CSV/JSONL `image,caption`). `files`: one path or
 several joined by commas. The dataset is prepared once under `data_dir` (default
 `workdir/tfds`) and reused while the inputs are unchanged.
+
+`make_loader` and `eval_examples` accept any ConfigDict holding some of these keys (e.g. a base
+config's `data` section): missing keys take the defaults below.
 """
 from __future__ import annotations
 
@@ -37,7 +40,20 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_pixels = images.DEFAULT_MAX_PIXELS
     c.build_workers = 4          # image-decoding threads while preparing the dataset
     c.read_threads = 4           # grain read threads while training
+    c.eval_files = ""            # held-out annotation file(s), same format; "" -> no eval set
+    c.num_eval = 16              # eval_examples() returns the first num_eval by image id
     return c
+
+
+def with_defaults(cfg) -> ml_collections.ConfigDict:
+    """default_data_config() overridden by every key `cfg` has (extra keys kept)."""
+    full = default_data_config()
+    for key, value in (cfg.items() if cfg is not None else ()):
+        if key in full and isinstance(full[key], tuple) and isinstance(value, list):
+            value = tuple(value)
+        with full.ignore_type():
+            full[key] = value
+    return full
 
 
 def _build(cfg: ml_collections.ConfigDict, *, is_builder_host: bool):
@@ -64,6 +80,11 @@ def make_loader(cfg: ml_collections.ConfigDict, *, batch_size: int | None = None
     """
     import jax  # deferred: data-only tools need not start JAX
 
+    cfg = with_defaults(cfg)
+    if not cfg.files:
+        raise ValueError("data.files is empty: name the annotation file(s), e.g. "
+                         "--config.data.files=/data/sharegpt4v.json "
+                         "--config.data.image_root=/data/images")
     multi = jax.process_count() > 1
     is_builder_host = not multi or jax.process_index() == 0
     if is_builder_host:
@@ -82,3 +103,20 @@ def make_loader(cfg: ml_collections.ConfigDict, *, batch_size: int | None = None
                          prompts=tuple(cfg.prompts), use_data_prompt=cfg.use_data_prompt,
                          shard_index=shard_index, shard_count=shard_count,
                          read_threads=cfg.read_threads)
+
+
+def eval_examples(cfg) -> list[dict]:
+    """A fixed held-out set: the first `num_eval` examples (by image id) of `eval_files`, built
+    like the training data, as loader-style dicts with the first prompt. [] without eval_files."""
+    cfg = with_defaults(cfg)
+    if not cfg.eval_files or cfg.num_eval <= 0:
+        return []
+    builder, _ = builders.build_dataset(
+        cfg.builder, cfg.eval_files, split="eval", image_root=cfg.image_root or None,
+        data_dir=cfg.data_dir or None, max_side=cfg.max_side, max_pixels=cfg.max_pixels,
+        num_workers=cfg.build_workers)
+    source = builders.open_source(builder, "eval")
+    loader = CaptionLoader(source, batch_size=1, seed=0, prompt=cfg.prompt,
+                           prompts=tuple(cfg.prompts)[:1], shard_index=0, shard_count=1)
+    examples = [loader.example_at_index(i) for i in range(len(source))]
+    return sorted(examples, key=lambda e: e["image_id"])[:cfg.num_eval]

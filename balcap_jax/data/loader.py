@@ -133,11 +133,17 @@ class CaptionLoader:
         return int(self._permutation(epoch)[self.shard_index + i * self.shard_count])
 
     def _example(self, position: int) -> dict[str, Any]:
-        raw = self.source[self.source_index(position)]
+        epoch = position // self.examples_per_epoch
+        return self._decode(self.source[self.source_index(position)], epoch)
+
+    def example_at_index(self, index: int) -> dict[str, Any]:
+        """Source record `index` as an example (epoch-0 prompt), outside the stream order."""
+        return self._decode(self.source[index], 0)
+
+    def _decode(self, raw: dict[str, Any], epoch: int) -> dict[str, Any]:
         image_id = _text(raw["image_id"])
         prompt = _text(raw.get("prompt", b"")) if self.use_data_prompt else ""
         if not prompt:
-            epoch = position // self.examples_per_epoch
             # Deterministic in (seed, epoch, image): resumes and hosts agree, epochs vary.
             key = f"{self.seed}:{epoch}:{image_id}".encode()
             prompt = self.prompts[zlib.crc32(key) % len(self.prompts)]

@@ -168,3 +168,14 @@ def test_bad_arguments_are_named(tmp_path):
         builders.build_dataset("flickr", str(tmp_path / "x.json"), data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="'images' and 'annotations'"):
         builders.build_dataset("coco", str(tmp_path / "x.json"), data_dir=str(tmp_path))
+
+
+def test_no_usable_example_is_an_error(corpus, tmp_path):
+    root, images = corpus
+    path = fakes.write_coco(root, images)
+    for _ in range(2):  # nothing is written, so the second call tries again and refuses again
+        with pytest.raises(ValueError, match=r"no usable examples in split 'train': skipped "
+                           r".*'missing_image': 31"):
+            builders.build_dataset("coco", path, image_root=str(tmp_path / "wrong"),
+                                   data_dir=str(tmp_path), max_side=fakes.MAX_SIDE,
+                                   max_pixels=fakes.MAX_PIXELS)

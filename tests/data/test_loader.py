@@ -137,3 +137,28 @@ def test_make_loader_from_config(tmp_path):
     again = data_config.make_loader(cfg, batch_size=5, seed=1, shard_index=0, shard_count=1)
     again.set_state(state)
     assert [e["image_id"] for e in next(again)] == [e["image_id"] for e in next(loader)]
+
+
+def test_partial_config_and_eval_examples(tmp_path):
+    import ml_collections
+    root = str(tmp_path)
+    images = fakes.make_images(root)
+    # A trainer's data section with only some keys: the rest come from default_data_config().
+    d = ml_collections.ConfigDict({"source": "tfds", "prompt": "Caption it.", "num_eval": 4})
+    with pytest.raises(ValueError, match="data.files is empty"):
+        data_config.make_loader(d, batch_size=2, seed=0)
+    d.builder = "coco"
+    d.files = fakes.write_coco(root, images)
+    d.eval_files = d.files
+    d.image_root = os.path.join(root, "img")
+    d.data_dir = os.path.join(root, "tfds")
+    d.max_side, d.max_pixels = fakes.MAX_SIDE, fakes.MAX_PIXELS
+    batch = next(data_config.make_loader(d, batch_size=2, seed=0))
+    assert [e["prompt"] for e in batch] == ["Caption it."] * 2
+    evals = data_config.eval_examples(d)
+    assert [e["image_id"] for e in evals] == ["1000", "1001", "1002", "1003"]
+    assert evals[0]["references"][0] == fakes.caption(images["good"][0])
+    assert [e["image_id"] for e in data_config.eval_examples(d)] == ["1000", "1001", "1002",
+                                                                      "1003"]
+    d.eval_files = ""
+    assert data_config.eval_examples(d) == []
