@@ -148,37 +148,3 @@ class VisionTower(nnx.Module):
         merged = jnp.take(self.merger(x), vi.merge_inverse, axis=0)
         return jnp.where(vi.token_valid[:, None], merged, jnp.zeros((), merged.dtype))
 
-
-# ----------------------------------------------------------------------------- HF key map
-# (hf key, our param path under the tower, kind). Kinds: "dense" = an HF Linear/Conv weight
-# [out, in...] <-> our Proj kernel [in..., out...] (flatten, transpose, reshape to our shape);
-# "vector" = bias or norm weight (reshape only).
-
-def hf_vision_keys(cfg: VisionConfig, prefix: str = "visual.") -> list[tuple[str, tuple, str]]:
-    keys = [(f"{prefix}patch_embed.proj.weight", ("patch_embed", "kernel"), "dense")]
-    for i in range(cfg.depth):
-        b, o = f"{prefix}blocks.{i}.", ("blocks", i)
-        keys += [(b + "norm1.weight", o + ("norm1", "weight"), "vector"),
-                 (b + "norm2.weight", o + ("norm2", "weight"), "vector"),
-                 (b + "attn.qkv.weight", o + ("attn", "qkv", "kernel"), "dense"),
-                 (b + "attn.qkv.bias", o + ("attn", "qkv", "bias"), "vector"),
-                 (b + "attn.proj.weight", o + ("attn", "o_proj", "kernel"), "dense"),
-                 (b + "attn.proj.bias", o + ("attn", "o_proj", "bias"), "vector")]
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            keys += [(b + f"mlp.{p}.weight", o + ("mlp", p, "kernel"), "dense"),
-                     (b + f"mlp.{p}.bias", o + ("mlp", p, "bias"), "vector")]
-    m = f"{prefix}merger."
-    keys += [(m + "ln_q.weight", ("merger", "ln_q", "weight"), "vector"),
-             (m + "mlp.0.weight", ("merger", "fc1", "kernel"), "dense"),
-             (m + "mlp.0.bias", ("merger", "fc1", "bias"), "vector"),
-             (m + "mlp.2.weight", ("merger", "fc2", "kernel"), "dense"),
-             (m + "mlp.2.bias", ("merger", "fc2", "bias"), "vector")]
-    return keys
-
-
-def hf_vision_shape(cfg: VisionConfig, hf_key: str, ours: tuple[int, ...]) -> tuple[int, ...]:
-    """HF tensor shape for one of our params (the inverse direction needs the conv's 5-D shape)."""
-    if hf_key.endswith("patch_embed.proj.weight"):
-        return (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
-                cfg.patch_size)
-    return ours

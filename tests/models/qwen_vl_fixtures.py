@@ -101,27 +101,11 @@ def torch_inputs(batch):
     return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
 
 
-def hf_tensors(model) -> dict:
-    """HF state dict as float32 numpy with hub key names (`model.visual.*` -> `visual.*`,
-    `model.language_model.*` -> `model.*`), as save_pretrained writes them."""
-    out = {}
-    for k, v in model.state_dict().items():
-        k = k.replace("model.visual.", "visual.").replace("model.language_model.", "model.")
-        out[k] = v.detach().float().numpy()
-    return out
 
-
-def load_keys(module, keys, tensors):
-    """Assign HF tensors to an nnx module via (hf_key, path, kind) rows (dense: [out, in...] ->
-    [in..., out...])."""
-    from flax import nnx
-    import jax.numpy as jnp
-    state = nnx.state(module, nnx.Param)
-    flat = dict(nnx.to_flat_state(state))
-    for hf_key, path, kind in keys:
-        var = flat[path]
-        shape = var.get_value().shape
-        w = tensors[hf_key]
-        w = w.reshape(w.shape[0], -1).T.reshape(shape) if kind == "dense" else w.reshape(shape)
-        var.set_value(jnp.asarray(w, var.get_value().dtype))
-    nnx.update(module, state)
+def hf_and_ours(name: str, tmpdir, dtype="float32"):
+    """(HF torch model, our model loaded through save_pretrained -> hf.from_pretrained)."""
+    from balcap_jax.models import from_pretrained
+    hf = hf_model(name)
+    path = str(tmpdir / name)
+    hf.save_pretrained(path)
+    return hf, from_pretrained(path, dtype=dtype), path

@@ -9,7 +9,7 @@ from flax import nnx
 import jax.numpy as jnp
 
 from balcap_jax.models import qwen2_5_vl_index as qi
-from balcap_jax.models.qwen2_5_vl_vision import VisionConfig, VisionTower, hf_vision_keys
+from balcap_jax.models.qwen2_5_vl_vision import VisionConfig
 from tests.models import qwen_vl_fixtures as fx
 
 ATOL = 1e-4
@@ -17,12 +17,9 @@ GRIDS = [(1, 6, 10), (1, 4, 4), (1, 10, 6)]   # ragged against 2x2, 3x3 and 4x4 
 
 
 @pytest.fixture(scope="module", params=sorted(fx.CONFIGS))
-def pair(request):
-    hf = fx.hf_model(request.param)
-    cfg = VisionConfig.from_hf(hf.config.vision_config.to_dict())
-    tower = VisionTower(cfg, rngs=nnx.Rngs(0))
-    fx.load_keys(tower, hf_vision_keys(cfg), fx.hf_tensors(hf))
-    return hf, tower, cfg
+def pair(request, tmp_path_factory):
+    hf, ours, _ = fx.hf_and_ours(request.param, tmp_path_factory.mktemp("qvl"))
+    return hf, ours.visual, ours.visual.cfg
 
 
 def _prep(cfg, grids, bucket=None, seed=0):
