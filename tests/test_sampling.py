@@ -331,3 +331,55 @@ def test_greedy_equals_transformers_qwen2_5_vl(vl_pair):
     assert compared >= 0.75 * hf_toks.size
     lp = sampling.token_logprobs(ours, inputs, s.tokens, s.mask, temperature=0)
     np.testing.assert_allclose(lp, s.logprobs, atol=LP_ATOL)
+
+
+def _repeat_vl(batch, g):
+    """Each prompt (and its images) repeated g times, prompt-major: G separate prefills."""
+    grid = batch["image_grid_thw"]
+    per_image = np.split(batch["pixel_values"], np.cumsum([t * h * w for t, h, w in grid])[:-1])
+    images_per_row = [int((np.diff(np.r_[0, mm == 1].astype(int)) == 1).sum())  # image-token runs
+                      for mm in batch["mm_token_type_ids"]]
+    first = np.cumsum([0] + images_per_row)
+    pix, grids = [], []
+    for r, n in enumerate(images_per_row):
+        for _ in range(g):
+            pix += per_image[first[r]:first[r] + n]
+            grids += list(grid[first[r]:first[r] + n])
+    out = {k: np.repeat(batch[k], g, axis=0)
+           for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out["pixel_values"], out["image_grid_thw"] = np.concatenate(pix), np.asarray(grids)
+    return out
+
+
+def test_vl_num_samples_share_prefill_equal_repeated_prompts(vl_pair):
+    _, ours = vl_pair
+    inputs = _vl_batch()
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, eos_token_ids=[2], rng=jax.random.key(3))
+    grouped = sampling.generate(ours, inputs, num_samples=2, **kw)
+    separate = sampling.generate(ours, _repeat_vl(inputs, 2), **kw)
+    np.testing.assert_array_equal(grouped.tokens, separate.tokens)
+    np.testing.assert_allclose(grouped.logprobs, separate.logprobs, atol=LP_ATOL)
+    lp = sampling.token_logprobs(ours, _repeat_vl(inputs, 2), grouped.tokens, grouped.mask,
+                                 temperature=1.0)
+    np.testing.assert_allclose(lp, grouped.logprobs, atol=LP_ATOL)
+
+
+def test_sharded_on_8_devices_equals_unsharded(text_pair, tmp_path):
+    from balcap_jax import sharding
+    from balcap_jax.models import from_pretrained, save_pretrained
+    _, ours = text_pair
+    assert len(jax.devices()) == 8, "tests/conftest.py sets 8 fake CPU devices"
+    save_pretrained(ours, str(tmp_path))
+    mesh = sharding.make_mesh((2, 2, 2))
+    sharded = from_pretrained(str(tmp_path), mesh=mesh)
+    inputs = _prompts(lengths=(9, 4, 12, 6), vocab=160)
+    kw = dict(max_new_tokens=8, num_samples=2, temperature=1.0, top_k=50, eos_token_ids=[2],
+              rng=jax.random.key(11))
+    a = sampling.generate(ours, inputs, **kw)
+    b = sampling.generate(sharded, inputs, **kw)
+    assert len(b.tokens.sharding.device_set) == 8
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LP_ATOL)
+    lp = sampling.token_logprobs(sharded, {k: np.repeat(v, 2, 0) for k, v in inputs.items()},
+                                 b.tokens, b.mask, temperature=1.0)
+    np.testing.assert_allclose(lp, a.logprobs, atol=LP_ATOL)
