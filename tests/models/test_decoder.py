@@ -121,19 +121,25 @@ def test_token_logprobs_match_log_softmax(ours, temperature, chunk):
 
 
 def test_bfloat16_close_to_hf_float32(hf_models):
+    """Our bf16 vs HF fp32: mean |diff| at most 2x that of HF's own bf16 model (plus 1% of the
+    logit std), and argmax agreement >= 85% (near-ties may flip in bf16)."""
     d, hf = hf_models["qwen2_gqa"]
     lm = from_pretrained(d, dtype="bfloat16")
     assert lm.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
-    ids, mask = ids_and_mask()
+    ids, mask = ids_and_mask(t=24)
     pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     ref = hf_logits(hf, ids, mask, pos)
+    hf_bf16 = hf_logits(hf.to(torch.bfloat16), ids, mask, pos)
+    hf.to(torch.float32)
     got = np.asarray(lm(input_ids=ids, attention_mask=mask))
     assert got.dtype == np.float32
     valid = mask.astype(bool)
     agree = (got.argmax(-1) == ref.argmax(-1))[valid].mean()
-    err = np.abs(got - ref)[valid].mean() / ref[valid].std()
-    assert agree >= 0.9, agree
-    assert err < 0.15, err
+    err = np.abs(got - ref)[valid].mean()
+    err_hf = np.abs(hf_bf16 - ref)[valid].mean()
+    print(f"bf16: ours mean|diff| {err:.4f}, HF bf16 {err_hf:.4f}, argmax agree {agree:.3f}")
+    assert err <= 2 * err_hf + 0.01 * ref[valid].std(), (err, err_hf)
+    assert agree >= 0.85, agree
 
 
 def test_eager_call_rejects_bad_inputs(ours):
