@@ -26,8 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from balcap_jax.data.shapes_grammar import COMMENTARY, HEDGES, NUMBER_WORDS
-from balcap_jax.data.shapes_world import (COLORS, POSITION_CELLS, POSITIONS, SHAPES, as_scene,
-                                          make_scene, relation_holds)
+from balcap_jax.data.shapes_world import (COLORS, POSITION_CELLS, POSITIONS, SHAPES, SPLIT_IDS,
+                                          as_scene, make_scene, relation_holds)
 
 __all__ = ["SftErrors", "reference_caption", "sft_caption", "tokenizer_corpus",
            "SHAPES_PROMPT", "caption_rng", "words"]
@@ -61,9 +61,11 @@ class SftErrors:
     verbose: float = 0.15          # P(+ all pairwise relations + each object restated twice)
 
 
-def caption_rng(seed: int, index: int, salt: int = 0) -> np.random.Generator:
-    """An rng for the captions of example `index`; `salt` distinguishes draws (e.g. epochs)."""
-    return np.random.default_rng([seed, index, salt, 0x5CA9])
+def caption_rng(seed: int, split: str, index: int, draw: int = 0) -> np.random.Generator:
+    """The rng for captions of example `index` of `split`. The dataset's reference uses draw 0;
+    warm-start captions use draw 1 + epoch, so each epoch sees a fresh sample of the same
+    systematic distribution."""
+    return np.random.default_rng([seed, SPLIT_IDS[split], index, draw, 0x5CA9])
 
 
 def words(text: str) -> int:
@@ -202,7 +204,6 @@ def tokenizer_corpus(seed: int = 0, num_scenes: int = 1000, image_size: int = 11
     out += [f"{p}" for p in POSITIONS.values()]
     for i in range(num_scenes):
         scene = make_scene(seed, "train", i, image_size)
-        rng = caption_rng(seed, i, salt=1)
-        out.append(reference_caption(scene, rng))
-        out.append(sft_caption(scene, rng))
+        out.append(reference_caption(scene, caption_rng(seed, "train", i)))
+        out.append(sft_caption(scene, caption_rng(seed, "train", i, draw=1)))
     return out

@@ -1,0 +1,160 @@
+"""ShapesWorld: a procedural captioning world small enough for a CPU (the built-in default).
+
+    from balcap_jax.data import shapes
+    builder = shapes.build_shapes_dataset(seed=0, num_train=4000, num_eval=256)
+    source = shapes.open_shapes_source(builder, "train")   # tfds.data_source, for CaptionLoader
+    ex = source[0]   # image uint8 [112, 112, 3], image_id, references [1], prompt, scene (JSON)
+
+    scene = shapes.as_scene(ex["scene"])
+    shapes.sft_caption(scene, shapes.caption_rng(0, "train", 0, draw=1 + epoch))
+
+The pieces: `shapes_world` (scenes and pixels), `shapes_text` (reference and warm-start
+captions, the tokenizer corpus), `shapes_grammar` (caption -> assertions), and the scorer in
+`balcap_jax.rewards.shapes`. This module adds the TFDS builder `shapes_world` (array_record, no
+TensorFlow), so ShapesWorld goes through the same data path as real data, and `ShapesSource`, the
+same examples generated in memory for tests that need no dataset on disk.
+
+Splits: "train" and "eval" (held out), each a fixed function of the config's seed; every example
+is a pure function of (seed, split, index, image_size).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+from balcap_jax.data import builders
+from balcap_jax.data.shapes_grammar import parse_caption
+from balcap_jax.data.shapes_text import (SHAPES_PROMPT, SftErrors, caption_rng,
+                                         reference_caption, sft_caption, tokenizer_corpus, words)
+from balcap_jax.data.shapes_world import (as_scene, image_id, make_scene, parse_image_id,
+                                          render, scene_to_json)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ShapesWorld", "ShapesWorldConfig", "ShapesSource", "shapes_example",
+           "build_shapes_dataset", "open_shapes_source", "make_scene", "render", "as_scene",
+           "scene_to_json", "image_id", "parse_image_id", "reference_caption", "sft_caption",
+           "SftErrors", "caption_rng", "tokenizer_corpus", "parse_caption", "words",
+           "SHAPES_PROMPT", "BUILDER_NAME"]
+
+BUILDER_NAME = "shapes_world"
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shapes_example(seed: int, split: str, index: int, image_size: int = 112) -> dict[str, Any]:
+    """Example `index` of `split`: image, image_id, references (one), prompt, scene (JSON)."""
+    scene = make_scene(seed, split, index, image_size)
+    return {"image": render(scene), "image_id": image_id(seed, split, index, image_size),
+            "references": [reference_caption(scene, caption_rng(seed, split, index))],
+            "prompt": SHAPES_PROMPT, "scene": scene_to_json(scene)}
+
+
+class ShapesSource:
+    """The examples of one split, generated on access (len / [i], like tfds.data_source)."""
+
+    def __init__(self, *, seed: int, split: str, num_examples: int, image_size: int = 112):
+        if num_examples < 1:
+            raise ValueError(f"num_examples={num_examples} must be >= 1")
+        make_scene(seed, split, 0, image_size)  # checks the arguments now, not at first read
+        self.seed, self.split, self.n, self.image_size = seed, split, num_examples, image_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} outside [0, {self.n})")
+        return shapes_example(self.seed, self.split, int(index), self.image_size)
+
+
+@dataclasses.dataclass(eq=False)
+class ShapesWorldConfig(tfds.core.BuilderConfig):
+    seed: int = 0
+    num_train: int = 4000
+    num_eval: int = 256
+    image_size: int = 112
+
+
+def make_config(*, seed: int = 0, num_train: int = 4000, num_eval: int = 256,
+                image_size: int = 112) -> ShapesWorldConfig:
+    """A config named by its settings: other settings get their own prepared directory."""
+    if num_train < 1 or num_eval < 1:
+        raise ValueError(f"num_train={num_train} and num_eval={num_eval} must be >= 1")
+    return ShapesWorldConfig(
+        name=f"s{seed}_t{num_train}_e{num_eval}_i{image_size}", seed=seed, num_train=num_train,
+        num_eval=num_eval, image_size=image_size,
+        description=f"ShapesWorld seed {seed}: {num_train} train, {num_eval} eval, "
+                    f"{image_size}px")
+
+
+class ShapesWorld(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder `shapes_world`: generated scenes with references and scene graphs."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "image, image_id, references, prompt, scene (JSON)"}
+    BUILDER_CONFIG_CLASS = ShapesWorldConfig
+
+    # Same TFDS 4.9 workaround as builders._CaptionBuilder.code_path.
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(inspect.getfile(cls))
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        size = self.builder_config.image_size
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="ShapesWorld: one to four shapes on a plain background, a reference "
+                        "caption stating every fact, and the scene graph as JSON.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(size, size, 3)),
+                "image_id": tfds.features.Text(),
+                "references": tfds.features.Sequence(tfds.features.Text()),
+                "prompt": tfds.features.Text(),
+                "scene": tfds.features.Text(),
+            }),
+            disable_shuffling=True)  # record i is example i, as in ShapesSource
+
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        return {"train": self._generate_examples("train", cfg.num_train),
+                "eval": self._generate_examples("eval", cfg.num_eval)}
+
+    def _generate_examples(self, split: str, num: int):
+        cfg = self.builder_config
+        for i in range(num):
+            ex = shapes_example(cfg.seed, split, i, cfg.image_size)
+            ex["image"] = _png(ex["image"])  # TFDS encodes arrays with TensorFlow; bytes pass
+            yield ex["image_id"], ex
+
+
+def build_shapes_dataset(*, seed: int = 0, num_train: int = 4000, num_eval: int = 256,
+                         image_size: int = 112, data_dir: str | None = None) -> ShapesWorld:
+    """Prepares the dataset under `data_dir` (default workdir/tfds), or reuses a prepared one."""
+    config = make_config(seed=seed, num_train=num_train, num_eval=num_eval,
+                         image_size=image_size)
+    builder = ShapesWorld(config=config, data_dir=builders.resolve_data_dir(data_dir),
+                          file_format="array_record")
+    if builder.is_prepared():
+        log.info("reusing prepared ShapesWorld %s", builder.data_dir)
+    else:
+        builder.download_and_prepare()
+    return builder
+
+
+def open_shapes_source(builder: ShapesWorld, split: str = "train"):
+    """Random-access source of a prepared split (tfds.data_source; text fields come as bytes)."""
+    return builders.open_source(builder, split)
