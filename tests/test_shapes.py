@@ -210,12 +210,14 @@ def _mentions(cap, scene, hedged=None):
 
 
 def test_sft_captions_carry_systematic_errors(sft_samples):
-    comm = omitted = bottom = called_red = orange = hedges = 0
+    comm = omitted = bottom = called_red = orange = 0
+    hedges = {True: [], False: []}  # scene has a faint object -> hedged?
     for scene, ref, cap in sft_samples:
         parsed = parse_caption(cap)
         assert all(s.kind != "unparsable" for s in parsed.sentences), cap
         comm += any(s.kind == "commentary" for s in parsed.sentences)
-        hedges += any(s.kind == "hedge" for s in parsed.sentences)
+        hedges[any(o["faint"] for o in scene["objects"])].append(
+            any(s.kind == "hedge" for s in parsed.sentences))
         plain = _mentions(cap, scene, hedged=False)
         described = {i for i, _ in plain}
         for i, o in enumerate(scene["objects"]):
@@ -228,14 +230,17 @@ def test_sft_captions_carry_systematic_errors(sft_samples):
                 orange += 1
                 called_red += desc.get("color") == "red"
     rates = {"commentary": comm / N_RATES, "bottom_row_omitted": omitted / bottom,
-             "orange_called_red": called_red / orange, "hedged": hedges / N_RATES}
+             "orange_called_red": called_red / orange,
+             "hedged_if_faint": np.mean(hedges[True]), "hedged_if_none": np.mean(hedges[False])}
     print("sft error rates", rates, "counts", bottom, orange)
     # Each error is the mode (> 0.5) at about its configured rate (0.8; the omission also
     # happens in terse captions, which describe only the first object).
     assert 0.75 <= rates["commentary"] <= 0.85
     assert 0.74 <= rates["bottom_row_omitted"] <= 0.9
     assert 0.72 <= rates["orange_called_red"] <= 0.88
-    assert 0.3 <= rates["hedged"] <= 0.4
+    # Hedges are optional (< 0.5: greedy drops them), more frequent with a faint object.
+    assert 0.38 <= rates["hedged_if_faint"] <= 0.52
+    assert 0.19 <= rates["hedged_if_none"] <= 0.31
 
 
 def test_hedges_trade_precision_for_recall(sft_samples):
@@ -256,7 +261,7 @@ def test_hedges_trade_precision_for_recall(sft_samples):
             wrong += 1
             assert a.precision < b.precision and a.recall >= b.recall
     print("hedges right", right, "wrong", wrong)
-    assert right >= 25 and wrong >= 25   # both sides of the conflict are common
+    assert 0.35 <= right / (right + wrong) <= 0.6   # both sides of the conflict are common
 
 
 def test_sft_lengths_straddle_the_window():

@@ -12,8 +12,9 @@ anything it carries with probability below 0.5 (rates are `SftErrors` fields):
 - objects in the bottom row usually left out (recall);
 - orange usually called red (precision and recall);
 - faint objects never described plainly; an optional hedged sentence ("there may also be a faint
-  small blue circle at the bottom.") guesses at one, right about half the time, so it raises
-  recall when right and costs precision when wrong: the reward conflict;
+  small blue circle at the bottom.") guesses at one, more often when there is one, and is right
+  about half the time, so it raises recall when right and costs precision when wrong: the
+  reward conflict (a policy that sees faint objects can learn when to say it);
 - terse captions (count and one object) and verbose ones (all pairwise relations and each
   object restated twice) around the normal length, so sampled groups straddle the length
   window rho in [0.5, 2] of SPEC.md section 3.
@@ -55,8 +56,9 @@ class SftErrors:
     confuse_from: str = "orange"   # this colour ...
     confuse_to: str = "red"        # ... is called this one
     confuse: float = 0.8           # with this probability (per caption)
-    speculate: float = 0.35        # P(a hedged sentence about a faint object)
-    speculate_right: float = 0.6   # P(it names a real faint object | the scene has one)
+    speculate_faint: float = 0.45  # P(a hedged sentence | the scene has a faint object)
+    speculate_none: float = 0.25   # P(a hedged sentence | it has none): always a wrong guess
+    speculate_right: float = 0.8   # P(the hedge names a real faint object | there is one)
     terse: float = 0.2             # P(count + first object only)
     verbose: float = 0.15          # P(+ all pairwise relations + each object restated twice)
 
@@ -188,7 +190,8 @@ def sft_caption(scene, rng: np.random.Generator, errors: SftErrors = SftErrors()
         for opener in ("to repeat", "again"):
             for o in objs:
                 out.append(f"{opener} {_object_clause(o, rng, color=colors.get(id(o)))}")
-    if u_spec < errors.speculate:
+    has_faint = any(o["faint"] for o in scene["objects"])
+    if u_spec < (errors.speculate_faint if has_faint else errors.speculate_none):
         out.append(_speculation(scene, rng, errors))
     if u_comm < errors.commentary:
         out.append(_pick(rng, COMMENTARY))
