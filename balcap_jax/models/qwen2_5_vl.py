@@ -122,7 +122,8 @@ class Qwen2_5_VL(CausalLM):
     """CausalLM (model/, lm_head/) + visual/ tower. See the module docstring for the API."""
 
     def __init__(self, cfg: Qwen2_5_VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-                 mesh=None, rules: shd.Rules | None = None, vision_bucket=256):
+                 mesh=None, rules: shd.Rules | None = None, vision_bucket=256,
+                 vision_window_row: int = 256, vision_full_row="auto"):
         if cfg.vision.out_hidden_size != cfg.text.hidden_size:
             raise ValueError(f"vision out_hidden_size {cfg.vision.out_hidden_size} must equal the "
                              f"text hidden_size {cfg.text.hidden_size}")
@@ -130,7 +131,10 @@ class Qwen2_5_VL(CausalLM):
         self.vl_cfg = cfg
         self.cfg = cfg    # hf.save_pretrained dispatches on model.cfg.model_type
         self.visual = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
-        self.vision_bucket = vision_bucket   # patch-count bucket of the eager/sampler paths
+        # host-side layout knobs of the eager/sampler paths (see prepare_vision_inputs)
+        self.vision_bucket = vision_bucket
+        self.vision_window_row = vision_window_row
+        self.vision_full_row = vision_full_row
 
     # --- host side ------------------------------------------------------------------------
     def prepare_vision_inputs(self, pixel_values, image_grid_thw, bucket="default") -> qi.VisionInputs:
@@ -138,7 +142,8 @@ class Qwen2_5_VL(CausalLM):
         return qi.prepare_vision_inputs(
             pixel_values, image_grid_thw, spatial_merge_size=v.spatial_merge_size,
             window_size=v.window_size, patch_size=v.patch_size,
-            bucket=self.vision_bucket if bucket == "default" else bucket)
+            bucket=self.vision_bucket if bucket == "default" else bucket,
+            window_row=self.vision_window_row, full_row=self.vision_full_row)
 
     def rope_index(self, input_ids, attention_mask=None, image_grid_thw=None,
                    mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,9 @@ size-dependent bookkeeping lives here and runs on the host before each call:
   `vision_utils.get_vision_position_ids` / `get_vision_window_index`.
 * `prepare_vision_inputs`: pads the patch count to a bucket and turns HF's window permutation and
   `cu_seqlens` / `cu_window_seqlens` into gather indices and per-patch segment ids (block-diagonal
-  attention; padding patches get segment -1, so they attend only to each other).
+  attention; padding patches get segment -1 and never meet real patches). Attention runs on
+  *rows*: consecutive windows (or image frames) are packed, whole, into rows of fixed length,
+  so each layer costs O(rows * row_len^2) instead of O(N^2) for N patches of all images.
 * `rope_index`: M-RoPE positions [3, B, T] equal to HF `Qwen2_5_VLModel.get_rope_index`, plus
   per-row deltas for decoding (position of the token at cache index i >= prompt end = i + delta).
 """
@@ -32,6 +34,10 @@ class VisionInputs(NamedTuple):
     full_segments: np.ndarray     # [Np] int32 image-frame id per permuted slot (PAD_SEGMENT for padding)
     merge_inverse: np.ndarray     # [Mp] int32: merged row (permuted order) of each output token
     token_valid: np.ndarray       # [Mp] bool: output token is a real image token
+    window_rows: np.ndarray       # [Gw, Rw] int32 permuted slots packed per row (Np = empty)
+    window_slots: np.ndarray      # [Np] int32 flat row position of each slot (Gw*Rw = none)
+    full_rows: np.ndarray         # [Gf, Rf] the same for full-attention blocks (whole frames)
+    full_slots: np.ndarray        # [Np]
 
 
 def _grid_list(image_grid_thw) -> list[tuple[int, int, int]]:
@@ -101,11 +107,43 @@ def bucket_size(n: int, bucket, multiple: int) -> int:
     return -(-size // multiple) * multiple
 
 
+def pack_rows(lengths, row_len: int, num_rows: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedily pack consecutive segments (their lengths, in order, covering slots 0..sum-1)
+    into `num_rows` rows of `row_len` without splitting a segment. Returns rows [G, R] (slot
+    index, `total` where empty) and slots [total] (flat row position, G*R for unpacked slots)."""
+    rows = np.full((num_rows, row_len), total, np.int32)
+    slots = np.full((total,), num_rows * row_len, np.int32)
+    r, fill, start = 0, 0, 0
+    for n in lengths:
+        n = int(n)
+        if n > row_len:
+            raise ValueError(f"an attention segment of {n} patches does not fit a row of {row_len}; "
+                             "raise window_row/full_row (or pass full_row=None for one dense row)")
+        if fill + n > row_len:
+            r, fill = r + 1, 0
+        if r >= num_rows:
+            raise ValueError(f"packing needs more than {num_rows} rows of {row_len}")
+        idx = np.arange(start, start + n)
+        rows[r, fill:fill + n] = idx
+        slots[idx] = r * row_len + fill + np.arange(n)
+        fill, start = fill + n, start + n
+    return rows, slots
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def prepare_vision_inputs(pixel_values, image_grid_thw, *, spatial_merge_size: int = 2,
-                          window_size: int = 112, patch_size: int = 14,
-                          bucket=None) -> VisionInputs:
+                          window_size: int = 112, patch_size: int = 14, bucket=None,
+                          window_row: int = 256, full_row="auto") -> VisionInputs:
     """Pad `pixel_values` [N, C*kt*p*p] (the processor's output, all images concatenated) to a
-    bucket and build the index arrays the jitted vision tower needs (see `VisionInputs`)."""
+    bucket and build the index arrays the jitted vision tower needs (see `VisionInputs`).
+
+    Row layout (static shapes depend only on these choices and the padded patch count Np):
+    window blocks use rows of min(window_row, Np) patches, their count bounded from Np, so they
+    add no compile keys; full blocks use rows of `full_row` patches ("auto": the next power of
+    two of the largest frame; None: one dense row of Np) and a power-of-two row count."""
     pixel_values = np.asarray(pixel_values, np.float32)
     grids = _grid_list(image_grid_thw)
     n = sum(t * h * w for t, h, w in grids)
@@ -134,8 +172,37 @@ def prepare_vision_inputs(pixel_values, image_grid_thw, *, spatial_merge_size: i
     merge_inverse = np.concatenate([np.argsort(widx), np.arange(m, m_pad)]).astype(np.int32)
     padded_pixels = np.zeros((n_pad, pixel_values.shape[1]), np.float32)
     padded_pixels[:n] = pixel_values
+
+    # window rows: a window holds at most vws**2 merged units, which bounds the row count
+    rw = min(int(window_row), n_pad)
+    max_win = (window_size // spatial_merge_size // patch_size) ** 2 * unit
+    if rw == n_pad:
+        gw = 1
+    elif max_win > rw:
+        raise ValueError(f"window_row={window_row} is shorter than a full window ({max_win} patches)")
+    else:
+        gw = n_pad // (rw - max_win + 1) + 1
+    window_rows, window_slots = pack_rows(np.diff(cu_win), rw, gw, n_pad)
+    # full-attention rows: whole frames
+    longest = max(frame_lengths, default=unit)
+    if full_row is None:
+        rf = n_pad
+    elif full_row == "auto":
+        rf = min(_pow2(longest), n_pad)
+    elif isinstance(full_row, (int, np.integer)) and full_row > 0:
+        rf = min(int(full_row), n_pad)
+    else:
+        raise ValueError(f"full_row must be None, 'auto' or a positive int, got {full_row!r}")
+    packed, fill = 1, 0
+    for f in frame_lengths:
+        if fill + f > rf:
+            packed, fill = packed + 1, 0
+        fill += f
+    gf = 1 if rf == n_pad else _pow2(packed)
+    full_rows, full_slots = pack_rows(frame_lengths, rf, gf, n_pad)
     return VisionInputs(padded_pixels, patch_order, rotary_pos, window_segments, full_segments,
-                        merge_inverse, np.arange(m_pad) < m)
+                        merge_inverse, np.arange(m_pad) < m, window_rows, window_slots,
+                        full_rows, full_slots)
 
 
 def image_token_counts(image_grid_thw, spatial_merge_size: int) -> list[int]:

@@ -5,7 +5,8 @@ attention with 2-D rotary, gated SiLU MLP with bias) -> patch merger (RMSNorm, 2
 over 2x2 merged patches). Blocks in `fullatt_block_indexes` attend within each image frame, the
 others within each window; both are block-diagonal masks built from segment ids computed on the
 host (`qwen2_5_vl_index.prepare_vision_inputs`), in HF's window-permuted patch order, which is
-undone after the merger. Several images of different grids go through one call; bucket padding
+undone after the merger. Attention is computed on packed rows (whole windows / frames per row),
+so its cost grows with rows x row_len^2, not with the square of all patches in the batch. Several images of different grids go through one call; bucket padding
 patches carry segment -1 and never touch real patches.
 
 The tower runs in the model dtype like HF (norms and the softmax in float32 inside the layers).
@@ -89,10 +90,17 @@ class VisionBlock(nnx.Module):
         self.mlp = layers.GatedMLP(d, cfg.intermediate_size, bias=True, act=cfg.hidden_act,
                                    dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
-        """x [N, D] (permuted patches), cos/sin [N, head_dim], mask bool [1, N, N]."""
-        h, _ = self.attn(self.norm1(x)[None], cos, sin, mask)
-        x = x + h[0]
+    def __call__(self, x: Array, cos: Array, sin: Array, rows: Array, slots: Array,
+                 segments: Array) -> Array:
+        """x [N, D] (permuted patches), cos/sin [N, head_dim]; attention runs on rows [G, R]
+        of slot indices (N = empty), block-diagonal by `segments` [N]; `slots` [N] maps each
+        slot back to its flat row position (G*R = not in any row: output 0)."""
+        g, r = rows.shape
+        take = lambda a, fill: jnp.take(a, rows, axis=0, mode="fill", fill_value=fill)
+        mask = layers.segment_mask(take(segments, -1))                       # [G, R, R]
+        h, _ = self.attn(take(self.norm1(x), 0), take(cos, 0), take(sin, 0), mask)
+        h = jnp.take(h.reshape(g * r, -1), slots, axis=0, mode="fill", fill_value=0)
+        x = x + h
         return x + self.mlp(self.norm2(x))
 
 
@@ -130,10 +138,10 @@ class VisionTower(nnx.Module):
     def blocks_forward(self, x: Array, vi: VisionInputs) -> Array:
         """Permuted patch embeddings [Np, D] -> last block's hidden states [Np, D]."""
         cos, sin = self.rotary(vi.rotary_pos)
-        window_mask = layers.segment_mask(vi.window_segments)[None]
-        full_mask = layers.segment_mask(vi.full_segments)[None]
+        window = (vi.window_rows, vi.window_slots, vi.window_segments)
+        full = (vi.full_rows, vi.full_slots, vi.full_segments)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, full_mask if i in self.cfg.fullatt_block_indexes else window_mask)
+            x = blk(x, cos, sin, *(full if i in self.cfg.fullatt_block_indexes else window))
         return x
 
     def __call__(self, vi: VisionInputs) -> Array:

@@ -21,7 +21,7 @@ from balcap_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from tests.models import qwen_vl_fixtures as fx
 
 ATOL = 1e-4
-BF16_ATOL = 0.25     # logits are O(5-10) on these random models; bf16 has ~3 significant digits
+BF16_ATOL = 0.3      # observed <= 0.19 with logit std ~1.6; bf16 keeps ~3 significant digits
 
 
 def _hf_logits(hf, batch):

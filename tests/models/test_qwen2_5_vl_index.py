@@ -62,6 +62,39 @@ def test_prepare_vision_inputs_segments_and_orders(bucket):
     assert not vi.pixel_values[n:].any()
 
 
+@pytest.mark.parametrize("window_row,full_row", [(16, "auto"), (24, 64), (256, None)])
+def test_attention_rows_pack_whole_segments(window_row, full_row):
+    grids = [(1, 6, 10), (2, 4, 4), (1, 2, 2), (1, 8, 6)]
+    pix = fx.pixels_for(grids)
+    vi = qi.prepare_vision_inputs(pix, grids, window_size=56, bucket=64, window_row=window_row,
+                                  full_row=full_row)
+    n, n_pad = pix.shape[0], vi.pixel_values.shape[0]
+    for rows, slots, seg in ((vi.window_rows, vi.window_slots, vi.window_segments),
+                             (vi.full_rows, vi.full_slots, vi.full_segments)):
+        g, r = rows.shape
+        flat = rows.reshape(-1)
+        real = flat[flat < n_pad]
+        # every real slot exactly once, padding slots never, in order
+        np.testing.assert_array_equal(real, np.arange(n))
+        np.testing.assert_array_equal(flat[slots[:n]], np.arange(n))
+        assert (slots[n:] == g * r).all()
+        # a segment never straddles two rows
+        row_of = slots[:n] // r
+        for sid in np.unique(seg[:n]):
+            assert len(np.unique(row_of[seg[:n] == sid])) == 1
+    if full_row is None:
+        assert vi.full_rows.shape == (1, n_pad)
+
+
+def test_window_row_count_depends_only_on_the_bucket():
+    """Different grids with the same padded patch count share every static shape."""
+    a = qi.prepare_vision_inputs(fx.pixels_for([(1, 6, 10)]), [(1, 6, 10)], window_size=56,
+                                 bucket=64, window_row=32, full_row=64)
+    b = qi.prepare_vision_inputs(fx.pixels_for([(1, 2, 2)] * 8), [(1, 2, 2)] * 8, window_size=56,
+                                 bucket=64, window_row=32, full_row=64)
+    assert [x.shape for x in a] == [x.shape for x in b]
+
+
 def test_prepare_vision_inputs_errors_name_the_input():
     with pytest.raises(ValueError, match="pixel_values"):
         qi.prepare_vision_inputs(np.zeros((10, 1176)), [(1, 4, 4)])
@@ -69,6 +102,10 @@ def test_prepare_vision_inputs_errors_name_the_input():
         qi.prepare_vision_inputs(np.zeros((15, 1176)), [(1, 3, 5)])
     with pytest.raises(ValueError, match="bucket"):
         qi.prepare_vision_inputs(np.zeros((16, 1176)), [(1, 4, 4)], bucket="big")
+    with pytest.raises(ValueError, match="window_row"):
+        qi.prepare_vision_inputs(np.zeros((64, 1176)), [(1, 8, 8)], window_size=112, window_row=32)
+    with pytest.raises(ValueError, match="full_row"):
+        qi.prepare_vision_inputs(np.zeros((64, 1176)), [(1, 8, 8)], full_row=32, window_size=28)
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,22 @@ def pair(request, tmp_path_factory):
     return hf, ours.visual, ours.visual.cfg
 
 
-def _prep(cfg, grids, bucket=None, seed=0):
+def _max_window(cfg):
+    return (cfg.window_size // cfg.spatial_merge_size // cfg.patch_size) ** 2 * 4
+
+
+# (window_row, full_row): dense single rows, tightest packing, and the defaults
+LAYOUTS = {"dense": (10 ** 6, None), "tight": ("max_window", "auto"), "default": (256, "auto")}
+
+
+def _prep(cfg, grids, bucket=None, seed=0, layout="default"):
     pix = fx.pixels_for(grids, seed)
+    wr, fr = LAYOUTS[layout]
     vi = qi.prepare_vision_inputs(pix, grids, spatial_merge_size=cfg.spatial_merge_size,
                                   window_size=cfg.window_size, patch_size=cfg.patch_size,
-                                  bucket=bucket)
+                                  bucket=bucket,
+                                  window_row=_max_window(cfg) if wr == "max_window" else wr,
+                                  full_row=fr)
     return pix, vi
 
 
@@ -67,13 +78,14 @@ def test_patch_embed_and_rotary(pair):
     np.testing.assert_allclose(np.asarray(gsin)[:n], sin.numpy(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("kind", ["window", "full"])
-def test_vision_block(pair, kind):
+def test_vision_block(pair, kind, layout):
     """One block on window-permuted hidden states: HF with cu_(window_)seqlens vs our segment mask
     (bucket-padded with garbage rows that must not leak into real ones)."""
     from transformers.vision_utils import get_vision_cu_seqlens
     hf, tower, cfg = pair
-    pix, vi = _prep(cfg, GRIDS, bucket=64)
+    pix, vi = _prep(cfg, GRIDS, bucket=64, layout=layout)
     n, n_pad = pix.shape[0], vi.pixel_values.shape[0]
     cos, sin, cu_win = _hf_rotary(hf.model.visual, GRIDS)
     cu = cu_win if kind == "window" else get_vision_cu_seqlens(torch.tensor(GRIDS))
@@ -81,10 +93,10 @@ def test_vision_block(pair, kind):
     with torch.no_grad():
         want = hf.model.visual.blocks[0](torch.from_numpy(x[:n]), cu_seqlens=cu.int(),
                                          position_embeddings=(cos, sin)).numpy()
-    seg = vi.window_segments if kind == "window" else vi.full_segments
-    from balcap_jax.models import layers
+    layout = ((vi.window_rows, vi.window_slots, vi.window_segments) if kind == "window"
+              else (vi.full_rows, vi.full_slots, vi.full_segments))
     gcos, gsin = tower.rotary(jnp.asarray(vi.rotary_pos))
-    got = tower.blocks[0](jnp.asarray(x), gcos, gsin, layers.segment_mask(jnp.asarray(seg))[None])
+    got = _jit_block(tower.blocks[0], jnp.asarray(x), gcos, gsin, *map(jnp.asarray, layout))
     np.testing.assert_allclose(np.asarray(got)[:n], want, atol=ATOL, rtol=0)
 
 
@@ -96,10 +108,10 @@ def test_merger(pair):
     np.testing.assert_allclose(np.asarray(tower.merger(jnp.asarray(x))), want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("bucket", [None, 128])
-def test_tower_equals_hf_image_features(pair, bucket):
+@pytest.mark.parametrize("bucket,layout", [(None, "dense"), (128, "tight"), (128, "default")])
+def test_tower_equals_hf_image_features(pair, bucket, layout):
     hf, tower, cfg = pair
-    pix, vi = _prep(cfg, GRIDS, bucket=bucket)
+    pix, vi = _prep(cfg, GRIDS, bucket=bucket, layout=layout)
     with torch.no_grad():
         feats = hf.model.get_image_features(torch.from_numpy(pix), torch.tensor(GRIDS)).pooler_output
     want = torch.cat(feats).numpy()
@@ -108,6 +120,11 @@ def test_tower_equals_hf_image_features(pair, bucket):
     assert got.shape == (vi.merge_inverse.shape[0], cfg.out_hidden_size)
     np.testing.assert_allclose(got[:m], want, atol=ATOL, rtol=0)
     assert not got[m:].any()
+
+
+@nnx.jit
+def _jit_block(block, *args):
+    return block(*args)
 
 
 @nnx.jit
