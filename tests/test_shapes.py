@@ -157,6 +157,19 @@ def test_empty_commentary_and_unparsable_captions():
     assert s.precision == 1.0 and s.recall == 6 / 16
 
 
+def test_word_salad_stays_in_range_and_is_fast():
+    # What an untrained policy writes: the world's words in random order, any length.
+    vocab = sorted({w for x in shapes.tokenizer_corpus(num_scenes=30)
+                    for w in x.replace(".", " .").split()})
+    rng = np.random.default_rng(0)
+    caps = [" ".join(rng.choice(vocab, size=int(rng.integers(1, 150)))) for _ in range(200)]
+    result = ShapesScorer()([None] * 200, caps, [[REF]] * 200, scenes=[SCENE] * 200)
+    for name, r in result.rewards.items():
+        assert np.all((r >= 0) & (r <= 1)), name
+    assert result.rewards["precision"].mean() < 0.5 and result.diagnostics[
+        "unparsable_sentences"] > 1
+
+
 def test_scorer_interface_and_context():
     caps = ["there are three shapes.", "", "a large red circle is at the top left."]
     refs = [[REF]] * 3

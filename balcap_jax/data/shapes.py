@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ShapesWorld", "ShapesWorldConfig", "ShapesSource", "shapes_example",
            "build_shapes_dataset", "open_shapes_source", "make_scene", "render", "as_scene",
            "scene_to_json", "image_id", "parse_image_id", "reference_caption", "sft_caption",
+           "sft_caption_for",
            "SftErrors", "caption_rng", "tokenizer_corpus", "parse_caption", "words",
            "SHAPES_PROMPT", "BUILDER_NAME"]
 
@@ -60,6 +61,14 @@ def shapes_example(seed: int, split: str, index: int, image_size: int = 112) -> 
     return {"image": render(scene), "image_id": image_id(seed, split, index, image_size),
             "references": [reference_caption(scene, caption_rng(seed, split, index))],
             "prompt": SHAPES_PROMPT, "scene": scene_to_json(scene)}
+
+
+def sft_caption_for(image_id_: str, draw: int = 1, errors: SftErrors = SftErrors()) -> str:
+    """A warm-start caption of the example with this id; use draw = 1 + epoch so every epoch
+    sees a fresh sample (draw 0 is the reference's rng)."""
+    seed, split, index, size = parse_image_id(image_id_)
+    return sft_caption(make_scene(seed, split, index, size),
+                       caption_rng(seed, split, index, draw), errors)
 
 
 class ShapesSource:
