@@ -151,6 +151,10 @@ def test_empty_commentary_and_unparsable_captions():
     s = _score("hello world. a large red circle is at the top left.")
     assert (s.precision, s.unparsable) == (4 / 5, 1)
     assert s.linguistic == pytest.approx((0.5 + 1 + 1) / 3)
+    # Agreement errors parse (the facts count) but are not fluent.
+    s = _score("there is three shapes. a orange circle is at the top left. a small blue square "
+               "is at the bottom right.")
+    assert s.precision == 7 / 8 and s.linguistic == pytest.approx((1 / 3 + 1 + 1) / 3)
     # Paraphrases the grammar knows count as the same facts.
     s = _score("The image shows 3 objects on a grey background; a big red circle sits in the "
                "top-left corner.")

@@ -16,6 +16,9 @@ Sentence kinds and the assertions they make:
                (grammatical, not pointable: false for precision)
 - unparsable   anything else                                      -> one `unparsable` assertion
 
+A parsed sentence is `well_formed` unless an article or a number disagrees ("a orange",
+"there is three shapes", "two shape"); that is a fluency matter, not a precision one.
+
 Text is lower-cased, hyphens become spaces, "grey"/"centre" are read as "gray"/"center", commas
 are ignored, and sentences end at . ! ? or ;. A caption whose last sentence has no terminator is
 `terminated=False` (a cut-off caption).
@@ -124,6 +127,7 @@ class Sentence:
     text: str
     kind: str          # count | background | object | hedge | relation | commentary | unparsable
     assertions: tuple[Assertion, ...]
+    well_formed: bool = True   # parsed, and articles and number agree ("an orange", "is one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +194,20 @@ def _object_clause(text: str) -> tuple[tuple[str, Any], ...] | None:
     return None
 
 
+_PLURAL_NUM = rf"(?:{_alt(NUMBER_WORDS[2:])}|[2-9]|\d\d+)"
+_DISAGREE = _c(rf"\ba [aeiou]|\ban [^aeiou]|\bthere is {_PLURAL_NUM}\b|"
+               rf"\bthere are (?:one|a single)\b|\b(?:one|a single) (?:shapes|objects)\b|"
+               rf"\b{_PLURAL_NUM} (?:shape|object)\b(?!s)")
+
+
 def _parse_sentence(text: str, mentions: list) -> Sentence:
+    sentence = _parse_words(text, mentions)
+    if sentence.kind != "unparsable" and _DISAGREE.search(text):
+        return dataclasses.replace(sentence, well_formed=False)
+    return sentence
+
+
+def _parse_words(text: str, mentions: list) -> Sentence:
     def mention_assertions(descs):
         out = []
         for desc in descs:
@@ -229,7 +246,7 @@ def _parse_sentence(text: str, mentions: list) -> Sentence:
     descs = [_object_clause(part) for part in body.split(" and ")]
     if descs and all(descs):
         return Sentence(text, "object", mention_assertions(descs))
-    return Sentence(text, "unparsable", (Assertion("unparsable", value=text),))
+    return Sentence(text, "unparsable", (Assertion("unparsable", value=text),), False)
 
 
 @functools.lru_cache(maxsize=65536)

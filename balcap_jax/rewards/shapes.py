@@ -12,7 +12,7 @@ assertions, which are checked against the scene graph:
   covered when the caption states both objects' positions (it follows from them). With several
   references, the mean over them. A reference without units gives NaN (a data-side failure that
   is counted, never guessed).
-- linguistic = mean of fluency (share of sentences that parse), clarity (share of assertions
+- linguistic = mean of fluency (share of sentences that parse and are well formed), clarity (share of assertions
   that do not repeat an earlier one of the same caption) and coherence (1, minus 0.5 if the
   caption stops mid-sentence, minus 0.5 if it contradicts itself: two counts, two backgrounds,
   or two different objects placed in one cell). Text only, like the paper's text judge.
@@ -168,7 +168,7 @@ def linguistic(parsed: ParsedCaption) -> tuple[float, int, int]:
     """(score, repeated assertions, contradictions) of a parsed caption; see the module doc."""
     if not parsed.sentences:
         return 0.0, 0, 0
-    fluency = sum(s.kind != "unparsable" for s in parsed.sentences) / len(parsed.sentences)
+    fluency = sum(s.well_formed for s in parsed.sentences) / len(parsed.sentences)
     seen, repeated, countable = set(), 0, 0
     values: dict[tuple, set] = {}
     for a in parsed.assertions:
