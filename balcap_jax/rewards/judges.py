@@ -1,0 +1,335 @@
+"""In-process judges on our own models: the backend protocol of balcap.py, jitted.
+
+    judge = InProcessBackend(model, tokenizer, name="Qwen2.5-VL-7B-Instruct",
+                             processor=Qwen25VLProcessor(tokenizer))      # multimodal roles
+    text = InProcessBackend(text_model, text_tokenizer, name="Qwen2.5-7B-Instruct")
+    scorer = BalCapScorer(judge, text_backend=text, cache_dir=...)
+
+The judge keeps its own parameters (and mesh); the policy never shares weights with it.
+
+decompose: greedy generation with balcap_jax.sampling.generate, the text parsed by
+    parsing.parse_json_list (a list cut off at `list_max_tokens` is "truncated_list").
+yes_no / digits: no generation. p(yes) (softmax over the yes and no spellings' ids) or E[digit]
+    (softmax over the ids of 1..5) is read from the logits at the answer position of one
+    forward pass. Every query is a chat prompt in three segments,
+
+        head   = system turn + "<|im_start|>user\\n" [+ image]     shared by all queries of an image
+        shared = the prompt's shared text                          (instruction, caption)
+        item   = the item text + "<|im_end|>\\n<|im_start|>assistant\\n"
+
+    and the forward pass runs as a prefix tree over the KV cache: each distinct head is
+    prefilled once (the vision tower runs once per image and call, never per assertion), each
+    distinct (head, shared) extends a copy of its head's cache rows, and each item is a short
+    continuation of its (head, shared) rows; only the item's last hidden state goes through the
+    LM head. Rows are batched in padded buckets (powers of two, in chunks of `prefix_batch` and
+    `item_batch` rows), lengths bucketed to powers of two, so a run compiles a bounded number of
+    times (`compile_count()`). Each segment is right-padded inside its bucket; the padded slots
+    are masked out of the KV mask, and positions continue from each row's real length, so
+    the answer equals one forward pass over the concatenated tokens (tested).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from balcap_jax import sampling
+from balcap_jax.processing.prompts import apply_chat_template, caption_messages, pad_batch
+from balcap_jax.rewards.balcap import Answer, Query
+from balcap_jax.rewards.parsing import (NO_SPELLINGS, YES_SPELLINGS, digit_expectation,
+                                        parse_json_list, single_token_ids, yes_probability)
+
+__all__ = ["InProcessBackend", "compile_count", "decode_lists"]
+
+_TRACES: collections.Counter = collections.Counter()
+_SHARED, _ITEM = "\ue000SHARED\ue000", "\ue000ITEM\ue000"   # private-use sentinels
+
+
+def compile_count(name: str | None = None) -> int:
+    """Traces of the judge's jitted functions ("prefill", "extend", "read"); None = all."""
+    return sum(_TRACES.values()) if name is None else _TRACES[name]
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def _chunks(seq: Sequence, size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted pieces
+# ----------------------------------------------------------------------------------------------
+
+def _embed(model, embed_inputs):
+    if hasattr(model, "embed_prompt"):
+        return model.embed_prompt(embed_inputs)     # Qwen2.5-VL: vision tower + image tokens
+    return model.embed(embed_inputs["input_ids"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "total_len"))
+def _prefill(graphdef, state, prompt: sampling.Prompt, total_len: int):
+    """Heads [B, T] (left padded) into a cache of total_len slots -> (cache, kv_mask [B, S],
+    next position [B])."""
+    _TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    x = _embed(model, prompt.embed_inputs)
+    b, t = prompt.mask.shape
+    kv_mask = jnp.concatenate([prompt.mask.astype(jnp.int32),
+                               jnp.zeros((b, total_len - t), jnp.int32)], axis=1)
+    _, cache = model.forward_embeds(x, prompt.positions, kv_mask,
+                                    model.init_cache(b, total_len, x.dtype), jnp.int32(0))
+    return cache, kv_mask, (t + prompt.deltas).astype(jnp.int32)
+
+
+def _continue(model, cache, kv_mask, next_pos, parent, ids, lens, start, mrope):
+    """Gathers the parents' cache rows and runs `ids` [B, L] (right padded to lens) at slots
+    start..start+L-1. Returns (hidden [B, L, D], cache, kv_mask, next_pos + lens)."""
+    cache = jax.tree.map(lambda x: jnp.take(x, parent, axis=0), cache)
+    kv_mask = jnp.take(kv_mask, parent, axis=0)
+    next_pos = jnp.take(next_pos, parent, axis=0)
+    b, length = ids.shape
+    steps = jnp.arange(length, dtype=jnp.int32)[None, :]
+    valid = (steps < lens[:, None]).astype(jnp.int32)
+    kv_mask = jax.lax.dynamic_update_slice(kv_mask, valid, (jnp.int32(0), start))
+    pos = next_pos[:, None] + steps
+    if mrope:   # text after the image: all three M-RoPE axes advance together
+        pos = jnp.broadcast_to(pos[None], (3, b, length))
+    hidden, cache = model.forward_embeds(model.embed(ids), pos, kv_mask, cache, start)
+    return hidden, cache, kv_mask, next_pos + lens
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mrope"))
+def _extend(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens, start, mrope: bool):
+    _TRACES["extend"] += 1
+    model = nnx.merge(graphdef, state)
+    _, cache, kv_mask, next_pos = _continue(model, cache, kv_mask, next_pos, parent, ids, lens,
+                                            start, mrope)
+    return cache, kv_mask, next_pos
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mrope", "reader", "ids_a", "ids_b"))
+def _read(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens, start, mrope: bool,
+          reader: str, ids_a: tuple, ids_b: tuple):
+    """The item continuation; reads p(yes) (ids_a = yes ids, ids_b = no ids) or E[digit]
+    (ids_a = [K, S] digit ids) at each row's last real token -> float32 [B]."""
+    _TRACES["read"] += 1
+    model = nnx.merge(graphdef, state)
+    hidden, *_ = _continue(model, cache, kv_mask, next_pos, parent, ids, lens, start, mrope)
+    last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)      # [B, 1, D]
+    logits = model.logits(last)[:, 0]
+    if reader == "yes_no":
+        return yes_probability(logits, ids_a, ids_b)
+    return digit_expectation(logits, np.asarray(ids_a))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def decode_lists(tokenizer, tokens: np.ndarray, lengths: np.ndarray, truncated: np.ndarray,
+                 stop_ids: Sequence[int]) -> list[Answer]:
+    """Generated rows -> parsed JSON lists (Answer per row); the stop token is dropped."""
+    out = []
+    for row, n, cut in zip(np.asarray(tokens), np.asarray(lengths), np.asarray(truncated)):
+        ids = [int(t) for t in row[:int(n)] if int(t) not in stop_ids]
+        items, reason = parse_json_list(tokenizer.decode(ids, skip_special_tokens=True))
+        if items is None and cut:
+            reason = "truncated_list"
+        out.append(Answer(items, reason))
+    return out
+
+
+class InProcessBackend:
+    """See the module docstring.
+
+    model: a CausalLM (text judge) or Qwen2_5_VL (multimodal judge) with the low-level API.
+    tokenizer: its tokenizer (chat template set); processor: a Qwen25VLProcessor for image
+    queries (None for a text judge). name: the judge checkpoint id (keys the reference-unit
+    cache). system_prompt None keeps the chat template's default.
+    """
+
+    def __init__(self, model, tokenizer, *, name: str, processor=None,
+                 chat_template: str | None = None, system_prompt: str | None = None,
+                 list_max_tokens: int = 512, generate_batch: int = 16, prefix_batch: int = 16,
+                 item_batch: int = 64, eos_token_ids: Sequence[int] | None = None,
+                 pad_id: int | None = None, seed: int = 0):
+        self.model, self.tokenizer, self.processor, self.name = model, tokenizer, processor, name
+        self.chat_template, self.system_prompt = chat_template, system_prompt
+        self.list_max_tokens = int(list_max_tokens)
+        self.generate_batch, self.prefix_batch = int(generate_batch), int(prefix_batch)
+        self.item_batch = _pow2(item_batch)
+        self.pad_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
+        if eos_token_ids is None:
+            eos_token_ids = [i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                         tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                                         tokenizer.eos_token_id)
+                             if i is not None and i != tokenizer.unk_token_id]
+        self.eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
+        self.yes_ids = tuple(single_token_ids(tokenizer, YES_SPELLINGS))
+        self.no_ids = tuple(single_token_ids(tokenizer, NO_SPELLINGS))
+        spellings = [single_token_ids(tokenizer, [str(d), f" {d}"]) for d in range(1, 6)]
+        width = max(len(s) for s in spellings)
+        self.digit_ids = tuple(tuple(s + [-1] * (width - len(s))) for s in spellings)
+        self.rng = jax.random.key(seed)
+        self.stats: collections.Counter = collections.Counter()   # rows run per stage
+        self.times: collections.Counter = collections.Counter()
+        self._templates: dict[bool, tuple[str, str]] = {}
+
+    # -- prompt pieces ----------------------------------------------------------------------
+    def _head_tail(self, has_image: bool) -> tuple[str, str]:
+        """The chat text before the user text and after it (generation prompt included)."""
+        if has_image not in self._templates:
+            text = apply_chat_template(
+                caption_messages(_SHARED + _ITEM, num_images=int(has_image),
+                                 system_prompt=self.system_prompt),
+                self.tokenizer, chat_template=self.chat_template)
+            i, j = text.index(_SHARED), text.index(_ITEM)
+            if j != i + len(_SHARED):
+                raise ValueError("the chat template put text between the prompt's parts")
+            self._templates[has_image] = text[:i], text[j + len(_ITEM):]
+        return self._templates[has_image]
+
+    def _encode(self, texts: list[str], images: list[Any]) -> dict:
+        """Templated texts (+ one image per row or None) -> processor-style numpy inputs."""
+        if any(im is not None for im in images):
+            if self.processor is None:
+                raise ValueError(f"judge {self.name!r} got an image query but has no processor; "
+                                 "pass processor=Qwen25VLProcessor(...) for a multimodal judge")
+            return self.processor(texts, images=[im for im in images])
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        input_ids, mask = pad_batch(ids, self.pad_id, padding_side="left")
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # -- decompose: greedy generation ------------------------------------------------------
+    def decompose(self, queries: Sequence[Query]) -> list[Answer]:
+        out: list[Answer] = []
+        for chunk in _chunks(list(queries), self.generate_batch):
+            texts, images = [], []
+            for q in chunk:
+                head, tail = self._head_tail(q.image is not None)
+                texts.append(head + q.shared + q.item + tail)
+                images.append(q.image)
+            n = len(chunk)
+            rows = _pow2(n)            # pad the batch to a bucket with copies of the first row
+            texts += [texts[0]] * (rows - n)
+            images += [images[0]] * (rows - n)
+            start = time.perf_counter()
+            samples = sampling.generate(
+                self.model, self._encode(texts, images), max_new_tokens=self.list_max_tokens,
+                temperature=0.0, eos_token_ids=self.eos_token_ids, rng=self.rng,
+                pad_id=self.pad_id)
+            tokens, lengths, trunc = (np.asarray(x)[:n] for x in
+                                      (samples.tokens, samples.lengths, samples.truncated))
+            self.times["decompose"] += time.perf_counter() - start
+            self.stats["decompose_rows"] += rows
+            out += decode_lists(self.tokenizer, tokens, lengths, trunc, self.eos_token_ids)
+        return out
+
+    # -- yes/no and digits: one forward over a prefix tree ---------------------------------
+    def yes_no(self, queries: Sequence[Query]) -> list[Answer]:
+        return self._answers(queries, "yes_no", self.yes_ids, self.no_ids)
+
+    def digits(self, queries: Sequence[Query]) -> list[Answer]:
+        return self._answers(queries, "digits", self.digit_ids, ())
+
+    def _answers(self, queries: Sequence[Query], reader: str, ids_a, ids_b) -> list[Answer]:
+        if not queries:
+            return []
+        start_time = time.perf_counter()
+        heads: dict[tuple, int] = {}           # (image id, has image) -> head index
+        head_image: list[Any] = []
+        shareds: dict[tuple, int] = {}         # (head, shared text) -> shared index
+        shared_head, shared_ids = [], []
+        item_shared, item_ids = [], []
+        for q in queries:
+            hk = (id(q.image) if q.image is not None else None,)
+            if hk not in heads:
+                heads[hk] = len(head_image)
+                head_image.append(q.image)
+            h = heads[hk]
+            sk = (h, q.shared)
+            if sk not in shareds:
+                shareds[sk] = len(shared_head)
+                shared_head.append(h)
+                shared_ids.append(self._tok(q.shared))
+            _, tail = self._head_tail(q.image is not None)
+            item_shared.append(shareds[sk])
+            item_ids.append(self._tok(q.item + tail))
+        if any(len(s) == 0 for s in shared_ids) or any(len(i) == 0 for i in item_ids):
+            raise ValueError("a judge query has an empty shared or item part; every prompt's "
+                             "parts must be non-empty text")
+        len_shared = _pow2(max(len(s) for s in shared_ids), 8)
+        len_item = _pow2(max(len(i) for i in item_ids), 8)
+        values = np.full(len(queries), np.nan, np.float32)
+        graphdef, state = nnx.split(self.model)
+        by_head = collections.defaultdict(list)
+        for s, h in enumerate(shared_head):
+            by_head[h].append(s)
+        by_shared = collections.defaultdict(list)
+        for k, s in enumerate(item_shared):
+            by_shared[s].append(k)
+
+        for head_chunk in _chunks(list(range(len(head_image))), self.prefix_batch):
+            cache, kv_mask, next_pos, mrope, head_len = self._prefill_heads(
+                graphdef, state, [head_image[h] for h in head_chunk], len_shared + len_item)
+            head_row = {h: r for r, h in enumerate(head_chunk)}
+            chunk_shareds = [s for h in head_chunk for s in by_head[h]]
+            for s_chunk in _chunks(chunk_shareds, self.prefix_batch):
+                rows = _pow2(len(s_chunk))
+                parent = np.zeros(rows, np.int32)
+                parent[:len(s_chunk)] = [head_row[shared_head[s]] for s in s_chunk]
+                ids, lens = self._pad([shared_ids[s] for s in s_chunk], rows, len_shared)
+                c2 = _extend(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens,
+                             jnp.int32(head_len), mrope=mrope)
+                self.stats["shared_rows"] += rows
+                shared_row = {s: r for r, s in enumerate(s_chunk)}
+                items = [k for s in s_chunk for k in by_shared[s]]
+                for i_chunk in _chunks(items, self.item_batch):
+                    rows = _pow2(len(i_chunk))
+                    parent = np.zeros(rows, np.int32)
+                    parent[:len(i_chunk)] = [shared_row[item_shared[k]] for k in i_chunk]
+                    ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, len_item)
+                    out = _read(graphdef, state, *c2, parent, ids, lens,
+                                jnp.int32(head_len + len_shared), mrope=mrope, reader=reader,
+                                ids_a=tuple(ids_a), ids_b=tuple(ids_b))
+                    values[i_chunk] = np.asarray(out)[:len(i_chunk)]
+                    self.stats["item_rows"] += rows
+        self.times[reader] += time.perf_counter() - start_time
+        return [Answer(float(v)) if np.isfinite(v) else Answer(None, "non_finite")
+                for v in values]
+
+    def _prefill_heads(self, graphdef, state, images: list[Any], tail_len: int):
+        """Prefill the distinct heads (one per image; one for text queries), padded to a
+        power-of-two number of rows."""
+        n = len(images)
+        rows = _pow2(n)
+        images = images + [images[0]] * (rows - n)
+        texts = [self._head_tail(im is not None)[0] for im in images]
+        prompt = sampling.prepare_prompt(self.model, self._encode(texts, images),
+                                         pad_id=self.pad_id)
+        head_len = int(np.shape(prompt.mask)[1])
+        cache, kv_mask, next_pos = _prefill(graphdef, state, prompt,
+                                            total_len=head_len + tail_len)
+        self.stats["head_rows"] += rows
+        self.stats["images_encoded"] += sum(im is not None for im in images[:n])
+        return cache, kv_mask, next_pos, np.ndim(prompt.positions) == 3, head_len
+
+    def _pad(self, seqs: list[list[int]], rows: int, length: int):
+        ids = np.full((rows, length), self.pad_id, np.int32)
+        lens = np.ones(rows, np.int32)          # dummy rows: one pad token, never read
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = s
+            lens[r] = len(s)
+        return ids, lens

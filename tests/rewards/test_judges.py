@@ -1,0 +1,201 @@
+"""In-process judges on tiny random models: the prefix-tree forward equals one forward pass over
+the concatenated prompt (float32, atol 1e-5 on probabilities / 1e-4 on E), bucket padding and
+chunking do not change answers, compiles are bounded, the vision tower runs once per image,
+and decompose parses generated JSON lists."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from balcap_jax.models.decoder import CausalLM, DecoderConfig
+from balcap_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
+from balcap_jax.models.qwen2_5_vl_vision import VisionConfig
+from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
+from balcap_jax.rewards import judges as J
+from balcap_jax.rewards import prompts as P
+from balcap_jax.rewards.balcap import BalCapScorer, Query
+from balcap_jax.rewards.parsing import digit_expectation, yes_probability
+from balcap_jax.tokenizers import train_tiny_bpe
+
+CORPUS = [p.shared + p.item for p in P.PROMPTS.values()] + [
+    "yes no Yes No yes. No. " * 40, "A red car is parked by a tree. The sky is blue. " * 5,
+    '["A red car.", "A tree."] ' * 10]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tiny_bpe(CORPUS, vocab_size=420)
+
+
+def _randomize(model, seed):
+    """Weights ~ N(0, 0.2) (norm scales 1 + N(0, 0.2)) so logits are far from flat."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten_with_path(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = []
+    for (path, x), k in zip(leaves, keys):
+        noise = 0.2 * jax.random.normal(k, x.shape, x.dtype)
+        new.append(1.0 + noise if "norm" in jax.tree_util.keystr(path) or "ln_q" in
+                   jax.tree_util.keystr(path) else noise)
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
+
+
+def _text_cfg(vocab, mrope=None):
+    return DecoderConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=4, num_kv_heads=2, qkv_bias=True, mrope_section=mrope)
+
+
+@pytest.fixture(scope="module")
+def text_judge(tokenizer):
+    model = _randomize(CausalLM(_text_cfg(len(tokenizer)), rngs=nnx.Rngs(0)), 1)
+    return J.InProcessBackend(model, tokenizer, name="tiny-text", prefix_batch=2, item_batch=4,
+                              list_max_tokens=12, generate_batch=2)
+
+
+@pytest.fixture(scope="module")
+def vl_judge(tokenizer):
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    cfg = Qwen2_5_VLConfig(
+        text=_text_cfg(len(tokenizer), mrope=(2, 3, 3)),
+        vision=VisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
+                            out_hidden_size=64, window_size=56, fullatt_block_indexes=(1,)),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = _randomize(Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), 2)
+    proc = Qwen25VLProcessor(tokenizer, QwenImageProcessor(min_pixels=56 * 56,
+                                                          max_pixels=56 * 56 * 2))
+    return J.InProcessBackend(model, tokenizer, name="tiny-vl", processor=proc, prefix_batch=2,
+                              item_batch=4)
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (56, 56, 3), np.uint8),
+            rng.integers(0, 255, (84, 56, 3), np.uint8)]
+
+
+def _reference(judge, q, reader):
+    """One plain forward over head + shared + item tokens (tokenized as the judge does)."""
+    head, tail = judge._head_tail(q.image is not None)
+    rest = judge._tok(q.shared) + judge._tok(q.item + tail)
+    if q.image is None:
+        ids = np.asarray([judge._tok(head) + rest])
+        logits = judge.model(input_ids=ids)
+    else:
+        enc = judge.processor([head], images=[q.image])
+        ids = np.concatenate([enc["input_ids"][0], rest])[None]
+        logits = judge.model(input_ids=ids, pixel_values=enc["pixel_values"],
+                             image_grid_thw=enc["image_grid_thw"])
+    last = logits[:, -1]
+    if reader == "yes_no":
+        return float(yes_probability(last, judge.yes_ids, judge.no_ids)[0])
+    return float(digit_expectation(last, np.asarray(judge.digit_ids))[0])
+
+
+def _text_queries():
+    caps = ["A red car.", "A red car is parked by a tree. The sky is blue."]
+    units = ["There is a car.", "The sky is blue.", "A tree.", "The car is red and parked.",
+             "Blue."]
+    return [Query(*P.render("coverage", caption=c, unit=u)) for c in caps for u in units]
+
+
+def test_text_yes_no_equals_full_forward(text_judge):
+    qs = _text_queries()
+    answers = text_judge.yes_no(qs)
+    got = np.asarray([a.value for a in answers])
+    want = np.asarray([_reference(text_judge, q, "yes_no") for q in qs])
+    assert all(a.error is None for a in answers)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.ptp(want) > 1e-3                          # the queries are told apart
+    # 1 text head, 2 shared prefixes (one per caption), 10 items in chunks of 4 (4 + 4 + 2)
+    assert text_judge.stats["head_rows"] == 1 and text_judge.stats["shared_rows"] == 2
+    assert text_judge.stats["item_rows"] == 4 + 4 + 2
+
+
+def test_text_digits_equal_full_forward(text_judge):
+    qs = [Query(*P.render(c, caption=cap)) for cap in ("A red car.", "The sky is blue, blue.")
+          for c in P.LINGUISTIC_CRITERIA]
+    got = np.asarray([a.value for a in text_judge.digits(qs)])
+    want = np.asarray([_reference(text_judge, q, "digits") for q in qs])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert ((got >= 1) & (got <= 5)).all()
+
+
+def test_buckets_bound_compiles_and_order_is_kept(text_judge):
+    qs = _text_queries()
+    first = [a.value for a in text_judge.yes_no(qs)]
+    before = J.compile_count()
+    # fewer items, same buckets (rows padded to 4, lengths to powers of two): no new compile
+    sub = [qs[1], qs[7], qs[3]]
+    again = [a.value for a in text_judge.yes_no(sub)]
+    assert J.compile_count() == before
+    np.testing.assert_allclose(again, [first[1], first[7], first[3]], atol=1e-6)
+
+
+def test_vl_yes_no_shares_the_image_prefix(vl_judge):
+    img_a, img_b = _images()
+    asserts = ["A red car.", "The sky is blue.", "A tree is parked."]
+    qs = [Query(*P.render(role, assertion=a), image=im) for im in (img_a, img_b)
+          for role in ("verify", "pointable") for a in asserts]
+    vl_judge.stats.clear()
+    answers = vl_judge.yes_no(qs)
+    got = np.asarray([a.value for a in answers])
+    want = np.asarray([_reference(vl_judge, q, "yes_no") for q in qs])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # the vision tower ran once per image for 12 questions; 4 (image, instruction) prefixes
+    assert vl_judge.stats["images_encoded"] == 2 and vl_judge.stats["head_rows"] == 2
+    assert vl_judge.stats["shared_rows"] == 4
+
+
+def test_vl_judge_text_queries_use_mrope_text_positions(vl_judge):
+    qs = _text_queries()[:3]
+    got = np.asarray([a.value for a in vl_judge.yes_no(qs)])
+    want = np.asarray([_reference(vl_judge, q, "yes_no") for q in qs])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_decode_lists_parses_generated_json(tokenizer):
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    good = tokenizer.encode('["A red car.", "A tree."]', add_special_tokens=False) + [stop]
+    cut = tokenizer.encode('["A red car.", "A tr', add_special_tokens=False)
+    junk = tokenizer.encode("no list here", add_special_tokens=False) + [stop]
+    width = max(map(len, (good, cut, junk)))
+    toks = np.zeros((3, width), np.int32)
+    for r, t in enumerate((good, cut, junk)):
+        toks[r, :len(t)] = t
+    out = J.decode_lists(tokenizer, toks, np.asarray([len(good), len(cut), len(junk)]),
+                         np.asarray([False, True, False]), (stop,))
+    assert out[0].value == ["A red car.", "A tree."] and out[0].error is None
+    assert out[1] == (None, "truncated_list")
+    assert out[2] == (None, "no_list")
+
+
+def test_decompose_runs_greedy_generation(text_judge):
+    qs = [Query(*P.render("decompose_caption", caption=c)) for c in ("A car.", "A tree.", "X")]
+    answers = text_judge.decompose(qs)
+    assert len(answers) == 3
+    # a random judge rarely writes a JSON list: each answer is a list or a parse reason
+    for a in answers:
+        assert (a.error is None and isinstance(a.value, list)) or a.error in {
+            "no_list", "truncated_list", "bad_json", "bad_items", "empty_output"}
+    assert text_judge.stats["decompose_rows"] == 2 + 1    # chunks of 2, padded to powers of 2
+
+
+def test_scorer_runs_end_to_end_on_in_process_judges(vl_judge, text_judge):
+    img, _ = _images()
+    res = BalCapScorer(vl_judge, text_backend=text_judge)(
+        images=[img, img], captions=["A red car.", ""], references=[["A red car."]] * 2)
+    for name in ("precision", "recall", "linguistic"):
+        r = res.rewards[name]
+        assert r.shape == (2,) and r[1] == 0.0          # empty caption: caption-side zero
+        assert np.isnan(r[0]) or 0.0 <= r[0] <= 1.0
+    assert 0.0 <= res.rewards["linguistic"][0] <= 1.0    # digits never fail in-process
+
+
+def test_image_query_needs_a_processor(text_judge):
+    img, _ = _images()
+    with pytest.raises(ValueError, match="processor"):
+        text_judge.yes_no([Query("Is it? ", "Assertion: x", image=img)])
