@@ -12,10 +12,11 @@ assertions, which are checked against the scene graph:
   covered when the caption states both objects' positions (it follows from them). With several
   references, the mean over them. A reference without units gives NaN (a data-side failure that
   is counted, never guessed).
-- linguistic = mean of fluency (share of sentences that parse and are well formed), clarity (share of assertions
-  that do not repeat an earlier one of the same caption) and coherence (1, minus 0.5 if the
-  caption stops mid-sentence, minus 0.5 if it contradicts itself: two counts, two backgrounds,
-  or two different objects placed in one cell). Text only, like the paper's text judge.
+- linguistic = mean of fluency (share of sentences that parse and are well formed), clarity
+  (share of assertions that do not repeat an earlier one of the same caption) and coherence (1,
+  minus 0.5 if the caption stops mid-sentence, minus 0.5 if it contradicts itself: two counts,
+  two backgrounds, or two different objects placed in one cell). Text only, like the paper's
+  text judge.
 
 An object mention is matched to the scene object it most plausibly means: among the objects
 sharing its shape or its position (all objects if it states neither), the one agreeing on the
