@@ -119,7 +119,8 @@ def test_hand_computed_rewards():
     assert (s.assertions, s.true_assertions, s.unparsable, s.hedged, s.repeated) == (
         16, 13, 2, 1, 4)
     assert s.precision == 13 / 16 and s.recall == 9 / 16 and not s.terminated
-    assert s.linguistic == pytest.approx((4 / 6 + (1 - 4 / 14) + 0.5) / 3)
+    # fluency 4/6 sentences; clarity: 4 repeats + 2 unparsable of 16; coherence: cut off.
+    assert s.linguistic == pytest.approx((4 / 6 + (1 - 6 / 16) + 0.5) / 3)
     # Two counts (contradiction), a mention anchored by position only, a false relation.
     s = _score("there are three shapes. there are four shapes. a small purple diamond is at the "
                "top left. the blue square is to the left of the red circle.")
@@ -150,7 +151,9 @@ def test_empty_commentary_and_unparsable_captions():
     assert (s.precision, s.recall, s.linguistic, s.commentary) == (0.0, 0.0, 1.0, 1)
     s = _score("hello world. a large red circle is at the top left.")
     assert (s.precision, s.unparsable) == (4 / 5, 1)
-    assert s.linguistic == pytest.approx((0.5 + 1 + 1) / 3)
+    assert s.linguistic == pytest.approx((0.5 + 0.8 + 1) / 3)
+    s = _score("hello world. red red circle.")
+    assert (s.precision, s.recall, s.linguistic, s.unparsable) == (0.0, 0.0, 0.0, 2)
     # Agreement errors parse (the facts count) but are not fluent.
     s = _score("there is three shapes. a orange circle is at the top left. a small blue square "
                "is at the bottom right.")

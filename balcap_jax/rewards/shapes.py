@@ -13,10 +13,10 @@ assertions, which are checked against the scene graph:
   references, the mean over them. A reference without units gives NaN (a data-side failure that
   is counted, never guessed).
 - linguistic = mean of fluency (share of sentences that parse and are well formed), clarity
-  (share of assertions that do not repeat an earlier one of the same caption) and coherence (1,
-  minus 0.5 if the caption stops mid-sentence, minus 0.5 if it contradicts itself: two counts,
-  two backgrounds, or two different objects placed in one cell). Text only, like the paper's
-  text judge.
+  (share of assertions that parse and do not repeat an earlier one of the same caption) and
+  coherence (1, minus 0.5 if the caption stops mid-sentence, minus 0.5 if it contradicts
+  itself: two counts, two backgrounds, or two different objects placed in one cell); 0 when no
+  sentence parses (noise, or an empty caption). Text only, like the paper's text judge.
 
 An object mention is matched to the scene object it most plausibly means: among the objects
 sharing its shape or its position (all objects if it states neither), the one agreeing on the
@@ -167,23 +167,23 @@ def _text_key(parsed: ParsedCaption, a) -> tuple | None:
 
 def linguistic(parsed: ParsedCaption) -> tuple[float, int, int]:
     """(score, repeated assertions, contradictions) of a parsed caption; see the module doc."""
-    if not parsed.sentences:
+    if all(s.kind == "unparsable" for s in parsed.sentences):  # also: no sentence at all
         return 0.0, 0, 0
     fluency = sum(s.well_formed for s in parsed.sentences) / len(parsed.sentences)
-    seen, repeated, countable = set(), 0, 0
+    seen, repeated, unclear = set(), 0, 0
     values: dict[tuple, set] = {}
     for a in parsed.assertions:
         key = _text_key(parsed, a)
-        if key is None:
+        if key is None:  # an unparsable sentence says nothing clearly
+            unclear += 1
             continue
-        countable += 1
         repeated += key in seen
         seen.add(key)
         if a.kind in ("count", "background"):
             values.setdefault((a.kind,), set()).add(a.value)
         elif a.kind == "attr" and key[1][0] == "pos" and a.attr in ("shape", "color"):
             values.setdefault((key[1], a.attr), set()).add(a.value)
-    clarity = 1.0 - repeated / max(countable, 1)
+    clarity = 1.0 - (repeated + unclear) / len(parsed.assertions)
     contradictions = sum(len(v) > 1 for v in values.values())
     coherence = 1.0 - 0.5 * (not parsed.terminated) - 0.5 * (contradictions > 0)
     return (fluency + clarity + coherence) / 3.0, repeated, contradictions
