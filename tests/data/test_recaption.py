@@ -196,3 +196,59 @@ def test_model_captioner_batches_and_decodes(corpus, monkeypatch):
                                      "w5 w6", "w7 w8 w9 w10"]
     assert [c.truncated for c in out] == [False, False, False, True, False, True]
     assert [c.job for c in out] == jobs
+
+
+@pytest.mark.heavy
+def test_local_model_recaption_matches_transformers_greedy(corpus, tmp_path):
+    """--local_model wiring end to end: a tiny random Qwen2.5-VL checkpoint on disk, read by
+    models.from_pretrained, sampled greedily by our sampler; captions equal transformers'
+    greedy generate on the same inputs."""
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from balcap_jax.data.images import load_image
+    from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor, build_caption_prompt
+    from balcap_jax.tokenizers import train_tiny_bpe
+    root, images, _, records = corpus
+    ckpt = str(tmp_path / "ckpt")
+    tok = train_tiny_bpe([fakes.caption(n) for n in fakes.usable(images)] * 3, vocab_size=300)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=320, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, rms_norm_eps=1e-6,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                          "mrope_section": [2, 3, 3]},
+                         initializer_range=0.3, bos_token_id=0, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                           out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0]),
+        image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4)
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(config).eval()
+    hf.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    with open(os.path.join(ckpt, "preprocessor_config.json"), "w") as f:
+        json.dump({"min_pixels": 56 * 56, "max_pixels": 56 * 56, "patch_size": 14,
+                   "merge_size": 2, "temporal_patch_size": 2}, f)
+
+    out = str(tmp_path / "refs.jsonl")
+    cap = rc.load_local_captioner(ckpt, dtype="float32", prompt="Describe.", max_new_tokens=5,
+                                  batch_size=2)
+    picked = [r for r in records if r.image_id in ("good01.jpg", "mode_RGBA.png")]
+    s = rc.recaption(picked, cap, out, progress=False)
+    assert (s["written"], s["failed_total"]) == (2, 0)
+    got = {r["image_id"]: r["caption"] for r in _lines(out)}
+
+    processor = Qwen25VLProcessor(tok, QwenImageProcessor.from_pretrained(ckpt))
+    text = build_caption_prompt("Describe.", tok)
+    for r in picked:
+        inputs = processor([text], images=[[load_image(r.image).to_array()]])
+        # transformers v5 needs mm_token_type_ids (and int64 ids) to place M-RoPE positions.
+        t = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind == "i" else v)
+             for k, v in ((k, np.asarray(v)) for k, v in inputs.items())}
+        with torch.no_grad():
+            seq = hf.generate(**t, max_new_tokens=5, do_sample=False, eos_token_id=[2, 0])
+        new = seq[0, inputs["input_ids"].shape[1]:].tolist()
+        if 2 in new:
+            new = new[:new.index(2)]
+        assert got[r.image_id] == tok.decode(new, skip_special_tokens=True).strip(), r.image_id
