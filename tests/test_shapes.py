@@ -333,11 +333,17 @@ def test_tfds_builder_array_record_round_trip(tmp_path):
     assert os.stat(os.path.join(again.data_dir, "dataset_info.json")).st_mtime_ns == mtime
     mem = shapes.ShapesSource(seed=2, split="train", num_examples=20)
     assert mem[4]["scene"] == train[4]["scene"].decode()
-    # Through the trainer's loader, then scored by image id.
-    from balcap_jax.data.loader import CaptionLoader
-    batch = next(CaptionLoader(train, batch_size=4, seed=0, shard_index=0, shard_count=1))
-    result = ShapesScorer()([e["image"] for e in batch], [e["references"][0] for e in batch],
-                            [e["references"] for e in batch],
-                            image_ids=[e["image_id"] for e in batch])
-    np.testing.assert_array_equal(result.rewards["precision"], np.ones(4, np.float32))
-    np.testing.assert_array_equal(result.rewards["recall"], np.ones(4, np.float32))
+    # Through the trainer's loader, then scored by image id; the fixed held-out set by scene.
+    loader = shapes.make_shapes_loader(builder, batch_size=4, seed=0, shard_index=0,
+                                       shard_count=1)
+    batch = next(loader)
+    assert {e["prompt"] for e in batch} == {shapes.SHAPES_PROMPT}
+    held_out = shapes.shapes_eval_examples(builder)
+    assert [e["image_id"] for e in held_out] == [shapes.image_id(2, "eval", i) for i in range(6)]
+    for examples, key in ((batch, "image_ids"), (held_out, "scenes")):
+        ctx = {key: [e["image_id" if key == "image_ids" else "scene"] for e in examples]}
+        result = ShapesScorer()([e["image"] for e in examples],
+                                [e["references"][0] for e in examples],
+                                [e["references"] for e in examples], **ctx)
+        for name in ("precision", "recall", "linguistic"):
+            np.testing.assert_array_equal(result.rewards[name], np.ones(len(examples)))

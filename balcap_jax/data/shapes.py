@@ -4,6 +4,8 @@
     builder = shapes.build_shapes_dataset(seed=0, num_train=4000, num_eval=256)
     source = shapes.open_shapes_source(builder, "train")   # tfds.data_source, for CaptionLoader
     ex = source[0]   # image uint8 [112, 112, 3], image_id, references [1], prompt, scene (JSON)
+    loader = shapes.make_shapes_loader(builder, batch_size=16, seed=0)   # training batches
+    held_out = shapes.shapes_eval_examples(builder, 256)                 # fixed, with `scene`
 
     scene = shapes.as_scene(ex["scene"])
     shapes.sft_caption(scene, shapes.caption_rng(0, "train", 0, draw=1 + epoch))
@@ -40,9 +42,9 @@ from balcap_jax.data.shapes_world import (as_scene, image_id, make_scene, parse_
 log = logging.getLogger(__name__)
 
 __all__ = ["ShapesWorld", "ShapesWorldConfig", "ShapesSource", "shapes_example",
-           "build_shapes_dataset", "open_shapes_source", "make_scene", "render", "as_scene",
-           "scene_to_json", "image_id", "parse_image_id", "reference_caption", "sft_caption",
-           "sft_caption_for",
+           "build_shapes_dataset", "open_shapes_source", "make_shapes_loader",
+           "shapes_eval_examples", "make_scene", "render", "as_scene", "scene_to_json",
+           "image_id", "parse_image_id", "reference_caption", "sft_caption", "sft_caption_for",
            "SftErrors", "caption_rng", "tokenizer_corpus", "parse_caption", "words",
            "SHAPES_PROMPT", "BUILDER_NAME"]
 
@@ -167,3 +169,34 @@ def build_shapes_dataset(*, seed: int = 0, num_train: int = 4000, num_eval: int 
 def open_shapes_source(builder: ShapesWorld, split: str = "train"):
     """Random-access source of a prepared split (tfds.data_source; text fields come as bytes)."""
     return builders.open_source(builder, split)
+
+
+def make_shapes_loader(builder: ShapesWorld, *, batch_size: int, seed: int,
+                       split: str = "train", shard_index: int | None = None,
+                       shard_count: int | None = None, read_threads: int = 4):
+    """The trainer's CaptionLoader over a prepared split, with the world's prompt. Its examples
+    lack `scene`; score them with `image_ids=` (or regenerate with `make_scene`)."""
+    from balcap_jax.data.loader import CaptionLoader
+    return CaptionLoader(open_shapes_source(builder, split), batch_size=batch_size, seed=seed,
+                         prompt=SHAPES_PROMPT, shard_index=shard_index,
+                         shard_count=shard_count, read_threads=read_threads)
+
+
+def shapes_eval_examples(builder: ShapesWorld, num: int | None = None) -> list[dict[str, Any]]:
+    """The first `num` (default all) held-out examples in order, as loader-style dicts plus
+    `scene` (JSON text): a fixed evaluation set."""
+    src = open_shapes_source(builder, "eval")
+    num = len(src) if num is None else num
+    if not 0 < num <= len(src):
+        raise ValueError(f"num={num} held-out examples asked, the eval split has {len(src)}; "
+                         "build the dataset with a larger num_eval")
+
+    def text(x):
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+    out = []
+    for i in range(num):
+        raw = src[i]
+        out.append({"image": raw["image"], "image_id": text(raw["image_id"]),
+                    "references": [text(r) for r in raw["references"]],
+                    "prompt": text(raw["prompt"]), "scene": text(raw["scene"])})
+    return out
