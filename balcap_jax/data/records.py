@@ -168,7 +168,11 @@ def read_sharegpt4v(files: Iterable[str], image_root: str | None,
                 summary.skip(MALFORMED_RECORD, f"{where}: not a JSON object")
                 continue
             image = item.get("image")
-            if not isinstance(image, str) or not image.strip():
+            if image is not None and not isinstance(image, str):
+                summary.skip(MALFORMED_RECORD, f"{where}: 'image' is a {type(image).__name__}, "
+                             "not one path (multi-image records are not captions)")
+                continue
+            if not image or not image.strip():
                 summary.skip(MISSING_IMAGE_FIELD, where)
                 continue
             convs = item.get("conversations")
