@@ -15,8 +15,10 @@ cover the split; the host then reads its share in order, epochs following one an
 gap (a batch may straddle two epochs). Images differ in size, so a batch is a list, not an array.
 
 The position counts examples handed out, so a restore yields exactly the remaining examples.
-grain runs the reads and the batching in threads (`read_threads`) and prefetches ahead of the consumer; prefetched
-but unconsumed examples are simply read again after a restore.
+Hosts with the same batch size hold the same position at the same step, so process 0's state
+restores every host (set_state reads the epoch length of the shard that saved it).
+grain runs the reads and the batching in threads (`read_threads`) and prefetches ahead of the
+consumer; prefetched but unconsumed examples are simply read again after a restore.
 """
 from __future__ import annotations
 
@@ -103,18 +105,23 @@ class CaptionLoader:
                         "the resumed order is not a continuation", state["num_examples"],
                         self.num_examples)
         old_count = int(state.get("shard_count", self.shard_count))
-        if old_count != self.shard_count:
+        old_index = int(state.get("shard_index", self.shard_index))
+        old_len = len(range(old_index, self.num_examples, old_count))
+        if not 0 <= index < old_len:
+            raise ValueError(f"loader state index {index} is outside the saving host's epoch "
+                             f"of {old_len} examples")
+        if old_count == self.shard_count:
+            # Same partition: the host position is epoch * (saver's epoch length) + index.
+            self._position = epoch * old_len + index
+        else:
             # Another host count means another partition; keep the epoch and the fraction of it.
-            old_len = len(range(int(state.get("shard_index", 0)), self.num_examples, old_count))
-            index = index * self.examples_per_epoch // max(old_len, 1)
+            index = index * self.examples_per_epoch // old_len
             log.warning("loader state was saved with %s shards, now %s: resuming epoch %s at "
                         "the same fraction (index %s); a few examples may repeat or be missed",
                         old_count, self.shard_count, epoch, index)
-        if not 0 <= index < self.examples_per_epoch:
-            raise ValueError(f"loader state index {index} is outside this host's epoch of "
-                             f"{self.examples_per_epoch} examples")
-        self._position = epoch * self.examples_per_epoch + index
+            self._position = epoch * self.examples_per_epoch + index
         self._iter = None
+        self._perms = {}  # the seed may have changed
 
     # --- reading ----------------------------------------------------------------------------
     def _permutation(self, epoch: int) -> np.ndarray:
