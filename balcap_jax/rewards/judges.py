@@ -21,8 +21,8 @@ yes_no / digits: no generation. p(yes) (softmax over the yes and no spellings' i
     prefilled once (the vision tower runs once per image and call, never per assertion), each
     distinct (head, shared) extends a copy of its head's cache rows, and each item is a short
     continuation of its (head, shared) rows; only the item's last hidden state goes through the
-    LM head. Rows are batched in padded buckets (powers of two, in chunks of `prefix_batch` and
-    `item_batch` rows), lengths bucketed to powers of two, so a run compiles a bounded number of
+    LM head. Rows are batched in padded buckets (powers of two from 8, in chunks of at most
+    `prefix_batch` and `item_batch` rows), lengths bucketed to powers of two, so a run compiles a bounded number of
     times (`compile_count()`). Each segment is right-padded inside its bucket; the padded slots
     are masked out of the KV mask, and positions continue from each row's real length, so
     the answer equals one forward pass over the concatenated tokens (tested).
@@ -58,6 +58,12 @@ def compile_count(name: str | None = None) -> int:
 
 def _pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def _rows(n: int, cap: int) -> int:
+    """Row bucket of a chunk of n <= cap rows: a power of two, at least min(8, cap), so the
+    ragged last chunks of a call reuse a few compiled shapes."""
+    return min(_pow2(cap), _pow2(n, min(8, _pow2(cap))))
 
 
 def _chunks(seq: Sequence, size: int):
@@ -222,7 +228,7 @@ class InProcessBackend:
                 texts.append(head + q.shared + q.item + tail)
                 images.append(q.image)
             n = len(chunk)
-            rows = _pow2(n)            # pad the batch to a bucket with copies of the first row
+            rows = _rows(n, self.generate_batch)   # padded with copies of the first row
             texts += [texts[0]] * (rows - n)
             images += [images[0]] * (rows - n)
             start = time.perf_counter()
@@ -287,7 +293,7 @@ class InProcessBackend:
             head_row = {h: r for r, h in enumerate(head_chunk)}
             chunk_shareds = [s for h in head_chunk for s in by_head[h]]
             for s_chunk in _chunks(chunk_shareds, self.prefix_batch):
-                rows = _pow2(len(s_chunk))
+                rows = _rows(len(s_chunk), self.prefix_batch)
                 parent = np.zeros(rows, np.int32)
                 parent[:len(s_chunk)] = [head_row[shared_head[s]] for s in s_chunk]
                 ids, lens = self._pad([shared_ids[s] for s in s_chunk], rows, len_shared)
@@ -297,7 +303,7 @@ class InProcessBackend:
                 shared_row = {s: r for r, s in enumerate(s_chunk)}
                 items = [k for s in s_chunk for k in by_shared[s]]
                 for i_chunk in _chunks(items, self.item_batch):
-                    rows = _pow2(len(i_chunk))
+                    rows = _rows(len(i_chunk), self.item_batch)
                     parent = np.zeros(rows, np.int32)
                     parent[:len(i_chunk)] = [shared_row[item_shared[k]] for k in i_chunk]
                     ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, len_item)
@@ -314,7 +320,7 @@ class InProcessBackend:
         """Prefill the distinct heads (one per image; one for text queries), padded to a
         power-of-two number of rows."""
         n = len(images)
-        rows = _pow2(n)
+        rows = _rows(n, self.prefix_batch)
         images = images + [images[0]] * (rows - n)
         texts = [self._head_tail(im is not None)[0] for im in images]
         prompt = sampling.prepare_prompt(self.model, self._encode(texts, images),

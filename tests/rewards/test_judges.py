@@ -11,7 +11,7 @@ from flax import nnx
 from balcap_jax.models.decoder import CausalLM, DecoderConfig
 from balcap_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from balcap_jax.models.qwen2_5_vl_vision import VisionConfig
-from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
+from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor, pad_batch
 from balcap_jax.rewards import judges as J
 from balcap_jax.rewards import prompts as P
 from balcap_jax.rewards.balcap import BalCapScorer, Query
@@ -28,16 +28,20 @@ def tokenizer():
     return train_tiny_bpe(CORPUS, vocab_size=420)
 
 
-def _randomize(model, seed):
-    """Weights ~ N(0, 0.2) (norm scales 1 + N(0, 0.2)) so logits are far from flat."""
+def _random_model(build, seed):
+    """build() with weights ~ N(0, 0.2) (norm scales 1 + N(0, 0.2)) so logits are far from
+    flat. Built abstractly and filled from numpy: eager initialisation compiles one tiny program
+    per parameter, which takes tens of seconds on a busy CPU."""
+    model = nnx.eval_shape(build)
+    rng = np.random.default_rng(seed)
     state = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree.flatten_with_path(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
     new = []
-    for (path, x), k in zip(leaves, keys):
-        noise = 0.2 * jax.random.normal(k, x.shape, x.dtype)
-        new.append(1.0 + noise if "norm" in jax.tree_util.keystr(path) or "ln_q" in
-                   jax.tree_util.keystr(path) else noise)
+    for path, x in leaves:
+        noise = 0.2 * rng.standard_normal(x.shape).astype(np.float32)
+        name = jax.tree_util.keystr(path)
+        new.append(jnp.asarray(1.0 + noise if "norm" in name or "ln_q" in name else noise,
+                               x.dtype))
     nnx.update(model, jax.tree.unflatten(treedef, new))
     return model
 
@@ -49,7 +53,7 @@ def _text_cfg(vocab, mrope=None):
 
 @pytest.fixture(scope="module")
 def text_judge(tokenizer):
-    model = _randomize(CausalLM(_text_cfg(len(tokenizer)), rngs=nnx.Rngs(0)), 1)
+    model = _random_model(lambda: CausalLM(_text_cfg(len(tokenizer)), rngs=nnx.Rngs(0)), 1)
     return J.InProcessBackend(model, tokenizer, name="tiny-text", prefix_batch=2, item_batch=4,
                               list_max_tokens=12, generate_batch=2)
 
@@ -64,7 +68,7 @@ def vl_judge(tokenizer):
                             out_hidden_size=64, window_size=56, fullatt_block_indexes=(1,)),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    model = _randomize(Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), 2)
+    model = _random_model(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), 2)
     proc = Qwen25VLProcessor(tokenizer, QwenImageProcessor(min_pixels=56 * 56,
                                                           max_pixels=56 * 56 * 2))
     return J.InProcessBackend(model, tokenizer, name="tiny-vl", processor=proc, prefix_batch=2,
@@ -77,22 +81,28 @@ def _images():
             rng.integers(0, 255, (84, 56, 3), np.uint8)]
 
 
-def _reference(judge, q, reader):
-    """One plain forward over head + shared + item tokens (tokenized as the judge does)."""
-    head, tail = judge._head_tail(q.image is not None)
-    rest = judge._tok(q.shared) + judge._tok(q.item + tail)
-    if q.image is None:
-        ids = np.asarray([judge._tok(head) + rest])
-        logits = judge.model(input_ids=ids)
-    else:
-        enc = judge.processor([head], images=[q.image])
-        ids = np.concatenate([enc["input_ids"][0], rest])[None]
-        logits = judge.model(input_ids=ids, pixel_values=enc["pixel_values"],
-                             image_grid_thw=enc["image_grid_thw"])
-    last = logits[:, -1]
+def _reference(judge, queries, reader):
+    """Plain forwards over head + shared + item tokens (tokenized as the judge does), all
+    queries in one left-padded batch -> answers [Q]."""
+    rows, pixels, grids = [], [], []
+    for q in queries:
+        head, tail = judge._head_tail(q.image is not None)
+        rest = judge._tok(q.shared) + judge._tok(q.item + tail)
+        if q.image is None:
+            rows.append(judge._tok(head) + rest)
+        else:
+            enc = judge.processor([head], images=[q.image])
+            rows.append(list(enc["input_ids"][0]) + rest)
+            pixels.append(enc["pixel_values"])
+            grids.append(enc["image_grid_thw"])
+    ids, mask = pad_batch(rows, judge.pad_id, padding_side="left")
+    kw = {}
+    if pixels:
+        kw = dict(pixel_values=np.concatenate(pixels), image_grid_thw=np.concatenate(grids))
+    last = judge.model(input_ids=ids, attention_mask=mask, **kw)[:, -1]
     if reader == "yes_no":
-        return float(yes_probability(last, judge.yes_ids, judge.no_ids)[0])
-    return float(digit_expectation(last, np.asarray(judge.digit_ids))[0])
+        return np.asarray(yes_probability(last, judge.yes_ids, judge.no_ids))
+    return np.asarray(digit_expectation(last, np.asarray(judge.digit_ids)))
 
 
 def _text_queries():
@@ -102,24 +112,28 @@ def _text_queries():
     return [Query(*P.render("coverage", caption=c, unit=u)) for c in caps for u in units]
 
 
+@pytest.mark.heavy
 def test_text_yes_no_equals_full_forward(text_judge):
     qs = _text_queries()
+    text_judge.stats.clear()
     answers = text_judge.yes_no(qs)
     got = np.asarray([a.value for a in answers])
-    want = np.asarray([_reference(text_judge, q, "yes_no") for q in qs])
+    want = _reference(text_judge, qs, "yes_no")
     assert all(a.error is None for a in answers)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.ptp(want) > 1e-3                          # the queries are told apart
-    # 1 text head, 2 shared prefixes (one per caption), 10 items in chunks of 4 (4 + 4 + 2)
-    assert text_judge.stats["head_rows"] == 1 and text_judge.stats["shared_rows"] == 2
-    assert text_judge.stats["item_rows"] == 4 + 4 + 2
+    # 1 text head (padded to 2 rows), 2 shared prefixes (one per caption), 10 items in
+    # chunks of 4, the last one padded: 4 + 4 + (2 + 2 dummy rows)
+    assert text_judge.stats["head_rows"] == 2 and text_judge.stats["shared_rows"] == 2
+    assert text_judge.stats["item_rows"] == 4 + 4 + 4
 
 
+@pytest.mark.heavy
 def test_text_digits_equal_full_forward(text_judge):
     qs = [Query(*P.render(c, caption=cap)) for cap in ("A red car.", "The sky is blue, blue.")
           for c in P.LINGUISTIC_CRITERIA]
     got = np.asarray([a.value for a in text_judge.digits(qs)])
-    want = np.asarray([_reference(text_judge, q, "digits") for q in qs])
+    want = _reference(text_judge, qs, "digits")
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert ((got >= 1) & (got <= 5)).all()
 
@@ -135,6 +149,7 @@ def test_buckets_bound_compiles_and_order_is_kept(text_judge):
     np.testing.assert_allclose(again, [first[1], first[7], first[3]], atol=1e-6)
 
 
+@pytest.mark.heavy
 def test_vl_yes_no_shares_the_image_prefix(vl_judge):
     img_a, img_b = _images()
     asserts = ["A red car.", "The sky is blue.", "A tree is parked."]
@@ -143,17 +158,18 @@ def test_vl_yes_no_shares_the_image_prefix(vl_judge):
     vl_judge.stats.clear()
     answers = vl_judge.yes_no(qs)
     got = np.asarray([a.value for a in answers])
-    want = np.asarray([_reference(vl_judge, q, "yes_no") for q in qs])
+    want = _reference(vl_judge, qs, "yes_no")
     np.testing.assert_allclose(got, want, atol=1e-5)
     # the vision tower ran once per image for 12 questions; 4 (image, instruction) prefixes
     assert vl_judge.stats["images_encoded"] == 2 and vl_judge.stats["head_rows"] == 2
     assert vl_judge.stats["shared_rows"] == 4
 
 
+@pytest.mark.heavy
 def test_vl_judge_text_queries_use_mrope_text_positions(vl_judge):
     qs = _text_queries()[:3]
     got = np.asarray([a.value for a in vl_judge.yes_no(qs)])
-    want = np.asarray([_reference(vl_judge, q, "yes_no") for q in qs])
+    want = _reference(vl_judge, qs, "yes_no")
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -173,17 +189,20 @@ def test_decode_lists_parses_generated_json(tokenizer):
     assert out[2] == (None, "no_list")
 
 
+@pytest.mark.heavy
 def test_decompose_runs_greedy_generation(text_judge):
     qs = [Query(*P.render("decompose_caption", caption=c)) for c in ("A car.", "A tree.", "X")]
+    text_judge.stats.clear()
     answers = text_judge.decompose(qs)
     assert len(answers) == 3
     # a random judge rarely writes a JSON list: each answer is a list or a parse reason
     for a in answers:
         assert (a.error is None and isinstance(a.value, list)) or a.error in {
             "no_list", "truncated_list", "bad_json", "bad_items", "empty_output"}
-    assert text_judge.stats["decompose_rows"] == 2 + 1    # chunks of 2, padded to powers of 2
+    assert text_judge.stats["decompose_rows"] == 2 + 2    # chunks of 2, the last one padded
 
 
+@pytest.mark.heavy
 def test_scorer_runs_end_to_end_on_in_process_judges(vl_judge, text_judge):
     img, _ = _images()
     res = BalCapScorer(vl_judge, text_backend=text_judge)(
