@@ -181,7 +181,8 @@ def make_config(fmt: str, files, *, split: str = "train", image_root: str | None
     if fmt not in BUILDERS:
         raise ValueError(f"unknown caption format {fmt!r}; use one of {sorted(BUILDERS)}")
     per_split = _split_files(files, split)
-    splits = tuple((s, tuple(os.path.abspath(f) for f in fs)) for s, fs in sorted(per_split.items()))
+    splits = tuple((s, tuple(os.path.abspath(f) for f in fs))
+                   for s, fs in sorted(per_split.items()))
     root = os.path.abspath(os.path.expanduser(image_root)) if image_root else ""
     if not name:
         h = hashlib.sha1(repr((fmt, splits, root, max_side, max_pixels)).encode())
