@@ -122,7 +122,7 @@ def test_cli_killed_midway_then_resumed(corpus, tmp_path):
             "--concurrency", "2", "--max_retries", "1", "--timeout", "10",
             "--max_side", str(fakes.MAX_SIDE), "--max_pixels", str(fakes.MAX_PIXELS),
             "--no_progress"]
-    slow = lambda req, n: Reply(body=completion(f"caption {time.monotonic()}"), delay=0.1)  # noqa
+    slow = lambda req, n: Reply(body=completion(f"caption {time.monotonic()}"), delay=0.15)  # noqa
     with ChatServer(slow) as server:
         env = {**os.environ, "BALCAP_TEST_KEY": "k123", "PYTHONPATH": REPO}
         proc = subprocess.Popen([sys.executable, "-m", "balcap_jax.data.recaption",
