@@ -5,7 +5,9 @@
 image-pad tokens. Parameter paths mirror the hub keys: model/..., lm_head/..., visual/....
 
 Host side (numpy; everything that depends on image sizes, so jitted code sees bucketed shapes):
-  `model.prepare_vision_inputs(pixel_values, image_grid_thw, bucket=None) -> VisionInputs`
+  `model.prepare_vision_inputs(pixel_values, image_grid_thw, bucket="default") -> VisionInputs`
+      (patch bucket and attention-row layout from model.vision_bucket / vision_window_row /
+      vision_full_row; see qwen2_5_vl_index.prepare_vision_inputs)
   `model.rope_index(input_ids, attention_mask, image_grid_thw, mm_token_type_ids=None)
       -> positions [3,B,T] int32 (= HF get_rope_index), deltas [B] int32`
       (decoding: the token at cache slot i after the prompt has position i + delta on all axes)
@@ -208,6 +210,8 @@ class Qwen2_5_VL(CausalLM):
         """HF-style keyword call -> float32 logits [B, T, V]."""
         if input_ids is None:
             raise ValueError("pass input_ids=[B, T] token ids")
+        if ignored.get("pixel_values_videos") is not None:
+            raise NotImplementedError("Qwen2.5-VL video inputs are not supported (images only)")
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
