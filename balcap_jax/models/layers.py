@@ -27,6 +27,8 @@ True = query t may attend key s; build it with `causal_mask(kv_mask, T, cache_in
 left padding) or `segment_mask(segment_ids)` (vision tower: block-diagonal, non-causal). With a
 cache (k, v each [B,S,KV,hd]) the new keys are written at slots cache_index..cache_index+T-1
 and queries attend over all S slots; without one, keys are this call's T tokens (S = T).
+Vision towers pass packed patches as x [1, N, D] (or [rows, N, D]) with cos/sin [N, hd] and a
+`segment_mask` of window/image ids; attention itself is `dot_product_attention` (usable alone).
 """
 from __future__ import annotations
 

@@ -175,6 +175,7 @@ def test_gqa_attention_left_padded(kv_heads):
     np.testing.assert_allclose(both[valid], t2n(ref)[valid], atol=ATOL)
 
 
+@pytest.mark.heavy
 def test_vision_attention_fused_qkv_block_diagonal():
     vcfg = Qwen2_5_VLVisionConfig(hidden_size=32, num_heads=2, depth=1)
     vcfg._attn_implementation = "eager"
