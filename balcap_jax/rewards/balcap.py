@@ -49,7 +49,8 @@ from balcap_jax.rewards import prompts as P
 from balcap_jax.rewards.base import ScoreResult
 from balcap_jax.rewards.parsing import digit_score
 
-__all__ = ["Query", "Answer", "JudgeBackend", "BalCapScorer", "ReferenceUnitCache", "REWARDS"]
+__all__ = ["Query", "Answer", "JudgeBackend", "BalCapScorer", "ReferenceUnitCache", "REWARDS",
+           "from_config"]
 
 REWARDS = ("precision", "recall", "linguistic")
 
@@ -351,3 +352,65 @@ class BalCapScorer:
         diag.update(nan)
         diag.update({f"time_s/{role}": t for role, t in times.items()})
         return ScoreResult(rewards, dict(diag))
+
+
+# ----------------------------------------------------------------------------------------------
+# From the run config
+# ----------------------------------------------------------------------------------------------
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def from_config(cfg: Any, *, mesh=None, rules=None) -> BalCapScorer:
+    """The BalCapScorer a run config asks for, from its `judges` block:
+
+      backend           "in_process" (default) or "remote"
+      threshold, pointability, rewards (default: cfg.rl.rewards)
+      cache_dir         reference-unit cache; "" = <workdir>/judge_cache
+      in_process:       multimodal_path, text_path ("" = the multimodal judge for every role),
+                        dtype (default "bfloat16"), list_max_tokens, prefix_batch, item_batch
+      remote:           base_url, model, text_base_url / text_model (default: the same
+                        endpoint), api_key_env (default "OPENAI_API_KEY"), timeout,
+                        max_retries, concurrency, top_logprobs
+    """
+    j = _get(cfg, "judges")
+    if j is None:
+        raise ValueError("config has no `judges` block; see balcap_jax/rewards/balcap.py "
+                         "from_config for its fields")
+    cache_dir = _get(j, "cache_dir", "") or os.path.join(_get(cfg, "workdir", "."), "judge_cache")
+    rewards = tuple(r for r in (_get(_get(cfg, "rl"), "rewards") or REWARDS) if r in REWARDS)
+    kind = _get(j, "backend", "in_process")
+    if kind == "remote":
+        from balcap_jax.rewards.remote import RemoteBackend
+        key = os.environ.get(_get(j, "api_key_env", "OPENAI_API_KEY") or "")
+        common = dict(api_key=key or None, timeout=float(_get(j, "timeout", 60.0)),
+                      max_retries=int(_get(j, "max_retries", 2)),
+                      concurrency=int(_get(j, "concurrency", 16)))
+        if not _get(j, "base_url") or not _get(j, "model"):
+            raise ValueError("judges.backend='remote' needs judges.base_url and judges.model")
+        lp = dict(top_logprobs=int(_get(j, "top_logprobs", 10)))
+        mm = RemoteBackend.from_url(_get(j, "base_url"), _get(j, "model"), **common, **lp)
+        text = mm
+        if _get(j, "text_base_url") or _get(j, "text_model"):
+            text = RemoteBackend.from_url(_get(j, "text_base_url") or _get(j, "base_url"),
+                                          _get(j, "text_model") or _get(j, "model"),
+                                          **common, **lp)
+    elif kind == "in_process":
+        from balcap_jax.rewards.judges import load_backend
+        kw = {k: _get(j, k) for k in ("list_max_tokens", "prefix_batch", "item_batch")
+              if _get(j, k) is not None}
+        dtype = _get(j, "dtype", "bfloat16")
+        mm = load_backend(_get(j, "multimodal_path"), dtype=dtype, mesh=mesh, rules=rules, **kw)
+        text = mm
+        if _get(j, "text_path"):
+            text = load_backend(_get(j, "text_path"), dtype=dtype, mesh=mesh, rules=rules, **kw)
+    else:
+        raise ValueError(f"judges.backend={kind!r}: use 'in_process' or 'remote'")
+    return BalCapScorer(mm, text_backend=text, threshold=bool(_get(j, "threshold", False)),
+                        pointability=bool(_get(j, "pointability", True)),
+                        rewards=rewards or REWARDS, cache_dir=cache_dir)

@@ -45,7 +45,7 @@ from balcap_jax.rewards.balcap import Answer, Query
 from balcap_jax.rewards.parsing import (NO_SPELLINGS, YES_SPELLINGS, digit_expectation,
                                         parse_json_list, single_token_ids, yes_probability)
 
-__all__ = ["InProcessBackend", "compile_count", "decode_lists"]
+__all__ = ["InProcessBackend", "compile_count", "decode_lists", "load_backend"]
 
 _TRACES: collections.Counter = collections.Counter()
 _SHARED, _ITEM = "\ue000SHARED\ue000", "\ue000ITEM\ue000"   # private-use sentinels
@@ -339,3 +339,37 @@ class InProcessBackend:
             ids[r, :len(s)] = s
             lens[r] = len(s)
         return ids, lens
+
+
+def load_backend(path: str, *, name: str | None = None, dtype: Any = "bfloat16", mesh=None,
+                 rules=None, **kwargs: Any) -> InProcessBackend:
+    """An in-process judge from a local HF checkpoint directory (config.json, safetensors,
+    tokenizer files; preprocessor_config.json for Qwen2.5-VL). `name` defaults to the
+    directory's base name; kwargs go to InProcessBackend."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    from balcap_jax.models import from_pretrained
+    from balcap_jax.processing import (QWEN25_VL_CHAT_TEMPLATE, QwenImageProcessor,
+                                       Qwen25VLProcessor)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"judge checkpoint {path!r} is not a directory; point "
+                                "judges.*_path at a local Hugging Face checkpoint")
+    model = from_pretrained(path, dtype=dtype, mesh=mesh, rules=rules)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    processor = None
+    if hasattr(model, "prepare_prompt"):          # multimodal (Qwen2.5-VL)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = QWEN25_VL_CHAT_TEMPLATE
+        pre = os.path.join(path, "preprocessor_config.json")
+        image_processor = QwenImageProcessor()
+        if os.path.exists(pre):
+            with open(pre) as f:
+                image_processor = QwenImageProcessor.from_config(json.load(f))
+        processor = Qwen25VLProcessor(tokenizer, image_processor)
+    elif not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer in {path} has no chat template; a judge needs one")
+    return InProcessBackend(model, tokenizer, processor=processor,
+                            name=name or os.path.basename(os.path.normpath(path)), **kwargs)

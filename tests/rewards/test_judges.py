@@ -218,3 +218,25 @@ def test_image_query_needs_a_processor(text_judge):
     img, _ = _images()
     with pytest.raises(ValueError, match="processor"):
         text_judge.yes_no([Query("Is it? ", "Assertion: x", image=img)])
+
+
+@pytest.mark.heavy
+def test_load_backend_from_a_saved_checkpoint(text_judge, tokenizer, tmp_path):
+    from balcap_jax.models import save_pretrained
+    path = tmp_path / "tiny-judge"
+    save_pretrained(text_judge.model, str(path))
+    tokenizer.save_pretrained(str(path))
+    loaded = J.load_backend(str(path), dtype="float32", prefix_batch=2, item_batch=4)
+    assert loaded.name == "tiny-judge" and loaded.processor is None
+    # the same weights ...
+    ids = np.arange(1, 40, dtype=np.int32)[None]
+    np.testing.assert_allclose(loaded.model(input_ids=ids), text_judge.model(input_ids=ids),
+                               atol=1e-5)
+    # ... and a working judge (transformers loads the tokenizer as Qwen2's, whose pre-tokenizer
+    # splits " 1" into two tokens, so the answer ids may differ from the fixture's)
+    assert loaded.yes_ids and len(loaded.digit_ids) == 5
+    qs = _text_queries()[:4]
+    np.testing.assert_allclose([a.value for a in loaded.yes_no(qs)],
+                               _reference(loaded, qs, "yes_no"), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="local Hugging Face checkpoint"):
+        J.load_backend(str(tmp_path / "missing"))

@@ -196,3 +196,34 @@ def test_plain_client_without_logprobs_does_not_ask_for_them():
     from balcap_jax.client import ChatResult
     has = "logprobs" in {f.name for f in dataclasses.fields(ChatResult)}
     assert ("logprobs" in req) == has
+
+
+def test_scorer_from_config_remote(tmp_path, monkeypatch):
+    from balcap_jax.rewards.balcap import from_config
+    monkeypatch.setenv("JUDGE_KEY", "k123")
+    with ChatServer(judge) as server:
+        cfg = {"workdir": str(tmp_path), "rl": {"rewards": ["precision", "recall", "linguistic"]},
+               "judges": {"backend": "remote", "base_url": server.base_url, "model": "jm",
+                          "api_key_env": "JUDGE_KEY", "timeout": 2.0, "max_retries": 0,
+                          "threshold": True}}
+        scorer = from_config(cfg)
+        res = scorer(images=[IMAGE], captions=[CAP], references=[[REF]])
+        auth = server.headers[0]["Authorization"]
+    assert auth == "Bearer k123"
+    np.testing.assert_allclose(res.rewards["precision"], [1 / 3], rtol=1e-6)
+    assert scorer.threshold and scorer.backend.name == "jm"
+    assert (tmp_path / "judge_cache" / "reference_units.sqlite").exists()
+
+
+@pytest.mark.parametrize("judges,match", [
+    (None, "no `judges` block"),
+    ({"backend": "cloud"}, "use 'in_process' or 'remote'"),
+    ({"backend": "remote", "model": "m"}, "needs judges.base_url"),
+])
+def test_scorer_from_config_errors(tmp_path, judges, match):
+    from balcap_jax.rewards.balcap import from_config
+    cfg = {"workdir": str(tmp_path)}
+    if judges is not None:
+        cfg["judges"] = judges
+    with pytest.raises(ValueError, match=match):
+        from_config(cfg)
