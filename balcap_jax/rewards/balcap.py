@@ -27,6 +27,13 @@ pointability go to `backend` (multimodal, queries carry the image); decompositio
 and linguistic ratings go to `text_backend` (default: `backend`). remote.RemoteBackend and
 judges.InProcessBackend implement this.
 
+Diagnostics (floats; the trainer logs them under scorer/): caption_zero/empty_caption,
+caption_zero/no_assertions, nan/<reward> (rollouts), nan/<reward>/<role>:<reason>,
+assertions_mean, assertions_max, verify_mean, pointable_mean, reference_units_mean,
+reference_cache/hits, reference_cache/misses, time_s/<role> (decompose_caption,
+verify_pointable, decompose_reference, coverage, linguistic). `metadata()` gives the prompt
+versions and judge names as strings for the run's config.
+
 Reference units are decomposed once per (reference text, text judge name, prompt version) and
 kept in `<cache_dir>/reference_units.sqlite` (in memory only when cache_dir is None), so later
 epochs never decompose a reference again. Judge failures are not cached.
@@ -215,11 +222,12 @@ class BalCapScorer:
                     queries.append(a)
                     owners.append(i)
         roles = ("verify", "pointable") if self.pointability else ("verify",)
-        probs = {}
-        for role in roles:
-            qs = [Query(*P.render(role, assertion=a), image=images[i])
-                  for a, i in zip(queries, owners)]
-            probs[role] = _ask(self.backend.yes_no, qs, role, times)
+        # one call for both questions, so an in-process judge encodes each image once
+        qs = [Query(*P.render(role, assertion=a), image=images[i])
+              for role in roles for a, i in zip(queries, owners)]
+        answers = _ask(self.backend.yes_no, qs, "_".join(roles), times)
+        probs = {role: answers[k * len(owners):(k + 1) * len(owners)]
+                 for k, role in enumerate(roles)}
         per_rollout: dict[int, list[float]] = collections.defaultdict(list)
         failed: dict[int, str] = {}
         for k, i in enumerate(owners):

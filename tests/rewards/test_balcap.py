@@ -54,10 +54,12 @@ def test_hand_computed_rewards_and_caption_side_zeros():
     assert d["caption_zero/no_assertions"] == 1          # CAP_C decomposes into []
     assert d["assertions_mean"] == 1.5 and d["assertions_max"] == 3
     assert d["nan/precision"] == d["nan/recall"] == d["nan/linguistic"] == 0
-    assert {"time_s/decompose_caption", "time_s/verify", "time_s/pointable",
+    assert {"time_s/decompose_caption", "time_s/verify_pointable",
             "time_s/decompose_reference", "time_s/coverage", "time_s/linguistic"} <= set(d)
     # empty captions never reach a judge
     assert b.calls["decompose_caption"] == 2 and b.calls["clarity"] == 2
+    # verification and pointability of all assertions go to the judge in one batch
+    assert ("yes_no", 6) in b.batches
 
 
 def test_threshold_and_no_pointability():
