@@ -318,10 +318,10 @@ class InProcessBackend:
 
     def _prefill_heads(self, graphdef, state, images: list[Any], tail_len: int):
         """Prefill the distinct heads (one per image; one for text queries), padded to a
-        power-of-two number of rows."""
+        bucket of rows with text-only heads (so padding never runs the vision tower)."""
         n = len(images)
         rows = _rows(n, self.prefix_batch)
-        images = images + [images[0]] * (rows - n)
+        images = images + [None] * (rows - n)
         texts = [self._head_tail(im is not None)[0] for im in images]
         prompt = sampling.prepare_prompt(self.model, self._encode(texts, images),
                                          pad_id=self.pad_id)

@@ -78,7 +78,8 @@ def vl_judge(tokenizer):
 def _images():
     rng = np.random.default_rng(0)
     return [rng.integers(0, 255, (56, 56, 3), np.uint8),
-            rng.integers(0, 255, (84, 56, 3), np.uint8)]
+            rng.integers(0, 255, (84, 56, 3), np.uint8),
+            rng.integers(0, 255, (56, 84, 3), np.uint8)]
 
 
 def _reference(judge, queries, reader):
@@ -151,18 +152,19 @@ def test_buckets_bound_compiles_and_order_is_kept(text_judge):
 
 @pytest.mark.heavy
 def test_vl_yes_no_shares_the_image_prefix(vl_judge):
-    img_a, img_b = _images()
+    images = _images()
     asserts = ["A red car.", "The sky is blue.", "A tree is parked."]
-    qs = [Query(*P.render(role, assertion=a), image=im) for im in (img_a, img_b)
+    qs = [Query(*P.render(role, assertion=a), image=im) for im in images
           for role in ("verify", "pointable") for a in asserts]
     vl_judge.stats.clear()
     answers = vl_judge.yes_no(qs)
     got = np.asarray([a.value for a in answers])
     want = _reference(vl_judge, qs, "yes_no")
     np.testing.assert_allclose(got, want, atol=1e-5)
-    # the vision tower ran once per image for 12 questions; 4 (image, instruction) prefixes
-    assert vl_judge.stats["images_encoded"] == 2 and vl_judge.stats["head_rows"] == 2
-    assert vl_judge.stats["shared_rows"] == 4
+    # the vision tower ran once per image for 18 questions; heads in chunks of 2 (the last
+    # padded with a text-only head); 6 (image, instruction) prefixes
+    assert vl_judge.stats["images_encoded"] == 3 and vl_judge.stats["head_rows"] == 4
+    assert vl_judge.stats["shared_rows"] == 6
 
 
 @pytest.mark.heavy
@@ -204,7 +206,7 @@ def test_decompose_runs_greedy_generation(text_judge):
 
 @pytest.mark.heavy
 def test_scorer_runs_end_to_end_on_in_process_judges(vl_judge, text_judge):
-    img, _ = _images()
+    img = _images()[0]
     res = BalCapScorer(vl_judge, text_backend=text_judge)(
         images=[img, img], captions=["A red car.", ""], references=[["A red car."]] * 2)
     for name in ("precision", "recall", "linguistic"):
@@ -215,7 +217,7 @@ def test_scorer_runs_end_to_end_on_in_process_judges(vl_judge, text_judge):
 
 
 def test_image_query_needs_a_processor(text_judge):
-    img, _ = _images()
+    img = _images()[0]
     with pytest.raises(ValueError, match="processor"):
         text_judge.yes_no([Query("Is it? ", "Assertion: x", image=img)])
 
