@@ -222,13 +222,18 @@ def test_image_query_needs_a_processor(text_judge):
         text_judge.yes_no([Query("Is it? ", "Assertion: x", image=img)])
 
 
-@pytest.mark.heavy
-def test_load_backend_from_a_saved_checkpoint(text_judge, tokenizer, tmp_path):
+@pytest.fixture(scope="module")
+def saved_text_judge(text_judge, tokenizer, tmp_path_factory):
     from balcap_jax.models import save_pretrained
-    path = tmp_path / "tiny-judge"
+    path = tmp_path_factory.mktemp("judges") / "tiny-judge"
     save_pretrained(text_judge.model, str(path))
     tokenizer.save_pretrained(str(path))
-    loaded = J.load_backend(str(path), dtype="float32", prefix_batch=2, item_batch=4)
+    return str(path)
+
+
+@pytest.mark.heavy
+def test_load_backend_from_a_saved_checkpoint(text_judge, saved_text_judge, tmp_path):
+    loaded = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=4)
     assert loaded.name == "tiny-judge" and loaded.processor is None
     # the same weights ...
     ids = np.arange(1, 40, dtype=np.int32)[None]
@@ -242,3 +247,18 @@ def test_load_backend_from_a_saved_checkpoint(text_judge, tokenizer, tmp_path):
                                _reference(loaded, qs, "yes_no"), atol=1e-5)
     with pytest.raises(FileNotFoundError, match="local Hugging Face checkpoint"):
         J.load_backend(str(tmp_path / "missing"))
+
+
+@pytest.mark.heavy
+def test_sharded_judge_equals_single_device(saved_text_judge):
+    """The judge on its own (data, fsdp, tensor) = (2, 2, 2) mesh of the 8 fake CPU devices
+    gives the same answers (float32, atol 1e-5)."""
+    from jax.sharding import AxisType
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(AxisType.Auto,) * 3)
+    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=8)
+    sharded = J.load_backend(saved_text_judge, dtype="float32", mesh=mesh, prefix_batch=2,
+                             item_batch=8)
+    qs = _text_queries()
+    np.testing.assert_allclose([a.value for a in sharded.yes_no(qs)],
+                               [a.value for a in single.yes_no(qs)], atol=1e-5)
