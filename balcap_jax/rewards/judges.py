@@ -52,7 +52,7 @@ _SHARED, _ITEM = "\ue000SHARED\ue000", "\ue000ITEM\ue000"   # private-use sentin
 
 
 def compile_count(name: str | None = None) -> int:
-    """Traces of the judge's jitted functions ("prefill", "extend", "read"); None = all."""
+    """Traces of the judge's jitted functions ("prefill", "extend", "read", "full"); None = all."""
     return sum(_TRACES.values()) if name is None else _TRACES[name]
 
 
@@ -137,6 +137,20 @@ def _read(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens, start, m
     return digit_expectation(logits, np.asarray(ids_a))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "reader", "ids_a", "ids_b"))
+def _full(graphdef, state, prompt: sampling.Prompt, reader: str, ids_a: tuple, ids_b: tuple):
+    """share_prefix=False: one causal forward over whole left-padded prompts; reads the last
+    position -> float32 [B]."""
+    _TRACES["full"] += 1
+    model = nnx.merge(graphdef, state)
+    x = _embed(model, prompt.embed_inputs)
+    hidden, _ = model.forward_embeds(x, prompt.positions, prompt.mask.astype(jnp.int32))
+    logits = model.logits(hidden[:, -1:])[:, 0]
+    if reader == "yes_no":
+        return yes_probability(logits, ids_a, ids_b)
+    return digit_expectation(logits, np.asarray(ids_a))
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
@@ -160,14 +174,17 @@ class InProcessBackend:
     model: a CausalLM (text judge) or Qwen2_5_VL (multimodal judge) with the low-level API.
     tokenizer: its tokenizer (chat template set); processor: a Qwen25VLProcessor for image
     queries (None for a text judge). name: the judge checkpoint id (keys the reference-unit
-    cache). system_prompt None keeps the chat template's default.
+    cache). system_prompt None keeps the chat template's default. share_prefix=False runs every
+    yes/no or digit query as its own full prompt (one forward each, the image encoded per
+    query): the baseline the prefix tree is measured against, same answers.
     """
 
     def __init__(self, model, tokenizer, *, name: str, processor=None,
                  chat_template: str | None = None, system_prompt: str | None = None,
                  list_max_tokens: int = 512, generate_batch: int = 16, prefix_batch: int = 16,
                  item_batch: int = 64, eos_token_ids: Sequence[int] | None = None,
-                 pad_id: int | None = None, seed: int = 0):
+                 pad_id: int | None = None, seed: int = 0, share_prefix: bool = True):
+        self.share_prefix = bool(share_prefix)
         self.model, self.tokenizer, self.processor, self.name = model, tokenizer, processor, name
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.list_max_tokens = int(list_max_tokens)
@@ -253,6 +270,8 @@ class InProcessBackend:
     def _answers(self, queries: Sequence[Query], reader: str, ids_a, ids_b) -> list[Answer]:
         if not queries:
             return []
+        if not self.share_prefix:
+            return self._answers_unshared(queries, reader, ids_a, ids_b)
         start_time = time.perf_counter()
         heads: dict[tuple, int] = {}           # (image id, has image) -> head index
         head_image: list[Any] = []
@@ -315,6 +334,33 @@ class InProcessBackend:
         self.times[reader] += time.perf_counter() - start_time
         return [Answer(float(v)) if np.isfinite(v) else Answer(None, "non_finite")
                 for v in values]
+
+    def _answers_unshared(self, queries: Sequence[Query], reader: str, ids_a, ids_b
+                          ) -> list[Answer]:
+        start_time = time.perf_counter()
+        graphdef, state = nnx.split(self.model)
+        values = []
+        for chunk in _chunks(list(queries), self.item_batch):
+            n = len(chunk)
+            rows = _rows(n, self.item_batch)
+            texts, images = [], []
+            for q in chunk:
+                head, tail = self._head_tail(q.image is not None)
+                texts.append(head + q.shared + q.item + tail)
+                images.append(q.image)
+            head, tail = self._head_tail(False)       # padding rows: text only
+            texts += [head + chunk[0].shared + chunk[0].item + tail] * (rows - n)
+            images += [None] * (rows - n)
+            prompt = sampling.prepare_prompt(self.model, self._encode(texts, images),
+                                             pad_id=self.pad_id)
+            out = _full(graphdef, state, prompt, reader=reader, ids_a=tuple(ids_a),
+                        ids_b=tuple(ids_b))
+            values.append(np.asarray(out)[:n])
+            self.stats["full_rows"] += rows
+            self.stats["images_encoded"] += sum(im is not None for im in images[:n])
+        self.times[reader] += time.perf_counter() - start_time
+        return [Answer(float(v)) if np.isfinite(v) else Answer(None, "non_finite")
+                for v in np.concatenate(values)]
 
     def _prefill_heads(self, graphdef, state, images: list[Any], tail_len: int):
         """Prefill the distinct heads (one per image; one for text queries), padded to a

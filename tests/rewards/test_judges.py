@@ -168,6 +168,20 @@ def test_vl_yes_no_shares_the_image_prefix(vl_judge):
 
 
 @pytest.mark.heavy
+def test_vl_unshared_baseline_gives_the_same_answers(vl_judge):
+    """share_prefix=False (every question a full prompt, the image encoded per question) is the
+    benchmark baseline: same answers, one vision-tower run per question."""
+    images = _images()[:2]
+    qs = [Query(*P.render(role, assertion=a), image=im) for im in images
+          for role in ("verify", "pointable") for a in ("A red car.", "A tree.")]
+    shared = [a.value for a in vl_judge.yes_no(qs)]
+    base = J.InProcessBackend(vl_judge.model, vl_judge.tokenizer, name="tiny-vl",
+                              processor=vl_judge.processor, item_batch=8, share_prefix=False)
+    np.testing.assert_allclose([a.value for a in base.yes_no(qs)], shared, atol=1e-5)
+    assert base.stats["images_encoded"] == len(qs) and base.stats["full_rows"] == 8
+
+
+@pytest.mark.heavy
 def test_vl_judge_text_queries_use_mrope_text_positions(vl_judge):
     qs = _text_queries()[:3]
     got = np.asarray([a.value for a in vl_judge.yes_no(qs)])
