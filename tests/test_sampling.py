@@ -137,6 +137,21 @@ def test_sampling_frequencies_match_filtered_distribution(vocab, top_k, top_p):
     np.testing.assert_allclose(freq, q, atol=0.015)  # ~5 sigma at n = 20k
 
 
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_nucleus_without_sort_equals_sorted_rule(top_p):
+    logits = jax.random.normal(jax.random.key(2), (6, 1000)) * jnp.array([0.1, 1, 2, 4, 8, 16])[:, None]
+    p = np.asarray(jax.nn.softmax(logits), np.float64)
+    order = np.argsort(-p, axis=-1, kind="stable")
+    ps = np.take_along_axis(p, order, -1)
+    above_sorted = np.cumsum(ps, -1) - ps
+    expected = np.zeros_like(p, bool)
+    np.put_along_axis(expected, order, above_sorted < top_p, -1)
+    got = np.asarray(sampling._nucleus(jax.nn.softmax(logits), top_p))
+    # float32 vs float64 mass may differ at the boundary token only
+    assert (got != expected).sum(-1).max() <= 1
+    assert got[np.arange(6), order[:, 0]].all()   # the top token is always kept
+
+
 def test_bucket_length_and_left_align():
     assert [sampling.bucket_length(n) for n in (1, 8, 9, 100)] == [8, 8, 16, 128]
     assert sampling.bucket_length(20, [16, 32, 64]) == 32

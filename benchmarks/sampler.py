@@ -1,0 +1,190 @@
+"""Our jitted sampler against transformers `generate` (PyTorch, CPU) with the same weights.
+
+A tiny-but-not-trivial Qwen2.5-VL (text: 4 layers, hidden 256, vocab 8192; vision: 2 blocks,
+hidden 128), batch 16, one image each (grid 1x8x8 -> 16 image tokens), left-padded prompts of
+different lengths, exactly 96 new tokens on both sides (our stop id lies outside the vocabulary;
+transformers gets min_new_tokens), multinomial sampling at temperature 1 (no top-k/top-p).
+Weights go HF -> ours via save_pretrained + our from_pretrained. Each side runs in its own
+subprocess so peak RSS is its own.
+
+    .venv/bin/python -m benchmarks.sampler [--batch 16] [--new-tokens 96] [--repeats 3]
+        [--breakdown]   # also time our decode with greedy / top-k / top-p to see sampling's share
+
+Prints tokens/s (steady state: best of `repeats` calls after the first; transformers: best over
+torch's default thread count and 1 thread), the first call's time
+(ours: includes compilation), peak RSS per side and the ratio ours / transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+IMG, VSTART, VEND, VID = 8000, 8001, 8002, 8003
+VOCAB = 8192
+GRID = (1, 8, 8)          # 64 patches of 14 px, 16 merged image tokens
+
+
+def hf_config():
+    from transformers import Qwen2_5_VLConfig
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=768,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, initializer_range=0.05,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [8, 12, 12]},   # head_dim 64
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False),
+        vision_config=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2,
+                           out_hidden_size=256, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART,
+        vision_end_token_id=VEND, tie_word_embeddings=False)
+
+
+def make_batch(batch: int, seed: int = 0) -> dict:
+    """Left-padded prompts: [bos, text..., VSTART, IMG*16, VEND, text...], 3..12 text tokens."""
+    r = np.random.default_rng(seed)
+    n_img = GRID[0] * GRID[1] * GRID[2] // 4
+    seqs = []
+    for i in range(batch):
+        pre, post = r.integers(3, 7000, 2 + i % 5), r.integers(3, 7000, 1 + (3 * i) % 7)
+        seqs.append([1, *pre, VSTART, *([IMG] * n_img), VEND, *post])
+    t = max(map(len, seqs))
+    ids = np.zeros((batch, t), np.int64)
+    mask = np.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, t - len(s):], mask[i, t - len(s):] = s, 1
+    n_patch = GRID[0] * GRID[1] * GRID[2]
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMG).astype(np.int64),
+                pixel_values=r.standard_normal((batch * n_patch, 3 * 2 * 14 * 14)).astype(np.float32),
+                image_grid_thw=np.array([GRID] * batch, np.int64))
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_hf(path: str, batch: dict, new: int, repeats: int) -> dict:
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=True, temperature=1.0, top_k=0,
+              top_p=1.0, pad_token_id=0, eos_token_id=2)
+    best, first, n = None, None, None
+    # torch's default (one thread per core) can collapse when the cores are shared with other
+    # processes; report its best thread count so the baseline is not understated
+    for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+        torch.set_num_threads(threads)
+        for i in range(repeats + 1):
+            torch.manual_seed(i)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(**inputs, **kw)
+            dt = time.perf_counter() - t0
+            n = out[:, batch["input_ids"].shape[1]:].numel()
+            if first is None:
+                first = dt
+            elif best is None or dt < best[0]:
+                best = (dt, threads)
+    return dict(side="transformers", tokens=n, first_s=first, steady_s=best[0],
+                torch_threads=best[1], peak_rss_mib=peak_rss_mib())
+
+
+def run_ours(path: str, batch: dict, new: int, repeats: int, breakdown: bool) -> dict:
+    import jax
+    from balcap_jax import sampling
+    from balcap_jax.models import from_pretrained
+    model = from_pretrained(path)
+
+    def timed(**kw):
+        times, s = [], None
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            s = sampling.generate(model, batch, max_new_tokens=new, eos_token_ids=[VOCAB + 1],
+                                  rng=jax.random.key(i), **kw)
+            jax.block_until_ready(s.tokens)
+            times.append(time.perf_counter() - t0)
+        assert int(s.lengths.min()) == new, "every row must generate exactly max_new_tokens"
+        return times, int(s.tokens.size)
+
+    times, n = timed(temperature=1.0)
+    out = dict(side="ours", tokens=n, first_s=times[0], steady_s=min(times[1:]),
+               compiles=sampling.compile_count(), peak_rss_mib=peak_rss_mib())
+    if breakdown:
+        for name, kw in [("greedy", dict(temperature=0.0)), ("top_k=50", dict(top_k=50)),
+                         ("top_p=0.9", dict(top_p=0.9))]:
+            t, _ = timed(**kw)
+            out[f"steady_s[{name}]"] = min(t[1:])
+    return out
+
+
+def child(args) -> None:
+    data = np.load(os.path.join(args.dir, "batch.npz"))
+    batch = {k: data[k] for k in data.files}
+    if args.side == "hf":
+        res = run_hf(args.dir, batch, args.new_tokens, args.repeats)
+    else:
+        res = run_ours(args.dir, batch, args.new_tokens, args.repeats, args.breakdown)
+    print("RESULT " + json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--side", choices=["hf", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        return child(args)
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        Qwen2_5_VLForConditionalGeneration(hf_config()).eval().save_pretrained(d)
+        np.savez(os.path.join(d, "batch.npz"), **make_batch(args.batch))
+        results = {}
+        for side in ("hf", "ours"):
+            cmd = [sys.executable, "-m", "benchmarks.sampler", "--side", side, "--dir", d,
+                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+            if args.breakdown:
+                cmd.append("--breakdown")
+            env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+                       TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                raise SystemExit(f"{side} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            results[side] = json.loads(lines[-1][len("RESULT "):])
+
+    hf, ours = results["hf"], results["ours"]
+    print(f"Qwen2.5-VL 4x256, vocab {VOCAB}, batch {args.batch}, one {GRID} image each, "
+          f"{args.new_tokens} new tokens, temperature 1, CPU ({os.cpu_count()} cores)")
+    for r in (hf, ours):
+        tps = r["tokens"] / r["steady_s"]
+        print(f"  {r['side']:>12}: {tps:8.1f} tokens/s  (steady {r['steady_s']:.3f} s, "
+              f"first call {r['first_s']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+              + (f", torch threads {r['torch_threads']})" if "torch_threads" in r else ")"))
+    compile_s = ours["first_s"] - ours["steady_s"]
+    print(f"  ours: compile ~{compile_s:.2f} s (first call - steady), {ours['compiles']} traces")
+    for k, v in ours.items():
+        if k.startswith("steady_s["):
+            print(f"  ours {k[9:-1]:>10}: {ours['tokens'] / v:8.1f} tokens/s")
+    ratio = (ours["tokens"] / ours["steady_s"]) / (hf["tokens"] / hf["steady_s"])
+    print(f"  ratio ours / transformers: {ratio:.2f}x (goal >= 2.5x)")
+
+
+if __name__ == "__main__":
+    main()
