@@ -22,10 +22,11 @@ yes_no / digits: no generation. p(yes) (softmax over the yes and no spellings' i
     distinct (head, shared) extends a copy of its head's cache rows, and each item is a short
     continuation of its (head, shared) rows; only the item's last hidden state goes through the
     LM head. Rows are batched in padded buckets (powers of two from 8, in chunks of at most
-    `prefix_batch` and `item_batch` rows), lengths bucketed to powers of two, so a run compiles a bounded number of
-    times (`compile_count()`). Each segment is right-padded inside its bucket; the padded slots
-    are masked out of the KV mask, and positions continue from each row's real length, so
-    the answer equals one forward pass over the concatenated tokens (tested).
+    `prefix_batch` and `item_batch` rows), lengths bucketed to powers of two, so a run compiles
+    a bounded number of times (`compile_count()`). Each segment is right-padded inside its
+    bucket; the padded slots are masked out of the KV mask, and positions continue from each
+    row's real length, so the answer equals one forward pass over the concatenated tokens
+    (tested).
 """
 from __future__ import annotations
 
@@ -211,10 +212,15 @@ class InProcessBackend:
     def _head_tail(self, has_image: bool) -> tuple[str, str]:
         """The chat text before the user text and after it (generation prompt included)."""
         if has_image not in self._templates:
-            text = apply_chat_template(
-                caption_messages(_SHARED + _ITEM, num_images=int(has_image),
-                                 system_prompt=self.system_prompt),
-                self.tokenizer, chat_template=self.chat_template)
+            if has_image:
+                messages = caption_messages(_SHARED + _ITEM, num_images=1,
+                                            system_prompt=self.system_prompt)
+            else:   # plain string content: text-only templates (Qwen2.5-Instruct) expect it
+                messages = [{"role": "user", "content": _SHARED + _ITEM}]
+                if self.system_prompt is not None:
+                    messages.insert(0, {"role": "system", "content": self.system_prompt})
+            text = apply_chat_template(messages, self.tokenizer,
+                                       chat_template=self.chat_template)
             i, j = text.index(_SHARED), text.index(_ITEM)
             if j != i + len(_SHARED):
                 raise ValueError("the chat template put text between the prompt's parts")

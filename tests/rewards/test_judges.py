@@ -276,3 +276,25 @@ def test_sharded_judge_equals_single_device(saved_text_judge):
     qs = _text_queries()
     np.testing.assert_allclose([a.value for a in sharded.yes_no(qs)],
                                [a.value for a in single.yes_no(qs)], atol=1e-5)
+
+
+QWEN25_TEXT_TEMPLATE = (   # the shape of Qwen2.5-Instruct's template: content rendered as is
+    "{%- for message in messages %}{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_prompt_segments_from_the_chat_template(tokenizer):
+    judge = J.InProcessBackend(None, tokenizer, name="t", chat_template=QWEN25_TEXT_TEMPLATE)
+    head, tail = judge._head_tail(False)
+    assert head == "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\n"
+    assert tail == "<|im_end|>\n<|im_start|>assistant\n"
+    vl = J.InProcessBackend(None, tokenizer, name="v", system_prompt="Judge.")
+    head, tail = vl._head_tail(True)
+    assert head == ("<|im_start|>system\nJudge.<|im_end|>\n<|im_start|>user\n"
+                    "<|vision_start|><|image_pad|><|vision_end|>")
+    assert tail == "<|im_end|>\n<|im_start|>assistant\n"
+    # answer ids: single-token spellings only, digits padded with -1
+    assert len(judge.yes_ids) >= 1 and len(judge.digit_ids) == 5
+    assert all(len(d) == len(judge.digit_ids[0]) for d in judge.digit_ids)
