@@ -35,6 +35,7 @@ NO_SPELLINGS = ("no", "No", "NO", " no", " No", " NO")
 _YES_WORDS = {"yes", "true"}
 _NO_WORDS = {"no", "false"}
 
+_ANSWER_LABEL = re.compile(r"^\W*(?:final\s+)?answer\W*?[:\-]", re.I)   # "Answer: yes"
 _MAX_STARTS = 8   # candidate list openings tried before giving up
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)
 
@@ -137,10 +138,11 @@ def _python_literal(text: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 def parse_yes_no(text: str | None) -> tuple[float | None, str | None]:
-    """First word of the answer (markdown and punctuation ignored): yes/true -> 1.0,
-    no/false -> 0.0; anything else -> (None, "not_yes_no")."""
+    """First word of the answer (markdown, punctuation and an "Answer:" label ignored):
+    yes/true -> 1.0, no/false -> 0.0; anything else -> (None, "not_yes_no")."""
     if text is None or not text.strip():
         return None, "empty_output"
+    text = _ANSWER_LABEL.sub("", text, count=1)
     m = re.search(r"[A-Za-z]+", text)
     word = m.group(0).lower() if m else ""
     if word in _YES_WORDS:

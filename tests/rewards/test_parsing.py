@@ -45,6 +45,8 @@ def test_json_list_failures(text, reason):
     ("yes", 1.0, None), ("Yes.", 1.0, None), ("**No**, it is not", 0.0, None),
     ("  true", 1.0, None), ("False", 0.0, None), ("Maybe", None, "not_yes_no"),
     ("", None, "empty_output"), ("123", None, "not_yes_no"),
+    ("Answer: yes", 1.0, None), ("**Final answer:** No", 0.0, None),
+    ("Answering is hard", None, "not_yes_no"),
 ])
 def test_yes_no_text(text, value, reason):
     assert R.parse_yes_no(text) == (value, reason)
