@@ -61,7 +61,8 @@ def build_policy(cfg, mesh=None, rules=None):
     if cfg.model.path:
         return models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh,
                                       rules=rules)
-    return models.from_config(hf_config_of(cfg), dtype=cfg.model.dtype, seed=cfg.seed,
+    from balcap_jax.models.random_init import from_config
+    return from_config(hf_config_of(cfg), dtype=cfg.model.dtype, seed=cfg.seed,
                               mesh=mesh, rules=rules)
 
 
@@ -135,6 +136,8 @@ def build_parts(cfg, mesh=None, rules=None):
     eos = tuple(int(t) for t in np.atleast_1d(
         [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]))
     policy = build_policy(cfg, mesh, rules)
+    if cfg.train.remat:
+        policy.set_remat(True)
     return RunParts(model=policy, tokenizer=tokenizer, processor=_processor(cfg, tokenizer,
                     hf_config), scorer=make_scorer(cfg, tokenizer), loader=loader,
                     eval_examples=evals, eos_token_ids=eos, pad_id=int(tokenizer.pad_token_id))

@@ -66,6 +66,13 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta), step
 
+    def read(self, step: int | None = None) -> tuple[dict, dict]:
+        """Reads a checkpoint without a target (inspection, tests): (state tree, meta)."""
+        step = self._mngr.latest_step() if step is None else step
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return out.state, dict(out.meta)
+
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()

@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.scorer = ml_collections.ConfigDict()
     c.scorer.name = "token_frequency"
-    c.scorer.token = "a"
+    c.scorer.tokens = [" a"]    # token_frequency: the target tokens (one token each)
     return c
 
 

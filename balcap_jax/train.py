@@ -136,16 +136,18 @@ class RLStep:
             model = nnx.merge(gd, params, rest)
             return sampling.token_logprobs_fn(model, batch, temperature=temperature)
 
-        @jax.jit
-        def grad(params, rest, batch, adv, old_logp, ref_logp, normalizer):
+        @functools.partial(jax.jit, donate_argnums=(0,))
+        def grad(acc, params, rest, batch, adv, old_logp, ref_logp, normalizer):
+            """Adds this micro-batch's gradient into ``acc`` (donated, updated in place)."""
             (l, m), g = jax.value_and_grad(loss, has_aux=True)(
                 params, gd, rest, batch, adv, old_logp, ref_logp, normalizer)
-            return l, m, g
+            return jax.tree.map(jnp.add, acc, g), l, m
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def apply(params, opt_state, grads):
+        def apply(params, opt_state, grads, scale, loss):
+            grads = jax.tree.map(lambda x: x * scale, grads)
             gnorm = optax.global_norm(grads)
-            finite = jnp.isfinite(gnorm)
+            finite = jnp.isfinite(gnorm) & jnp.isfinite(loss)
             updates, new_opt = self.opt.update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             # a non-finite step is skipped: keep the old state, report it
@@ -153,7 +155,8 @@ class RLStep:
             return pick(new_params, params), pick(new_opt, opt_state), gnorm, finite
 
         self.logprobs, self.grad, self.apply = logprobs, grad, apply
-        self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+        self.zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p))
+        self.init_opt = jax.jit(self.opt.init)
 
 
 def gather_rows(inputs: dict, rows: np.ndarray) -> dict:
@@ -204,12 +207,13 @@ class Trainer:
         graphdef, params, rest = nnx.split(parts.model, nnx.Param, ...)
         self.graphdef, self.rest = graphdef, rest
         self.optimizer = make_optimizer(cfg.train, params)
-        self.state = TrainState(params, self.optimizer.init(params), 0,
-                                jax.random.key_data(jax.random.key(cfg.seed)))
-        self.ref_params = params if cfg.rl.beta > 0 else None   # frozen copy (arrays immutable)
         self.fn = RLStep(graphdef, rest, self.optimizer, cfg.rl,
                          temperature=cfg.sampling.temperature,
                          max_len=cfg.sampling.max_new_tokens)
+        # the reference model is a frozen copy: apply() donates the live params
+        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.rl.beta > 0 else None
+        self.state = TrainState(params, self.fn.init_opt(params), 0,
+                                jax.random.key_data(jax.random.key(cfg.seed)))
         self.skipped = 0
         self.estimator = adv_lib.get_advantage_estimator(cfg.rl.advantage)
 
@@ -234,7 +238,9 @@ class Trainer:
             self.model(), inputs, max_new_tokens=s.max_new_tokens, num_samples=num_samples,
             temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
             top_k=0 if greedy else s.top_k, eos_token_ids=self.p.eos_token_ids,
-            rng=self._next_key(), pad_id=self.p.pad_id)
+            # greedy evaluation draws no randomness: it must not advance the training stream,
+            # or a run that evaluated at a different step would not resume identically
+            rng=jax.random.key(0) if greedy else self._next_key(), pad_id=self.p.pad_id)
 
     def _score(self, examples, rows, samples):
         tokens, lengths, trunc = (np.asarray(x) for x in
@@ -310,20 +316,17 @@ class Trainer:
         out = {"logp_gap_sampler_trainer": gap,
                "entropy_est": float(-(old_all * mask).sum() / max(mask.sum(), 1))}
         for epoch in range(rl.ppo_epochs):
-            grads, acc, loss = None, None, 0.0
+            grads, acc, loss = fn.zeros(st.params), None, 0.0
             for (sl, mb), o, r in zip(mbs, old, ref):
-                l, m, gr = fn.grad(st.params, self.rest, mb, jnp.asarray(adv[sl], jnp.float32),
-                                   o, r, norm)
-                grads = gr if grads is None else fn.add(grads, gr)
+                grads, l, m = fn.grad(grads, st.params, self.rest, mb,
+                                      jnp.asarray(adv[sl], jnp.float32), o, r, norm)
                 acc = loss_lib.accumulate_metrics(acc, m)
                 loss += float(l)
-            if rl.aggregation == "bnpo":  # per micro-batch losses, averaged
-                grads = jax.tree.map(lambda x: x / len(mbs), grads)
-                loss /= len(mbs)
-            finite_loss = np.isfinite(loss)
-            if not finite_loss:  # never apply a step built on a non-finite loss
-                grads = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), grads)
-            st.params, st.opt_state, gnorm, ok = fn.apply(st.params, st.opt_state, grads)
+            # bnpo: each micro-batch is its own mean, so the step is their average
+            scale = 1.0 / len(mbs) if rl.aggregation == "bnpo" else 1.0
+            loss *= scale
+            st.params, st.opt_state, gnorm, ok = fn.apply(
+                st.params, st.opt_state, grads, jnp.float32(scale), jnp.float32(loss))
             if not bool(ok):
                 self.skipped += 1
             out.update({"loss": loss, "grad_norm": float(gnorm)})

@@ -54,5 +54,5 @@ def get_config():
     c.train.eval_every = 10
     c.checkpoint.every = 10
     c.scorer.name = "token_frequency"
-    c.scorer.token = " the"
+    c.scorer.tokens = [" a", " red", " blue", " green", " on", " background", "."]
     return c

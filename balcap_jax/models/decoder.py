@@ -117,6 +117,7 @@ class Decoder(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
                                 for _ in range(cfg.num_layers)])
         self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.remat = False   # recompute each layer in the backward pass (training memory)
 
     def rotary(self, positions: Array) -> tuple[Array, Array]:
         cfg = self.cfg
@@ -142,12 +143,21 @@ class Decoder(nnx.Module):
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            if self.remat and cache is None:  # training: keep only each layer's input
+                graphdef, state = nnx.split(layer)
+                x = jax.checkpoint(functools.partial(_layer_forward, graphdef))(
+                    state, x, cos, sin, mask)
+                continue
             x, new = layer(x, cos, sin, mask, layer_cache, cache_index)
             if new is not None:
                 ks.append(new[0])
                 vs.append(new[1])
         new_cache = KVCache(tuple(ks), tuple(vs)) if cache is not None else None
         return self.norm(x), new_cache
+
+
+def _layer_forward(graphdef, state, x, cos, sin, mask):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask)[0]
 
 
 def token_logprobs_from_hidden(hidden: Array, lm_head_weight: Array, targets: Array, *,
@@ -210,6 +220,11 @@ class CausalLM(nnx.Module):
         """Remember (mesh, rules) so forward passes constrain activations on that mesh."""
         self.mesh = mesh
         self.rules = rules if rules is not None or mesh is None else shd.Rules()
+
+    def set_remat(self, on: bool = True) -> None:
+        """Rematerialise decoder layers in cache-free forwards (the training loss): activation
+        memory drops to one layer input per layer at the cost of a second forward."""
+        self.model.remat = bool(on)
 
     # --- low-level API --------------------------------------------------------------------
     def embed(self, input_ids: Array) -> Array:

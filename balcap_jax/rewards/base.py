@@ -40,22 +40,22 @@ class Scorer(Protocol):
 
 
 class TokenFrequencyScorer:
-    """Scripted reward for smoke runs and learning tests: the share of a caption's tokens equal
-    to one target token (``context["token_ids"]`` [N, L] with ``context["lengths"]``).
+    """Scripted reward for smoke runs and learning tests: the share of a caption's tokens that
+    are target tokens (``context["token_ids"]`` [N, L] with ``context["lengths"]``).
 
     It is deliberately trivial so that a tiny random policy can learn it in a few dozen steps;
     it exposes the reward under every name in ``names`` so the K-channel machinery is exercised.
     """
 
-    def __init__(self, token_id: int, names: Sequence[str] = ("frequency",)):
-        self.token_id = int(token_id)
+    def __init__(self, token_ids: int | Sequence[int], names: Sequence[str] = ("frequency",)):
+        self.token_ids = np.unique(np.atleast_1d(np.asarray(token_ids, np.int64)))
         self.names = tuple(names)
 
     def __call__(self, images, captions, references, **context) -> ScoreResult:
         ids = np.asarray(context["token_ids"])
         lengths = np.asarray(context["lengths"])
         valid = np.arange(ids.shape[1])[None, :] < lengths[:, None]
-        hits = ((ids == self.token_id) & valid).sum(1)
+        hits = (np.isin(ids, self.token_ids) & valid).sum(1)
         freq = (hits / np.maximum(lengths, 1)).astype(np.float32)
         return ScoreResult({n: freq for n in self.names},
                            {"target_token_share": float(freq.mean())})
@@ -65,9 +65,12 @@ def make_scorer(cfg, tokenizer) -> Scorer:
     """Builds the scorer named by ``cfg.scorer.name``."""
     name = cfg.scorer.name
     if name == "token_frequency":
-        ids = tokenizer.encode(cfg.scorer.token, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(f"scorer.token={cfg.scorer.token!r} is {len(ids)} tokens for this "
-                             "tokenizer; pick a string that is exactly one token")
-        return TokenFrequencyScorer(ids[0], names=tuple(cfg.rl.rewards))
+        ids = []
+        for tok in cfg.scorer.tokens:
+            enc = tokenizer.encode(tok, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"scorer.tokens entry {tok!r} is {len(enc)} tokens for this "
+                                 "tokenizer; use strings that are exactly one token each")
+            ids += enc
+        return TokenFrequencyScorer(ids, names=tuple(cfg.rl.rewards))
     raise ValueError(f"unknown scorer.name={name!r}; known: 'token_frequency'")
