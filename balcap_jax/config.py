@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "workdir/run"
     c.seed = 0
+    c.compile_cache_dir = "~/.cache/balcap_jax/xla"  # persistent XLA cache; "" = off
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""            # a local HF checkpoint directory; "" = random init from below
