@@ -141,7 +141,8 @@ class RLStep:
             """Adds this micro-batch's gradient into ``acc`` (donated, updated in place)."""
             (l, m), g = jax.value_and_grad(loss, has_aux=True)(
                 params, gd, rest, batch, adv, old_logp, ref_logp, normalizer)
-            return jax.tree.map(jnp.add, acc, g), l, m
+            # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
+            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m
 
         @functools.partial(jax.jit, donate_argnums=(0, 1))
         def apply(params, opt_state, grads, scale, loss):
@@ -155,8 +156,12 @@ class RLStep:
             return pick(new_params, params), pick(new_opt, opt_state), gnorm, finite
 
         self.logprobs, self.grad, self.apply = logprobs, grad, apply
-        self.zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p))
-        self.init_opt = jax.jit(self.opt.init)
+        self.zeros = jax.jit(lambda p: jax.tree.map(
+            lambda x: jnp.zeros(x.shape, jnp.float32), p))
+        # optimiser moments in float32 for bf16 params: init from a float32 view; updates are
+        # computed in float32 and apply_updates casts the result back to the param dtype
+        self.init_opt = jax.jit(lambda p: self.opt.init(
+            jax.tree.map(lambda x: x.astype(jnp.float32), p)))
 
 
 def gather_rows(inputs: dict, rows: np.ndarray) -> dict:
