@@ -139,7 +139,7 @@ def build_parts(cfg, mesh=None, rules=None):
     if cfg.train.remat:
         policy.set_remat(True)
     return RunParts(model=policy, tokenizer=tokenizer, processor=_processor(cfg, tokenizer,
-                    hf_config), scorer=make_scorer(cfg, tokenizer), loader=loader,
+                    hf_config), scorer=make_scorer(cfg, tokenizer, mesh=mesh, rules=rules), loader=loader,
                     eval_examples=evals, eos_token_ids=eos, pad_id=int(tokenizer.pad_token_id))
 
 

@@ -252,8 +252,11 @@ class Trainer:
                                   (samples.tokens, samples.lengths, samples.truncated))
         captions = completion_text(self.p.tokenizer, tokens, lengths, trunc)
         refs = [examples[i]["references"] for i in rows]
+        context = {"image_ids": [examples[i].get("image_id") for i in rows]}
+        if all("scene" in examples[i] for i in rows):   # synthetic worlds carry ground truth
+            context["scenes"] = [examples[i]["scene"] for i in rows]
         result = self.p.scorer([examples[i]["image"] for i in rows], captions, refs,
-                               token_ids=tokens, lengths=lengths)
+                               token_ids=tokens, lengths=lengths, **context)
         return captions, refs, result
 
     # -- one RL step -----------------------------------------------------------------------

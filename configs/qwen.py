@@ -25,6 +25,13 @@ def get_config(arg: str = "7b"):
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
     c.data.source = "tfds"
+    # ShareGPT4V-style JSON/JSONL + image folder (balcap_jax.data; all fields documented there)
+    c.data.builder = "sharegpt4v"
+    c.data.files = "data/sharegpt4v_recaptioned.jsonl"
+    c.data.image_root = "data/images"
+    c.data.eval_files = ""           # a held-out file in the same format; "" = no eval set
+    c.data.num_eval = 256
+    c.data.data_dir = ""             # "" = <workdir>/tfds
     c.data.max_prompt_tokens = 1024
     c.data.max_image_tokens = 1024
     c.sampling.num_samples = 8

@@ -17,7 +17,7 @@ import numpy as np
 __all__ = ["ScoreResult", "Scorer", "TokenFrequencyScorer", "make_scorer", "SCORERS"]
 
 # Scorer names a config may use (make_scorer builds them).
-SCORERS = ("token_frequency",)
+SCORERS = ("token_frequency", "shapes", "judges")
 
 
 @dataclasses.dataclass
@@ -61,8 +61,8 @@ class TokenFrequencyScorer:
                            {"target_token_share": float(freq.mean())})
 
 
-def make_scorer(cfg, tokenizer) -> Scorer:
-    """Builds the scorer named by ``cfg.scorer.name``."""
+def make_scorer(cfg, tokenizer, *, mesh=None, rules=None) -> Scorer:
+    """Builds the scorer named by ``cfg.scorer.name`` (judges get their own mesh/rules)."""
     name = cfg.scorer.name
     if name == "token_frequency":
         ids = []
@@ -73,4 +73,10 @@ def make_scorer(cfg, tokenizer) -> Scorer:
                                  "tokenizer; use strings that are exactly one token each")
             ids += enc
         return TokenFrequencyScorer(ids, names=tuple(cfg.rl.rewards))
-    raise ValueError(f"unknown scorer.name={name!r}; known: 'token_frequency'")
+    if name == "shapes":
+        from balcap_jax.rewards.shapes import ShapesScorer
+        return ShapesScorer()
+    if name == "judges":
+        from balcap_jax.rewards.balcap import from_config
+        return from_config(cfg, mesh=mesh, rules=rules)
+    raise ValueError(f"unknown scorer.name={name!r}; known: {SCORERS}")

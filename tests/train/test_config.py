@@ -23,10 +23,10 @@ def test_shipped_configs_validate():
     assert validate(_ok(), 1) == {"data": 1, "fsdp": 1, "tensor": 1}
     assert validate(_ok(), 4) == {"data": 1, "fsdp": 4, "tensor": 1}
     q = load_config("configs/qwen.py")
-    with pytest.raises(ConfigError, match="scorer.name='judges' is not available"):
-        validate(q, 8)
-    q.scorer.name = "token_frequency"
     assert validate(q, 8)["fsdp"] == 8
+    q.scorer.name = "oracle"
+    with pytest.raises(ConfigError, match="scorer.name='oracle' is not available"):
+        validate(q, 8)
     assert load_config("configs/qwen.py", "3b").model.preset == "qwen2_5_vl_3b"
     with pytest.raises(ValueError, match="qwen.py:3b"):
         load_config("configs/qwen.py", "13b")
