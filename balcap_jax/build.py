@@ -95,13 +95,22 @@ def _loader_and_eval(cfg):
         evals = [dict(synthetic_example(cfg.seed + 100_003, i, d.image_size), prompt=d.prompt)
                  for i in range(d.num_eval)]
         return loader, evals
+    if d.source == "shapes":   # ShapesWorld through the same TFDS + grain path as real data
+        from balcap_jax.data import shapes
+        builder = shapes.build_shapes_dataset(
+            seed=d.get("world_seed", 0), num_train=d.num_train, num_eval=d.num_eval,
+            image_size=d.image_size, data_dir=d.get("data_dir", "") or
+            os.path.join(cfg.workdir, "tfds"))
+        loader = shapes.make_shapes_loader(builder, batch_size=per_host, seed=cfg.seed,
+                                           shard_index=shard, shard_count=shards)
+        return loader, shapes.shapes_eval_examples(builder, d.num_eval)
     if d.source == "tfds":
         from balcap_jax.data import config as data_config
         loader = data_config.make_loader(d, batch_size=per_host, seed=cfg.seed,
                                          shard_index=shard, shard_count=shards)
         evals = data_config.eval_examples(d) if hasattr(data_config, "eval_examples") else []
         return loader, evals
-    raise ValueError(f"data.source={d.source!r}: use 'synthetic' or 'tfds'")
+    raise ValueError(f"data.source={d.source!r}: use 'synthetic', 'shapes' or 'tfds'")
 
 
 def _processor(cfg, tokenizer, hf_config: dict):
@@ -123,7 +132,10 @@ def build_parts(cfg, mesh=None, rules=None):
     loader, evals = _loader_and_eval(cfg)
     hf_config = hf_config_of(cfg)
     corpus = None
-    if cfg.model.tokenizer == "tiny":  # a BPE trained on what the run will see
+    if cfg.model.tokenizer == "tiny" and cfg.data.source == "shapes":
+        from balcap_jax.data.shapes import SHAPES_PROMPT, tokenizer_corpus
+        corpus = list(tokenizer_corpus(seed=cfg.data.get("world_seed", 0))) + [SHAPES_PROMPT]
+    elif cfg.model.tokenizer == "tiny":  # a BPE trained on what the run will see
         probe, _ = _loader_and_eval(cfg)
         corpus = [r for _ in range(4) for e in next(probe) for r in e["references"]]
         corpus += [r for e in evals for r in e["references"]] + [cfg.data.prompt]
