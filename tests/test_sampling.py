@@ -242,6 +242,7 @@ def test_compiles_bounded_by_buckets(fake):
     assert sampling.compile_count() == before + 2  # one prefill + one decode
 
 
+@pytest.mark.heavy
 def test_token_logprobs_is_differentiable(fake):
     inputs = _prompts()
     comp = np.array([[5, 6, 7], [8, 9, 3], [10, 11, 12]])
@@ -308,6 +309,7 @@ def text_pair(tmp_path_factory):
     return hf, from_pretrained(str(d))
 
 
+@pytest.mark.heavy
 def test_greedy_equals_transformers_text(text_pair):
     hf, ours = text_pair
     inputs = _prompts(lengths=(9, 4, 12, 6), vocab=160)
@@ -325,8 +327,8 @@ def test_greedy_equals_transformers_text(text_pair):
 @pytest.fixture(scope="module")
 def vl_pair(tmp_path_factory):
     from tests.models import qwen_vl_fixtures as F
-    hf, ours, _ = F.hf_and_ours("win56_full1", tmp_path_factory.mktemp("qwen25vl_sampling"))
-    return hf, ours
+    hf, ours, path = F.hf_and_ours("win56_full1", tmp_path_factory.mktemp("qwen25vl_sampling"))
+    return hf, ours, path
 
 
 def _vl_batch():
@@ -335,8 +337,9 @@ def _vl_batch():
     return F.make_batch(F.MIXED_ROWS)
 
 
+@pytest.mark.heavy
 def test_greedy_equals_transformers_qwen2_5_vl(vl_pair):
-    hf, ours = vl_pair
+    hf, ours, _ = vl_pair
     inputs = _vl_batch()   # includes mm_token_type_ids: v5 needs it for 3-D M-RoPE positions
     steps, eos = 10, [2]
     hf_toks, hf_logits = _hf_greedy(hf, inputs, steps, eos, pad=0)
@@ -366,8 +369,9 @@ def _repeat_vl(batch, g):
     return out
 
 
+@pytest.mark.heavy
 def test_vl_num_samples_share_prefill_equal_repeated_prompts(vl_pair):
-    _, ours = vl_pair
+    _, ours, _ = vl_pair
     inputs = _vl_batch()
     kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, eos_token_ids=[2], rng=jax.random.key(3))
     grouped = sampling.generate(ours, inputs, num_samples=2, **kw)
@@ -379,6 +383,7 @@ def test_vl_num_samples_share_prefill_equal_repeated_prompts(vl_pair):
     np.testing.assert_allclose(lp, grouped.logprobs, atol=LP_ATOL)
 
 
+@pytest.mark.heavy
 def test_sharded_on_8_devices_equals_unsharded(text_pair, tmp_path):
     from balcap_jax import sharding
     from balcap_jax.models import from_pretrained, save_pretrained
@@ -398,3 +403,20 @@ def test_sharded_on_8_devices_equals_unsharded(text_pair, tmp_path):
     lp = sampling.token_logprobs(sharded, {k: np.repeat(v, 2, 0) for k, v in inputs.items()},
                                  b.tokens, b.mask, temperature=1.0)
     np.testing.assert_allclose(lp, a.logprobs, atol=LP_ATOL)
+
+
+@pytest.mark.heavy
+def test_vl_sharded_on_8_devices_equals_unsharded(vl_pair):
+    from balcap_jax import sharding
+    from balcap_jax.models import from_pretrained
+    from tests.models import qwen_vl_fixtures as F
+    _, ours, path = vl_pair
+    sharded = from_pretrained(path, mesh=sharding.make_mesh((2, 2, 2)))
+    inputs = F.make_batch(F.MIXED_ROWS + [[1, (1, 4, 4), 30, 31]])   # 4 prompts: batch divides 4
+    kw = dict(max_new_tokens=6, num_samples=2, temperature=1.0, eos_token_ids=[2],
+              rng=jax.random.key(5))
+    a = sampling.generate(ours, inputs, **kw)
+    b = sampling.generate(sharded, inputs, **kw)
+    assert len(b.tokens.sharding.device_set) == 8
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LP_ATOL)
