@@ -220,7 +220,10 @@ class Trainer:
         self.state = TrainState(params, self.fn.init_opt(params), 0,
                                 jax.random.key_data(jax.random.key(cfg.seed)))
         self.skipped = 0
-        self.estimator = adv_lib.get_advantage_estimator(cfg.rl.advantage)
+        kw = {"batch_norm": cfg.rl.batch_norm} if cfg.rl.advantage == "cgdpo" else {}
+        # one compiled program instead of dozens of eager ops (each its own compile)
+        self.estimator = jax.jit(functools.partial(
+            adv_lib.get_advantage_estimator(cfg.rl.advantage), eps=cfg.rl.adv_eps, **kw))
 
     # -- helpers ---------------------------------------------------------------------------
     def model(self):
@@ -274,8 +277,7 @@ class Trainer:
         rows = np.repeat(np.arange(b), g)
         captions, refs, result = self._score(examples, rows, samples)
         rewards, names, weights, ldiag = rollout_rewards(result, rl, captions, refs, b, g)
-        kw = {"batch_norm": rl.batch_norm} if rl.advantage == "cgdpo" else {}
-        adv = np.asarray(self.estimator(rewards, weights, eps=rl.adv_eps, **kw)).reshape(-1)
+        adv = np.asarray(self.estimator(rewards, weights)).reshape(-1)
         if rl.mask_truncated:
             adv = np.where(truncated, 0.0, adv)
         t2 = time.perf_counter()
