@@ -237,6 +237,10 @@ def test_compiles_bounded_by_buckets(fake):
     before = sampling.compile_count()
     for lengths in [(12, 9, 16), (13, 14, 10)]:  # all in the 16 bucket
         sampling.generate(fake, _prompts(lengths=lengths), **kw)
+    # a trainer re-merges the model with new parameters every step: no retrace either
+    graphdef, params, rest = nnx.split(fake, nnx.Param, ...)
+    updated = nnx.merge(graphdef, jax.tree.map(lambda x: x * 1.01, params), rest)
+    sampling.generate(updated, _prompts(lengths=(12, 9, 16)), **{**kw, "eos_token_ids": [4]})  # other stop id, same count
     assert sampling.compile_count() == before
     sampling.generate(fake, _prompts(lengths=(17, 3, 5)), **kw)  # the 32 bucket
     assert sampling.compile_count() == before + 2  # one prefill + one decode
