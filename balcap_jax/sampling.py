@@ -31,7 +31,14 @@ Conventions
   under the temperature-scaled distribution before top-k/top-p filtering: the same quantity
   `token_logprobs` recomputes and the loss uses.
 - Prompt lengths are left-padded to a bucket (next power of two, or the smallest of a given list),
-  so a training run compiles a bounded number of times; `compile_count()` counts traces.
+  so a training run compiles a bounded number of times; `compile_count()` counts traces. New
+  compilations come only from a new prompt bucket, batch size, vision patch bucket, number of
+  stop ids, or a new (max_new_tokens, num_samples, temperature, top_k, top_p, pad_id); new
+  parameters (a re-merged model) and other stop ids reuse the executables.
+
+Public: generate, Samples, token_logprobs, token_logprobs_fn (pure, for jax.grad),
+prepare_logprob_batch / prepare_prompt (host side), sample_logits, row_keys, bucket_length,
+left_align, compile_count.
 """
 from __future__ import annotations
 
