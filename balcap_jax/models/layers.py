@@ -1,4 +1,5 @@
-"""Layers shared by every model: RMSNorm, projections, gated MLP, GQA attention, rotary variants.
+"""Layers shared by every model: RMSNorm, LayerNorm, projections, gated MLP, GQA attention,
+rotary variants.
 
 Ported from transformers v5 (qwen2, llama, qwen2_5_vl modeling files). Every parameter carries
 logical axis names in its ``out_sharding`` metadata (see balcap_jax/sharding.py); activations are
@@ -71,6 +72,24 @@ class RMSNorm(nnx.Module):
         var = jnp.mean(xf * xf, axis=-1, keepdims=True)
         y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
         return self.weight[...] * y
+
+
+class LayerNorm(nnx.Module):
+    """torch nn.LayerNorm (weight and bias): statistics in float32, result cast back (CLIP)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.weight = _param(rngs, _ones, (dim,), dtype, ("norm",))
+        self.bias = _param(rngs, _zeros, (dim,), dtype, ("norm",))
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
 
 
 class Proj(nnx.Module):
