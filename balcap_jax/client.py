@@ -7,6 +7,10 @@ Written once for every remote caller (re-captioning data, remote judges). Standa
     result = client.chat([user_message("Describe this image.", [image])], max_tokens=512)
     results = client.map([messages_1, messages_2, ...], temperature=0.0)   # input order
 
+With `logprobs=True, top_logprobs=k` in the request, `result.logprobs` is the answer's
+`choices[0].logprobs` as the server sent it (OpenAI: {"content": [{token, logprob,
+top_logprobs}, ...]}); None when the server sent none.
+
 Failures never raise out of `chat`/`map`/`imap_unordered`: a `ChatResult` has `text=None` and
 `error` set to a short reason ("http_500", "timeout", "connection", "bad_json",
 "bad_response", "no_content", "http_400", ...) with the details in `detail`, so callers can count
@@ -50,6 +54,7 @@ class ChatResult:
     latency_s: float = 0.0         # all attempts, backoff included
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
+    logprobs: Any = None           # choices[0].logprobs as sent ({"content": [...]}) or None
 
     @property
     def ok(self) -> bool:
@@ -137,7 +142,7 @@ class ChatClient:
             snippet = raw[:_SNIPPET].decode("utf-8", "replace")
             raise _Failure("bad_json", f"{e}; answer began {snippet!r}", True) from None
 
-    def _parse(self, data: Any) -> tuple[str, str | None, dict | None]:
+    def _parse(self, data: Any) -> tuple[str, str | None, dict | None, Any]:
         try:
             choice = data["choices"][0]
             message = choice["message"]
@@ -149,7 +154,8 @@ class ChatClient:
             raise _Failure("no_content", f"message without text content: "
                            f"{json.dumps(message)[:_SNIPPET]}", False)
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
-        return text, choice.get("finish_reason"), usage
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        return text, choice.get("finish_reason"), usage, logprobs
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -171,9 +177,9 @@ class ChatClient:
         while attempt <= self.max_retries:
             attempt += 1
             try:
-                text, finish, usage = self._parse(self._post(body))
+                text, finish, usage, logprobs = self._parse(self._post(body))
                 return ChatResult(text, None, "", attempt, time.monotonic() - start, finish,
-                                  usage)
+                                  usage, logprobs)
             except _Failure as f:
                 failure = f
                 if not f.retryable or attempt > self.max_retries:

@@ -1,6 +1,7 @@
 """ChatClient against a local fake server: success, retries, timeouts, garbage answers, order
 and bounded concurrency of map, data URLs. Only 127.0.0.1; every wait is bounded."""
 import base64
+import math
 import io
 import socket
 import time
@@ -129,3 +130,54 @@ def test_data_url_and_user_message():
     msg = user_message("Describe.", [arr])
     assert [p["type"] for p in msg["content"]] == ["image_url", "text"]
     assert user_message("hi") == {"role": "user", "content": "hi"}
+
+
+def _lp_script(req, n_seen):
+    """Answers with logprobs: yes/no questions "Yes" at p 0.6 (no 0.3), ratings "4" at 0.5
+    (2: 0.3, 5: 0.2), after a blank first token; lists as plain text."""
+    text = user_text(req)
+    if "JSON list" in text:
+        return Reply(body=completion('["A car.", "A tree."]'))
+    if "digit" in text:
+        return Reply(body=completion("\n4", [[("\n", 0.0)], [("4", math.log(0.5)),
+                                                            ("2", math.log(0.3)),
+                                                            ("5", math.log(0.2))]]))
+    return Reply(body=completion("Yes", [[("Yes", math.log(0.6)), (" no", math.log(0.3)),
+                                          ("Maybe", math.log(0.1))]]))
+
+
+def test_logprobs_come_back_only_when_asked():
+    with ChatServer(_lp_script) as server:
+        c = _client(server)
+        plain = c.chat([user_message("Answer yes or no.")])
+        asked = c.chat([user_message("Answer yes or no.")], logprobs=True, top_logprobs=2)
+    assert plain.ok and plain.logprobs is None
+    [entry] = asked.logprobs["content"]
+    assert entry["token"] == "Yes" and entry["logprob"] == pytest.approx(math.log(0.6))
+    assert [t["token"] for t in entry["top_logprobs"]] == ["Yes", " no"]   # cut to 2
+
+
+def test_remote_judge_reads_soft_answers_from_client_logprobs():
+    """RemoteBackend on the real ChatClient asks for top_logprobs and reads p(yes) and E[digit]
+    from them, not the hard answer in the text (which would give 1.0 and 4)."""
+    from balcap_jax.rewards import prompts as P
+    from balcap_jax.rewards.balcap import BalCapScorer, Query
+    from balcap_jax.rewards.remote import RemoteBackend
+    with ChatServer(_lp_script) as server:
+        backend = RemoteBackend(_client(server), top_logprobs=5)
+        assert backend.top_logprobs == 5                 # ChatResult has logprobs now
+        [yes] = backend.yes_no([Query(*P.render("verify", assertion="A car."))])
+        [digit] = backend.digits([Query(*P.render("clarity", caption="A car."))])
+        req = server.requests[-1]
+        two = RemoteBackend(_client(server), top_logprobs=2)
+        [digit2] = two.digits([Query(*P.render("clarity", caption="A car."))])
+        res = BalCapScorer(backend)(images=[np.zeros((8, 8, 3), np.uint8)],
+                                    captions=["A car by a tree."], references=[["A car."]])
+    assert (req["logprobs"], req["top_logprobs"]) == (True, 5)
+    assert yes.error is None and yes.value == pytest.approx(0.6 / 0.9)
+    assert digit.error is None and digit.value == pytest.approx(4 * .5 + 2 * .3 + 5 * .2)
+    assert digit2.value == pytest.approx((4 * .5 + 2 * .3) / .8)     # only the top 2 sent
+    r = res.rewards
+    np.testing.assert_allclose(r["precision"], [(0.6 / 0.9) ** 2], rtol=1e-6)
+    np.testing.assert_allclose(r["recall"], [0.6 / 0.9], rtol=1e-6)
+    np.testing.assert_allclose(r["linguistic"], [(3.6 - 1) / 4], rtol=1e-6)

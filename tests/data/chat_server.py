@@ -3,6 +3,9 @@
     with ChatServer(script) as server:   # script(request_json, n_seen) -> Reply
         client = ChatClient(server.base_url, "m")
 
+A reply may carry logprobs (`completion(text, logprobs=...)`); as an OpenAI server does, they
+are sent only when the request asks (`"logprobs": true`), cut to its `top_logprobs`.
+
 `n_seen` counts earlier requests with the same first user text, so a script can fail the first
 attempts of each request and succeed later. Every request is recorded in `server.requests`;
 `server.max_in_flight` is the most requests handled at once.
@@ -25,11 +28,40 @@ class Reply:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def completion(text: str) -> dict[str, Any]:
-    return {"id": "x", "object": "chat.completion", "model": "fake",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": text}}],
+def logprob_content(tokens: list[list[tuple[str, float]]]) -> list[dict[str, Any]]:
+    """OpenAI `logprobs.content` from per-token alternatives [(token, logprob), ...], the
+    chosen token first."""
+    return [{"token": alts[0][0], "logprob": alts[0][1],
+             "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alts]}
+            for alts in tokens]
+
+
+def completion(text: str, logprobs: list[list[tuple[str, float]]] | None = None
+               ) -> dict[str, Any]:
+    """A chat.completion body; `logprobs` (see logprob_content) is sent only if asked for."""
+    choice = {"index": 0, "finish_reason": "stop",
+              "message": {"role": "assistant", "content": text}}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprob_content(logprobs)}
+    return {"id": "x", "object": "chat.completion", "model": "fake", "choices": [choice],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def _honour_logprobs(req: dict[str, Any], body: Any) -> Any:
+    """Drops choices' logprobs unless the request asked, else cuts them to top_logprobs."""
+    if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+        return body
+    body = json.loads(json.dumps(body))      # scripts may reuse one body
+    k = req.get("top_logprobs") or 0
+    for choice in body["choices"]:
+        if not isinstance(choice, dict) or "logprobs" not in choice:
+            continue
+        if not req.get("logprobs"):
+            choice["logprobs"] = None
+            continue
+        for entry in (choice["logprobs"] or {}).get("content") or []:
+            entry["top_logprobs"] = entry.get("top_logprobs", [])[:k]
+    return body
 
 
 def user_text(req: dict[str, Any]) -> str:
@@ -75,7 +107,7 @@ class ChatServer:
                     reply = server.script(req, seen)
                     if reply.delay:
                         time.sleep(reply.delay)
-                    body = reply.body
+                    body = _honour_logprobs(req, reply.body)
                     data = (json.dumps(body).encode() if isinstance(body, (dict, list))
                             else body.encode() if isinstance(body, str) else body or b"")
                     self.send_response(reply.status)
