@@ -20,11 +20,11 @@ def tiny_qwen_vl_config(vocab_size: int = 512) -> dict:
         rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
         bos_token_id=0, eos_token_id=2, pad_token_id=0, image_token_id=5, video_token_id=6,
-        vision_start_token_id=3, vision_end_token_id=4, initializer_range=0.1,
+        vision_start_token_id=3, vision_end_token_id=4, initializer_range=0.02,
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                            out_hidden_size=64, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-                           in_chans=3, initializer_range=0.1))
+                           in_chans=3, initializer_range=0.02))
 
 
 def get_config():

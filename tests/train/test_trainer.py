@@ -35,13 +35,28 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.heavy
-def test_scripted_reward_at_least_doubles_within_40_steps():
-    cfg = tiny_config()
-    trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
+def _target_scorer():
     # a target set of 40 of the 512 token ids: about 8% of random tokens at the start
-    trainer.p.scorer = TokenFrequencyScorer(range(7, 47))
-    curve = [trainer.train_step(next(trainer.p.loader))["reward/frequency"] for _ in range(40)]
+    return TokenFrequencyScorer(range(7, 47))
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    """One 40-step run on one device, shared: its first two steps are the reference of the
+    sharding test, the whole curve is the learning test's."""
+    trainer = build.build_trainer(tiny_config(), make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer.p.scorer = _target_scorer()
+    steps, after_two = [], None
+    for i in range(40):
+        steps.append(trainer.train_step(next(trainer.p.loader)))
+        if i == 1:
+            after_two = _leaves(trainer.state.params)
+    return steps, after_two
+
+
+@pytest.mark.heavy
+def test_scripted_reward_at_least_doubles_within_40_steps(single_device_run):
+    curve = [m["reward/frequency"] for m in single_device_run[0]]
     start, end = np.mean(curve[:5]), np.mean(curve[-5:])
     assert start > 0.02, curve
     assert end >= 2 * start, f"reward went {start:.3f} -> {end:.3f}: {np.round(curve, 3)}"
@@ -82,22 +97,19 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 @pytest.mark.heavy
-def test_sharded_steps_equal_single_device():
-    results, rollouts = [], []
-    for mesh in (make_mesh((1, 1, 1), jax.devices()[:1]), make_mesh((2, 2, 2))):
-        cfg = tiny_config()
-        trainer = build.build_trainer(cfg, mesh)
-        steps = [trainer.train_step(next(trainer.p.loader)) for _ in range(2)]
-        rollouts.append([(m["reward/frequency"], m["length/tokens"]) for m in steps])
-        results.append(_leaves(trainer.state.params))
+def test_sharded_steps_equal_single_device(single_device_run):
+    trainer = build.build_trainer(tiny_config(), make_mesh((2, 2, 2)))
+    trainer.p.scorer = _target_scorer()
+    steps = [trainer.train_step(next(trainer.p.loader)) for _ in range(2)]
     sharded_leaves = jax.tree.leaves(trainer.state.params)
     assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
                for x in sharded_leaves), "nothing was actually sharded"
     # the sampled rollouts are discrete: they must be identical
-    assert rollouts[0] == rollouts[1]
+    key = lambda m: (m["reward/frequency"], m["length/tokens"])
+    assert [key(m) for m in steps] == [key(m) for m in single_device_run[0][:2]]
     # parameters: sharded reductions sum in another order; Adam divides by sqrt(v) so a
     # near-zero gradient's float noise moves a weight by up to ~lr * 1e-2 (lr = 3e-3)
-    for x, y in zip(*results):
+    for x, y in zip(_leaves(trainer.state.params), single_device_run[1]):
         np.testing.assert_allclose(x, y, atol=1e-4, rtol=0)
 
 
