@@ -113,8 +113,27 @@ def _loader_and_eval(cfg):
     raise ValueError(f"data.source={d.source!r}: use 'synthetic', 'shapes' or 'tfds'")
 
 
+def _llava_processor(cfg, tokenizer, hf_config: dict):
+    from balcap_jax.models.llava import LlavaConfig
+    from balcap_jax.processing import LlavaImageProcessor, LlavaProcessor
+    mc = LlavaConfig.from_hf(hf_config)
+    ip = cfg.data.get("image_processor", None)
+    if cfg.model.path and os.path.exists(os.path.join(cfg.model.path,
+                                                      "preprocessor_config.json")):
+        image_processor = LlavaImageProcessor.from_pretrained(cfg.model.path)
+    else:   # the tower's own resolution unless the config says otherwise
+        s = mc.vision.image_size
+        image_processor = LlavaImageProcessor(**dict(dict(size=s, crop_size=(s, s)),
+                                                     **(ip.to_dict() if ip else {})))
+    return LlavaProcessor(tokenizer, image_processor, patch_size=mc.vision.patch_size,
+                          vision_feature_select_strategy=mc.vision_feature_select_strategy,
+                          image_token=tokenizer.convert_ids_to_tokens(mc.image_token_id))
+
+
 def _processor(cfg, tokenizer, hf_config: dict):
     from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
+    if hf_config.get("model_type") == "llava":
+        return _llava_processor(cfg, tokenizer, hf_config)
     if hf_config.get("model_type") != "qwen2_5_vl":
         raise ValueError(f"no processor wired for model_type={hf_config.get('model_type')!r}")
     ip = cfg.data.get("image_processor", None)
@@ -145,8 +164,12 @@ def build_parts(cfg, mesh=None, rules=None):
     if len(tokenizer) > vocab:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{vocab}; raise the model's vocab_size or pick a matching tokenizer")
-    eos = tuple(int(t) for t in np.atleast_1d(
-        [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]))
+    # Qwen's two stop tokens where the vocabulary has them (a Llama vocabulary maps them to
+    # <unk>), plus the tokenizer's own eos (</s> for LLaVA)
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    eos_ids = [i for i in eos_ids if i is not None and i != tokenizer.unk_token_id]
+    eos_ids += [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    eos = tuple(dict.fromkeys(int(t) for t in eos_ids))
     policy = build_policy(cfg, mesh, rules)
     if cfg.train.remat:
         policy.set_remat(True)
