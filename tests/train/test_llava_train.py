@@ -127,3 +127,45 @@ def test_train_steps_update_every_part(trainer):
     # without weight decay leaves them exactly as loaded
     assert not changed["vision_tower/encoder/layers/2/mlp/fc1/kernel"]
     assert not changed["vision_tower/post_layernorm/weight"]
+
+
+def _load_config(arg=None):
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("llava_cfg", os.path.join(root,
+                                                                           "configs/llava.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
+def test_llava_7b_config_and_shapes():
+    """configs/llava.py validates; its preset is LLaVA-1.5-7B's shape and builds a model with
+    exactly the parameters of transformers' LlavaForConditionalGeneration at those widths (meta
+    device, no weights); freeze_vision freezes the CLIP tower but not the projector."""
+    import torch
+    from transformers import LlavaConfig as HFConfig, LlavaForConditionalGeneration
+    from balcap_jax.config import validate
+    from balcap_jax.models.llava import Llava, LlavaConfig
+    from balcap_jax.models.presets import preset
+    c = _load_config()
+    assert validate(c, 8)["fsdp"] == 8 and c.train.freeze_vision
+    with pytest.raises(ValueError, match="llava.py"):
+        _load_config("13b")
+    d = preset(c.model.preset)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in LlavaForConditionalGeneration(
+            HFConfig(**d)).parameters()) == 7_063_427_072     # the preset is LLaVA-1.5-7B
+    # every layer alike: compare the structure at the real widths with 2 + 2 layers (building
+    # 7B abstractly in NNX takes ~25 s)
+    d["text_config"]["num_hidden_layers"] = d["vision_config"]["num_hidden_layers"] = 2
+    with torch.device("meta"):
+        ref = LlavaForConditionalGeneration(HFConfig(**d))
+    cfg = LlavaConfig.from_hf(d)
+    params = nnx.state(nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    assert n_ours == sum(p.numel() for p in ref.parameters())
+    assert cfg.tokens_per_image == 576
+    vision = [p for p, _ in nnx.to_flat_state(params) if train._is_vision_path(p)]
+    assert vision and all(p[0] == "vision_tower" for p in vision)

@@ -1,0 +1,66 @@
+"""BalCapRL on LLaVA-1.5-7B (``configs/llava.py``), from a local llava-hf checkpoint.
+
+    python -m balcap_jax.main --config=configs/llava.py \
+        --config.model.path=/ckpt/llava-1.5-7b-hf --config.workdir=/runs/balcap_llava
+
+SPEC.md's defaults as in configs/qwen.py: G = 8, lr 1e-6 AdamW, clip 0.2, no KL, temperature
+1.0, 512 new tokens, c-GDPO with batch normalisation, linguistic reward masked outside rho in
+[0.5, 2.0], weights (1, 1, 1). LLaVA specifics: prompts are "USER: <image>\\n{instruction}
+ASSISTANT:" (the checkpoint's chat template), each image 336 px padded to a square with the mean
+colour and expanded to 576 tokens, the stop token is </s>. The CLIP tower is frozen by default
+(LLaVA-1.5 never trained it; the projector and the language model are trained):
+``--config.train.freeze_vision=False`` trains it too.
+The checkpoint directory is the llava-hf layout (config.json, safetensors, tokenizer and
+preprocessor_config.json); both the hub's and transformers v5's key spellings load.
+"""
+from balcap_jax.config import base_config
+
+
+def get_config(arg: str = "7b"):
+    if arg != "7b":
+        raise ValueError(f"configs/llava.py:{arg}: only LLaVA-1.5-7B is configured "
+                         "(configs/llava.py or configs/llava.py:7b)")
+    c = base_config()
+    c.workdir = "workdir/llava_1_5_7b"
+    c.model.path = "checkpoints/llava-1.5-7b-hf"
+    c.model.preset = "llava_1_5_7b"        # shapes for the memory plan before loading
+    c.model.dtype = "bfloat16"
+    c.model.tokenizer = ""                  # the checkpoint's own tokenizer files
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    c.data.source = "tfds"
+    # ShareGPT4V-style JSON/JSONL + image folder (balcap_jax.data; all fields documented there)
+    c.data.builder = "sharegpt4v"
+    c.data.files = "data/sharegpt4v_recaptioned.jsonl"
+    c.data.image_root = "data/images"
+    c.data.eval_files = ""           # a held-out file in the same format; "" = no eval set
+    c.data.num_eval = 256
+    c.data.data_dir = ""             # "" = <workdir>/tfds
+    c.data.max_prompt_tokens = 1024  # 576 image tokens + the instruction, one bucket
+    c.data.max_image_tokens = 576
+    c.sampling.num_samples = 8
+    c.sampling.max_new_tokens = 512
+    c.sampling.temperature = 1.0
+    c.rl.advantage = "cgdpo"
+    c.rl.rewards = ["precision", "recall", "linguistic"]
+    c.rl.weights = [1.0, 1.0, 1.0]
+    c.rl.length_control = "mask"
+    c.rl.length_reward = "linguistic"
+    c.train.steps = 1000
+    c.train.batch_size = 64
+    c.train.micro_batch_size = 64
+    c.train.lr = 1e-6
+    c.train.warmup_steps = 10
+    c.train.remat = True
+    c.train.freeze_vision = True
+    c.train.eval_every = 50
+    c.checkpoint.every = 50
+    c.scorer.name = "judges"
+    c.judges = dict(
+        multimodal_path="checkpoints/Qwen2.5-VL-7B-Instruct",    # verification, pointability
+        text_path="checkpoints/Qwen2.5-7B-Instruct",               # decomposition, recall, style
+        threshold=False,
+        cache_dir="",  # reference units cache; "" = <workdir>/judge_cache
+    )
+    return c
