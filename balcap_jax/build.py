@@ -21,25 +21,26 @@ __all__ = ["hf_config_of", "memory_plan", "mesh_and_rules", "build_policy", "bui
 
 def hf_config_of(cfg) -> dict:
     """The policy's HF config dict: the checkpoint's config.json, a preset, or explicit."""
-    if cfg.model.path:
-        path = os.path.join(cfg.model.path, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"model.path={cfg.model.path!r} has no config.json; point "
-                                    "it at a Hugging Face checkpoint directory")
+    path = os.path.join(cfg.model.path, "config.json") if cfg.model.path else ""
+    if path and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    if cfg.model.preset:
+    if cfg.model.preset:   # shapes for planning (the checkpoint itself is read at build time)
         from balcap_jax.models.presets import preset
         out = preset(cfg.model.preset)
         out.update(cfg.model.hf_config.to_dict())
         return out
+    if path:
+        raise FileNotFoundError(f"model.path={cfg.model.path!r} has no config.json; point it at "
+                                "a Hugging Face checkpoint directory")
     return cfg.model.hf_config.to_dict()
 
 
-def memory_plan(cfg, mesh_sizes: dict) -> mp.MemoryPlan:
+def memory_plan(cfg, mesh_sizes: dict, *, query_device: bool = True) -> mp.MemoryPlan:
     s, t = cfg.sampling, cfg.train
-    limit = cfg.mesh.device_memory_gb * mp.GiB if cfg.mesh.device_memory_gb else \
-        mp.device_memory_bytes()
+    limit = cfg.mesh.device_memory_gb * mp.GiB if cfg.mesh.device_memory_gb else None
+    if limit is None and query_device:
+        limit = mp.device_memory_bytes()
     return mp.plan_memory(
         hf_config_of(cfg), mesh_shape=mesh_sizes, param_dtype=cfg.model.dtype,
         rollouts_per_step=t.batch_size * s.num_samples, prompt_len=cfg.data.get(

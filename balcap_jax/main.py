@@ -16,6 +16,10 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).")
 flags.mark_flags_as_required(["config"])
+_PLAN_ONLY = flags.DEFINE_bool(
+    "plan_only", False, "Validate the config, print the per-device memory plan and exit. The "
+    "mesh is taken as configured (no -1), so a pod can be planned from a laptop; set "
+    "--config.mesh.device_memory_gb to check against a card.")
 
 log = logging.getLogger("balcap_jax")
 
@@ -102,6 +106,23 @@ def run(cfg) -> dict:
     return row
 
 
+def plan(cfg) -> str:
+    """The memory plan of ``cfg`` on its configured mesh, without touching any device."""
+    from balcap_jax import build, config as config_lib
+    sizes = {k: int(cfg.mesh[k]) for k in ("data", "fsdp", "tensor")}
+    if min(sizes.values()) < 1:
+        raise config_lib.ConfigError(f"--plan_only needs an explicit mesh, got {sizes}; set "
+                                     "--config.mesh.data/fsdp/tensor")
+    config_lib.validate(cfg, sizes["data"] * sizes["fsdp"] * sizes["tensor"])
+    p = build.memory_plan(cfg, sizes, query_device=False)
+    text = f"mesh {sizes}\n{p.table()}"
+    try:
+        p.check()
+        return text + "\nfits"
+    except MemoryError as e:
+        return text + "\nDOES NOT FIT: " + str(e).split("\n")[0]
+
+
 def _postfix(m: dict, rewards) -> dict:
     out = {r[:4]: f"{m.get(f'reward/{r}', float('nan')):.3f}" for r in rewards}
     out["len"] = f"{m.get('length/caption_words', float('nan')):.1f}"
@@ -111,6 +132,9 @@ def _postfix(m: dict, rewards) -> dict:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if _PLAN_ONLY.value:
+        print(plan(_CONFIG.value))
+        return
     t = time.time()
     row = run(_CONFIG.value)
     print(json.dumps({"final": row, "seconds": round(time.time() - t, 1)}), flush=True)

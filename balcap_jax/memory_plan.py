@@ -102,7 +102,7 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
                 opt_dtype: str = "float32", rollouts_per_step: int, prompt_len: int,
                 max_new_tokens: int, micro_batch: int, remat: bool, freeze_vision: bool,
                 reference_model: bool, image_tokens: int = 1024,
-                device_bytes: float | None = None) -> MemoryPlan:
+                device_bytes: float | None = None, logprob_chunk: int = 256) -> MemoryPlan:
     """The plan for one device of a mesh {"data": d, "fsdp": f, "tensor": t}.
 
     Parameters and optimiser state are sharded over fsdp x tensor; rollouts and micro-batches
@@ -129,6 +129,8 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
          f"{n_train / 1e9:.2f}B trainable, {opt_dtype} accumulation"),
         ("optimizer state", 2 * n_train * ob / shard,
          "raise mesh.fsdp, or train.freeze_vision=True", "AdamW mu + nu"),
+        ("optimizer update", n_train * ob / shard, "raise mesh.fsdp",
+         "transient fp32 updates while the step is applied"),
     ]
     if reference_model:
         items.append(("reference model", n_all * pb / shard, "rl.beta=0 drops it, or raise "
@@ -141,6 +143,8 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
     per_layer = tok * (10 * d + 2 * inter // t_) * pb
     act = (tok * d * pb * layers + per_layer) if remat else per_layer * layers
     act += tok * 4 * 2  # fp32 log-probs + mask
+    # the chunked log-prob path holds one [rows, chunk, V] fp32 logits block and its gradient
+    act += 2 * mrows * min(seq, logprob_chunk) * t["vocab_size"] * 4 // (t_ if t_ > 1 else 1)
     vis = hf_config.get("vision_config")
     if vis and not freeze_vision:
         dv = vis["hidden_size"]
@@ -148,7 +152,7 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
         vdepth = vis.get("depth", vis.get("num_hidden_layers", 1))
         act += mrows * npatch * dv * pb * (vdepth if remat else 12 * vdepth)
     items.append(("activations (est.)", act,
-                  "lower train.micro_batch_size, or train.remat=True",
+                  "lower train.micro_batch_size" + ("" if remat else ", or train.remat=True"),
                   f"micro-batch {mrows} x {seq} tokens per device, remat={remat}"))
     return MemoryPlan(items, device_bytes)
 

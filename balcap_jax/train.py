@@ -144,17 +144,15 @@ class RLStep:
             # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
             return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m
 
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def apply(params, opt_state, grads, scale, loss):
+        @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+        def apply(params, opt_state, grads, scale):
+            # everything is donated: the update happens in place, no second copy of the
+            # optimiser state (a where()-based skip would keep both alive at the peak)
             grads = jax.tree.map(lambda x: x * scale, grads)
-            gnorm = optax.global_norm(grads)
-            finite = jnp.isfinite(gnorm) & jnp.isfinite(loss)
-            updates, new_opt = self.opt.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            # a non-finite step is skipped: keep the old state, report it
-            pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
-            return pick(new_params, params), pick(new_opt, opt_state), gnorm, finite
+            updates, opt_state = self.opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
 
+        self.grad_norm = jax.jit(lambda g, scale: optax.global_norm(g) * scale)
         self.logprobs, self.grad, self.apply = logprobs, grad, apply
         self.zeros = jax.jit(lambda p: jax.tree.map(
             lambda x: jnp.zeros(x.shape, jnp.float32), p))
@@ -335,11 +333,13 @@ class Trainer:
             # bnpo: each micro-batch is its own mean, so the step is their average
             scale = 1.0 / len(mbs) if rl.aggregation == "bnpo" else 1.0
             loss *= scale
-            st.params, st.opt_state, gnorm, ok = fn.apply(
-                st.params, st.opt_state, grads, jnp.float32(scale), jnp.float32(loss))
-            if not bool(ok):
+            gnorm = float(fn.grad_norm(grads, jnp.float32(scale)))
+            if np.isfinite(loss) and np.isfinite(gnorm):
+                st.params, st.opt_state = fn.apply(st.params, st.opt_state, grads,
+                                                   jnp.float32(scale))
+            else:  # never apply a step built on a non-finite loss or gradient
                 self.skipped += 1
-            out.update({"loss": loss, "grad_norm": float(gnorm)})
+            out.update({"loss": loss, "grad_norm": gnorm})
             out.update({k: float(v) for k, v in loss_lib.reduce_metrics(acc).items()})
         return out
 

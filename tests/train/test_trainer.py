@@ -9,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -147,3 +148,24 @@ def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
     assert int(state["step"]) == steps[-1]
     assert meta["data"]["pos"] > 0
     ck.close()
+
+
+@pytest.mark.heavy
+def test_non_finite_step_is_skipped_counted_and_not_applied(monkeypatch):
+    from balcap_jax import train
+    real = train.loss_lib.policy_loss
+
+    def nan_loss(*args, **kwargs):     # as if the policy had produced a NaN log-prob
+        loss, metrics = real(*args, **kwargs)
+        return loss * jnp.nan, metrics
+
+    monkeypatch.setattr(train.loss_lib, "policy_loss", nan_loss)
+    trainer = build.build_trainer(tiny_config(), make_mesh((1, 1, 1), jax.devices()[:1]))
+    before = _leaves(trainer.state.params)
+    opt_before = _leaves(trainer.state.opt_state)
+    for step in (1, 2):
+        m = trainer.train_step(next(trainer.p.loader))
+        assert not np.isfinite(m["loss"]) and m["skipped_steps"] == step
+    for x, y in zip(before + opt_before,
+                    _leaves(trainer.state.params) + _leaves(trainer.state.opt_state)):
+        np.testing.assert_array_equal(x, y)
