@@ -122,13 +122,14 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
     rows = math.ceil(rollouts_per_step / batch_shards)
     seq = prompt_len + max_new_tokens
     kv_div = t_ if kv % t_ == 0 else 1
+    shrink_state = "raise mesh.fsdp" + ("" if freeze_vision or not counts["vision"] else
+                                        ", or train.freeze_vision=True")
     items = [
         ("parameters", n_all * pb / shard, "raise mesh.fsdp (shards parameters)",
          f"{n_all / 1e9:.2f}B params in {param_dtype}"),
-        ("gradients", n_train * ob / shard, "raise mesh.fsdp, or train.freeze_vision=True",
+        ("gradients", n_train * ob / shard, shrink_state,
          f"{n_train / 1e9:.2f}B trainable, {opt_dtype} accumulation"),
-        ("optimizer state", 2 * n_train * ob / shard,
-         "raise mesh.fsdp, or train.freeze_vision=True", "AdamW mu + nu"),
+        ("optimizer state", 2 * n_train * ob / shard, shrink_state, "AdamW mu + nu"),
         ("optimizer update", n_train * ob / shard, "raise mesh.fsdp",
          "transient fp32 updates while the step is applied"),
     ]
