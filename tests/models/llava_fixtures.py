@@ -27,11 +27,11 @@ def tokens_per_image(name: str) -> int:
     return (c["image_size"] // 14) ** 2 + (c["strategy"] == "full")
 
 
-def hf_config(name: str):
+def hf_config(name: str, *, vocab_size: int = VOCAB, image_token: int = IMG):
     from transformers import LlavaConfig
     c = CONFIGS[name]
     return LlavaConfig(
-        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64,
+        text_config=dict(model_type="llama", vocab_size=vocab_size, hidden_size=64,
                          intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=c["heads"][0], num_key_value_heads=c["heads"][1],
                          max_position_embeddings=512, initializer_range=0.2, rms_norm_eps=1e-5,
@@ -43,17 +43,17 @@ def hf_config(name: str):
                            image_size=c["image_size"], patch_size=14, projection_dim=16,
                            hidden_act="quick_gelu", initializer_range=0.2,
                            initializer_factor=4.0),
-        image_token_index=IMG, vision_feature_layer=c["feature_layer"],
+        image_token_index=image_token, vision_feature_layer=c["feature_layer"],
         vision_feature_select_strategy=c["strategy"], projector_hidden_act="gelu",
         multimodal_projector_bias=c["proj_bias"], tie_word_embeddings=c["tie"],
         image_seq_length=tokens_per_image(name))
 
 
-def hf_model(name: str, seed: int = 0):
+def hf_model(name: str, seed: int = 0, **config_kw):
     import torch
     from transformers import LlavaForConditionalGeneration
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(hf_config(name)).eval()
+    model = LlavaForConditionalGeneration(hf_config(name, **config_kw)).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname and pname.endswith("weight"):

@@ -294,3 +294,62 @@ def test_token_logprobs_match_hf(trio, mixed):
     batch = {k: v for k, v in mixed.items() if k != "position_ids"}
     got = sampling.token_logprobs(ours, batch, comp, mask)
     assert _max_err(got, want) < ATOL
+
+
+BF16_ATOL = 0.3      # bf16 keeps ~3 significant digits; logit std ~1.6
+
+
+@pytest.mark.heavy
+def test_bfloat16(trio, mixed):
+    _, hf, _, path = trio
+    ours16 = from_pretrained(path, dtype="bfloat16")
+    assert ours16.vision_tower.embeddings.patch_embedding.kernel[...].dtype == jnp.bfloat16
+    want = _hf_logits(hf, mixed)
+    got = np.asarray(ours16(**mixed))
+    m = mixed["attention_mask"].astype(bool)
+    assert _max_err(got, want, m) < BF16_ATOL
+    assert (got.argmax(-1) == want.argmax(-1))[m].mean() >= 0.9
+
+
+@pytest.mark.heavy
+def test_sharded_on_8_devices(trio, mixed):
+    """Loaded onto a (2, 2, 2) mesh: same logits and greedy samples as on one device (3 prompt
+    rows and 4 padded images: dims that do not divide the mesh axes are replicated)."""
+    from balcap_jax import sharding as shd
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
+    _, _, ours, path = trio
+    sharded = from_pretrained(path, mesh=shd.make_mesh((2, 2, 2)))
+    k = sharded.model.layers[0].self_attn.q_proj.kernel[...]
+    assert len(k.sharding.device_set) == 8 and not k.sharding.is_fully_replicated
+    batch = {k: v for k, v in mixed.items() if k != "position_ids"}
+    np.testing.assert_allclose(np.asarray(sharded(**batch)), np.asarray(ours(**batch)), atol=ATOL)
+    kw = dict(max_new_tokens=4, temperature=0.0, eos_token_ids=2, rng=jax.random.key(0))
+    a = sampling.generate(sharded, batch, **kw)
+    b = sampling.generate(ours, batch, **kw)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+
+
+@pytest.mark.heavy
+def test_llava_processor_with_llama_vocabulary(tmp_path):
+    """Our LlavaProcessor with a Llama-style 32k SentencePiece vocabulary (<image> = 32000):
+    its batch gives transformers' logits on a tiny LLaVA with the real token ids."""
+    from PIL import Image
+    from balcap_jax.processing import LlavaImageProcessor, LlavaProcessor, caption_messages
+    from balcap_jax.tokenizers import llama_sp_tokenizer
+    tok = llama_sp_tokenizer()
+    proc = LlavaProcessor(tok, LlavaImageProcessor(size=28, crop_size=(28, 28)), patch_size=14)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 30, 3), np.uint8)) for _ in range(2)]
+    convs = [caption_messages("Describe this image."),
+             caption_messages("What colour is the sky in this picture, roughly?")]
+    batch = proc(convs, images=[[im] for im in images])
+    assert (batch["input_ids"] == 32000).sum() == 2 * fx.tokens_per_image("l2_default")
+    assert batch["input_ids"][0, -1] == tok.convert_tokens_to_ids(":")   # "... ASSISTANT:"
+    hf = fx.hf_model("l2_default", vocab_size=32064, image_token=32000)
+    hf.save_pretrained(str(tmp_path))
+    ours = from_pretrained(str(tmp_path))
+    mask = batch["attention_mask"]
+    ref_in = dict(input_ids=batch["input_ids"].astype(np.int64), attention_mask=mask,
+                  pixel_values=batch["pixel_values"],
+                  position_ids=np.clip(np.cumsum(mask, 1) - 1, 0, None))
+    assert _max_err(ours(**batch), _hf_logits(hf, ref_in), mask) < ATOL
