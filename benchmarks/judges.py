@@ -45,6 +45,7 @@ import os
 import queue
 import resource
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -271,6 +272,11 @@ def serve(args) -> None:
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), model.handler())
     httpd.daemon_threads = True
     print(f"READY {httpd.server_address[1]}", flush=True)
+
+    def exit_with_parent():   # stdin is the parent's pipe: EOF = the benchmark is gone
+        sys.stdin.read()
+        os._exit(0)
+    threading.Thread(target=exit_with_parent, daemon=True).start()
     httpd.serve_forever(poll_interval=0.1)
 
 
@@ -278,7 +284,8 @@ def _start_server(ckpt: str, args, timeout: float = 300.0):
     cmd = [sys.executable, "-m", "benchmarks.judges", "--serve", ckpt, "--vocab",
            str(args.vocab), "--max-batch", str(args.max_batch), "--batch-wait",
            str(args.batch_wait), "--server-threads", str(args.server_threads)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -363,6 +370,7 @@ def run(args) -> None:
     finally:
         server.kill()
         server.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _bench(args, ckpt: str, port: int, t0: float) -> None:
