@@ -5,6 +5,8 @@ transformers (PyTorch CPU).
 
     .venv/bin/python -m benchmarks.judges [--captions 8] [--group 4] [--assertions 6]
         [--repeats 2] [--decompose-tokens 8] [--image 112]
+    .venv/bin/python -m benchmarks.judges --preset qwen2_5_vl_7b      # the GPU check (below)
+    .venv/bin/python -m benchmarks.judges --preset qwen2_5_vl_7b --shrink   # its CPU smoke run
 
 Setup: a server subprocess builds a tiny random Qwen2.5-VL checkpoint with transformers (tiny
 BPE tokenizer trained on the judge prompts, weights and norms drawn as in
@@ -32,6 +34,14 @@ token (text-only questions: same inputs, so float error; image questions: the im
 HTTP as JPEG, so pixels differ a little; a question whose greedy first token is blank has no
 first-token answer remotely and is left out), and of the precision rewards with the remote
 judge's usual 4-token answers (its reader skips a blank first token, ours never does); a summary with the ratios and peak RSS of this process (JAX judge + client) and of the server.
+
+GPU check (--preset NAME): the in-process judge alone, a random-init model of the named hub
+shapes (e.g. Qwen2.5-VL-7B) in --dtype (bfloat16), Qwen2.5's tokenizer, --image square images;
+defaults 64 captions x 12 assertions, 8 rollouts per image. Assertions per second with the
+shared image prefix against share_prefix=False, and the largest difference between the two
+paths' precision rewards (bfloat16: expected below 2e-2). No transformers server: a 7B model
+in PyTorch on the host would measure nothing useful. --shrink cuts the shapes to a tiny model
+for a CPU smoke run.
 """
 from __future__ import annotations
 
@@ -331,6 +341,8 @@ def _time_scorer(backend, images, captions, lists, repeats: int) -> dict:
     first = time.perf_counter() - t
     best = float("inf")
     for _ in range(repeats):
+        if hasattr(backend, "stats"):
+            backend.stats.clear()           # so the printed stats are the last call's
         t = time.perf_counter()
         res = scorer(images, captions, refs)
         best = min(best, time.perf_counter() - t)
@@ -470,17 +482,87 @@ def _bench(args, ckpt: str, port: int, t0: float) -> None:
            "total_s": round(time.perf_counter() - t0, 1)})
 
 
+def gpu_check(args) -> None:
+    """--preset: shared prefix vs none on a random-init model of hub shapes (see docstring)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from PIL import Image
+
+    from balcap_jax.models.presets import preset
+    from balcap_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
+    from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
+    from balcap_jax.rewards.judges import InProcessBackend
+    from balcap_jax.tokenizers import qwen25_tokenizer
+    t0 = time.perf_counter()
+    d = preset(args.preset)
+    if args.shrink:
+        d.update(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, num_hidden_layers=2,
+                 rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+        d["vision_config"].update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                  out_hidden_size=64, fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig.from_hf(d)
+    dtype = jnp.dtype(args.dtype)
+    # one jitted init instead of one small program per parameter
+    model = nnx.jit(lambda: Qwen2_5_VL(cfg, dtype=dtype, rngs=nnx.Rngs(0)))()
+    jax.block_until_ready(nnx.state(model))
+    tok = qwen25_tokenizer()
+    side = args.image
+    proc = Qwen25VLProcessor(tok, QwenImageProcessor(min_pixels=side * side,
+                                                     max_pixels=side * side))
+    rng = np.random.default_rng(0)
+    n_img = max(1, -(-args.captions // args.group))
+    distinct = [np.asarray(Image.fromarray(rng.integers(0, 255, (4, 4, 3), np.uint8)).resize(
+        (side, side), Image.BILINEAR)) for _ in range(n_img)]
+    images = [distinct[c // args.group] for c in range(args.captions)]
+    captions = [f"Caption number {c} of a street scene." for c in range(args.captions)]
+    lists = {cap: [_assertion(c, k) for k in range(args.assertions)]
+             for c, cap in enumerate(captions)}
+    _line({"setup_s": round(time.perf_counter() - t0, 1), "preset": args.preset,
+           "shrink": args.shrink, "dtype": args.dtype, "device": str(jax.devices()[0]),
+           "captions": args.captions, "images": n_img, "assertions_per_caption":
+           args.assertions, "image_side": side})
+    results = {}
+    for share in (True, False):
+        judge = InProcessBackend(model, tok, name=args.preset, processor=proc,
+                                 item_batch=args.item_batch, prefix_batch=args.prefix_batch,
+                                 share_prefix=share)
+        label = "in_process_shared_prefix" if share else "in_process_no_prefix"
+        results[label] = _time_scorer(judge, images, captions, lists, args.repeats)
+        _line({"path": label, **results[label], "stats": dict(judge.stats)})
+    a, b = (results[k]["precision"] for k in ("in_process_shared_prefix", "in_process_no_prefix"))
+    diff = float(np.nanmax(np.abs(a - b)))
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+    mem = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
+    rate = {k: v["assertions_per_s"] for k, v in results.items()}
+    _line({"summary": True, "assertions_per_s": rate,
+           "shared_prefix_over_no_prefix": round(rate["in_process_shared_prefix"]
+                                                 / rate["in_process_no_prefix"], 2),
+           "first_call_s": {k: v["first_call_s"] for k, v in results.items()},
+           "precision_max_abs_diff": round(diff, 6), "tol": tol, "ok": diff <= tol,
+           "peak_rss_mb": round(_rss_mb()),
+           "device_peak_gib": round(mem.get("peak_bytes_in_use", 0) / 2 ** 30, 2),
+           "total_s": round(time.perf_counter() - t0, 1)})
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--captions", type=int, default=8)
-    ap.add_argument("--group", type=int, default=4, help="rollouts sharing one image")
-    ap.add_argument("--assertions", type=int, default=6, help="assertions per caption")
-    ap.add_argument("--image", type=int, default=112, help="square image side in pixels")
+    ap.add_argument("--captions", type=int, help="default 8 (--preset: 64)")
+    ap.add_argument("--group", type=int, help="rollouts sharing one image; default 4 "
+                                              "(--preset: 8)")
+    ap.add_argument("--assertions", type=int, help="assertions per caption; default 6 "
+                                                   "(--preset: 12)")
+    ap.add_argument("--image", type=int, help="square image side in pixels; default 112 "
+                                              "(--preset: 448)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--decompose-tokens", type=int, default=8,
                     help="greedy tokens per caption for the decomposition timing (0 = skip)")
-    ap.add_argument("--item-batch", type=int, default=32)
-    ap.add_argument("--prefix-batch", type=int, default=8)
+    ap.add_argument("--item-batch", type=int, help="default 32 (--preset: 64)")
+    ap.add_argument("--prefix-batch", type=int, help="default 8 (--preset: 16)")
+    ap.add_argument("--preset", help="GPU check: a hub shape preset, e.g. qwen2_5_vl_7b")
+    ap.add_argument("--shrink", action="store_true", help="--preset at tiny sizes (CPU smoke)")
+    ap.add_argument("--dtype", default="bfloat16", help="--preset parameter dtype")
     ap.add_argument("--top-logprobs", type=int, default=0,
                     help="alternatives the remote judge asks for (0 = the whole vocabulary)")
     ap.add_argument("--vocab", type=int, default=512, help="tiny BPE vocabulary size")
@@ -493,8 +575,15 @@ def main(argv=None) -> None:
                          "this tiny model ~10x slower than 1)")
     ap.add_argument("--serve", metavar="CKPT", help=argparse.SUPPRESS)   # the server process
     args = ap.parse_args(argv)
+    sizes = dict(captions=(8, 64), group=(4, 8), assertions=(6, 12), image=(112, 448),
+                 item_batch=(32, 64), prefix_batch=(8, 16))
+    for key, (cpu, gpu) in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, gpu if args.preset else cpu)
     if args.serve:
         serve(args)
+    elif args.preset:
+        gpu_check(args)
     else:
         run(args)
 
