@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import time
 from typing import Any, Sequence
 
@@ -220,8 +222,19 @@ class Trainer:
         self.skipped = 0
         kw = {"batch_norm": cfg.rl.batch_norm} if cfg.rl.advantage == "cgdpo" else {}
         # one compiled program instead of dozens of eager ops (each its own compile)
+        self._write_scorer_metadata(cfg, parts.scorer)
         self.estimator = jax.jit(functools.partial(
             adv_lib.get_advantage_estimator(cfg.rl.advantage), eps=cfg.rl.adv_eps, **kw))
+
+    @staticmethod
+    def _write_scorer_metadata(cfg, scorer) -> None:
+        """Judge prompt versions and judge names, once per run, beside config.json (strings:
+        metrics.jsonl holds floats only)."""
+        meta = getattr(scorer, "metadata", None)
+        if callable(meta) and cfg.get("workdir") and jax.process_index() == 0:
+            os.makedirs(cfg.workdir, exist_ok=True)
+            with open(os.path.join(cfg.workdir, "scorer_metadata.json"), "w") as f:
+                json.dump(meta(), f, indent=1, sort_keys=True)
 
     # -- helpers ---------------------------------------------------------------------------
     def model(self):
