@@ -58,3 +58,19 @@ def test_token_frequency_scorer_counts_only_generated_tokens():
     out = s([None] * 2, ["", ""], [[""]] * 2, token_ids=ids, lengths=np.array([3, 2]))
     np.testing.assert_allclose(out.rewards["a"], [2 / 3, 1 / 2])
     np.testing.assert_array_equal(out.rewards["a"], out.rewards["b"])
+
+
+def test_scorer_metadata_written_beside_config(tmp_path):
+    import json
+
+    from balcap_jax.train import Trainer
+
+    class Judged:
+        def metadata(self):
+            return {"prompt/verify": "verify-v1", "judge/text": "ckpt-a"}
+
+    cfg = ml_collections.ConfigDict({"workdir": str(tmp_path / "run")})
+    Trainer._write_scorer_metadata(cfg, Judged())
+    Trainer._write_scorer_metadata(cfg, TokenFrequencyScorer(1))   # no metadata: nothing
+    got = json.loads((tmp_path / "run" / "scorer_metadata.json").read_text())
+    assert got == {"prompt/verify": "verify-v1", "judge/text": "ckpt-a"}
