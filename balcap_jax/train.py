@@ -169,7 +169,12 @@ def gather_rows(inputs: dict, rows: np.ndarray) -> dict:
     keeping pixel_values aligned with image_grid_thw."""
     out = {k: np.asarray(v)[rows] for k, v in inputs.items()
            if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    if "pixel_values" in inputs:
+    if "pixel_values" in inputs and "image_grid_thw" not in inputs:  # LLaVA: [N, C, H, W]
+        pv = np.asarray(inputs["pixel_values"])
+        if len(pv) != len(np.asarray(inputs["input_ids"])):
+            raise ValueError("gather_rows needs exactly one image per prompt row")
+        out["pixel_values"] = pv[rows]
+    elif "pixel_values" in inputs:
         grid = np.asarray(inputs["image_grid_thw"])
         if len(grid) != len(np.asarray(inputs["input_ids"])):
             raise ValueError("gather_rows needs exactly one image per prompt row")

@@ -74,3 +74,10 @@ def test_scorer_metadata_written_beside_config(tmp_path):
     Trainer._write_scorer_metadata(cfg, TokenFrequencyScorer(1))   # no metadata: nothing
     got = json.loads((tmp_path / "run" / "scorer_metadata.json").read_text())
     assert got == {"prompt/verify": "verify-v1", "judge/text": "ckpt-a"}
+
+
+def test_gather_rows_llava_images_follow_rows():
+    pv = np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2)
+    out = gather_rows({"input_ids": np.array([[1], [2]]), "pixel_values": pv}, np.array([1, 0, 1]))
+    np.testing.assert_array_equal(out["pixel_values"], pv[[1, 0, 1]])
+    np.testing.assert_array_equal(out["input_ids"], [[2], [1], [2]])
