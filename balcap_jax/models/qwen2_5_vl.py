@@ -37,6 +37,7 @@ from balcap_jax import sharding as shd
 from balcap_jax.models import hf
 from balcap_jax.models import qwen2_5_vl_index as qi
 from balcap_jax.models.decoder import CausalLM, DecoderConfig
+from balcap_jax.models.multimodal import scatter_image_embeds
 from balcap_jax.models.qwen2_5_vl_vision import VisionConfig, VisionTower
 
 Array = jax.Array
@@ -188,16 +189,8 @@ class Qwen2_5_VL(CausalLM):
         """Text embeddings with image_embeds rows written, in order, at the image-pad tokens
         (row-major over the batch, as HF masked_scatter). A fixed-size gather: the caller must
         supply as many real image rows as there are image tokens (`check_image_tokens`)."""
-        x = self.embed(input_ids)
-        if image_embeds is None:
-            return x
-        if image_embeds.shape[-1] != x.shape[-1]:
-            raise ValueError(f"image_embeds dim {image_embeds.shape[-1]} != hidden {x.shape[-1]}")
-        is_img = input_ids == self.vl_cfg.image_token_id
-        idx = jnp.cumsum(is_img.reshape(-1).astype(jnp.int32)) - 1
-        idx = jnp.clip(idx, 0, image_embeds.shape[0] - 1).reshape(is_img.shape)
-        rows = jnp.take(image_embeds, idx, axis=0).astype(x.dtype)
-        return jnp.where(is_img[..., None], rows, x)
+        return scatter_image_embeds(self.embed(input_ids), input_ids, self.vl_cfg.image_token_id,
+                                    image_embeds)
 
     def embed_prompt(self, embed_inputs: Mapping[str, Any]) -> Array:
         vi = embed_inputs.get("vision")
