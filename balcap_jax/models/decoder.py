@@ -21,7 +21,7 @@ Low-level API (sampler, trainer; all jit-friendly, call inside your own jit):
       written at slots cache_index .. cache_index+T-1 (one int32 scalar for the whole batch).
   `lm.logits(hidden) -> float32 [B,T,V]`;  `lm.lm_head_weight() -> [D,V]` (tied: embedding.T)
   `lm.init_cache(batch, max_len, dtype=None) -> KVCache` (k, v: tuples over layers of
-      [B, max_len, kv_heads, head_dim], zeros).
+      [B, kv_heads, max_len, head_dim], zeros; heads-major so attention reads it untransposed).
   `lm.token_logprobs(hidden, targets, temperature=1.0, chunk_size=256) -> float32 [B,T]`
   `token_logprobs_from_hidden(hidden[B,T,D], lm_head_weight[D,V], targets[B,T], *,
       temperature=1.0, chunk_size=256)`: log_softmax(hidden @ W / temperature)[targets] computed
@@ -81,13 +81,13 @@ class DecoderConfig:
 
 @struct.dataclass
 class KVCache:
-    """Per-layer key/value buffers: k[i], v[i] are [B, S, kv_heads, head_dim]."""
+    """Per-layer key/value buffers: k[i], v[i] are [B, kv_heads, S, head_dim] (batch axis 0)."""
     k: tuple[Array, ...]
     v: tuple[Array, ...]
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 class DecoderLayer(nnx.Module):
@@ -257,11 +257,11 @@ class CausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         cfg = self.cfg
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
         dt = self.dtype if dtype is None else jnp.dtype(dtype)
         zeros = lambda: jnp.zeros(shape, dt)
         if self.mesh is not None:
-            s = shd.named_sharding(("batch", "cache_seq", "act_kv_heads", None), shape,
+            s = shd.named_sharding(("batch", "act_kv_heads", "cache_seq", None), shape,
                                    self.mesh, self.rules)
             zeros = lambda: jax.device_put(jnp.zeros(shape, dt), s)
         return KVCache(tuple(zeros() for _ in range(cfg.num_layers)),

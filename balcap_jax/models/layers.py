@@ -26,10 +26,12 @@ fused_qkv=False)`; `attn(x[B,T,D], cos, sin, mask[B,T,S] bool, cache=None, cache
 returns (out [B,T,D], (k, v) written cache or None). cos/sin None skips rotary. `mask[b,t,s]`
 True = query t may attend key s; build it with `causal_mask(kv_mask, T, cache_index)` (decoder,
 left padding) or `segment_mask(segment_ids)` (vision tower: block-diagonal, non-causal). With a
-cache (k, v each [B,S,KV,hd]) the new keys are written at slots cache_index..cache_index+T-1
-and queries attend over all S slots; without one, keys are this call's T tokens (S = T).
+cache (k, v each [B,KV,S,hd], heads-major so decode steps never transpose it) the new keys are
+written at slots cache_index..cache_index+T-1 and queries attend over all S slots; without one,
+keys are this call's T tokens (S = T).
 Vision towers pass packed patches as x [1, N, D] (or [rows, N, D]) with cos/sin [N, hd] and a
-`segment_mask` of window/image ids; attention itself is `dot_product_attention` (usable alone).
+`segment_mask` of window/image ids; attention itself is `dot_product_attention` (k/v
+[B,S,KV,hd], usable alone) or `heads_major_attention` (k/v [B,KV,S,hd]).
 """
 from __future__ import annotations
 
@@ -260,20 +262,30 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None,
     """GQA attention. q [B,T,H,hd], k/v [B,S,KV,hd], mask bool [B,T,S] -> [B,T,H,hd].
 
     Softmax in float32, probabilities cast to the value dtype (as HF eager attention)."""
+    if k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"k and v must both be [B,S,KV,hd], got {k.shape} and {v.shape}")
+    return heads_major_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, scale)
+
+
+def heads_major_attention(q: Array, k: Array, v: Array, mask: Array | None,
+                          scale: float | None = None) -> Array:
+    """`dot_product_attention` with k/v laid out [B,KV,S,hd] (the KV cache's layout): both
+    matmuls then have the batch dims (B, KV) leading on every operand, so XLA never transposes
+    the keys and values, which at decode time would be a copy of the whole cache per layer."""
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh, s = k.shape[1], k.shape[2]
     if h % kvh:
         raise ValueError(f"num_heads {h} must be a multiple of num_kv_heads {kvh}")
     scale = d ** -0.5 if scale is None else scale
-    qg = q.reshape(b, t, kvh, h // kvh, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    qg = q.reshape(b, t, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)     # [B,KV,G,T,hd]
+    logits = jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
-        if mask.shape != (b, t, k.shape[1]):
-            raise ValueError(f"attention mask must be [B,T,S]={(b, t, k.shape[1])}, got {mask.shape}")
+        if mask.shape != (b, t, s):
+            raise ValueError(f"attention mask must be [B,T,S]={(b, t, s)}, got {mask.shape}")
         logits = jnp.where(mask[:, None, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
@@ -321,18 +333,17 @@ class Attention(nnx.Module):
         if q.ndim == 4:
             q = constrain(q, ("batch", "seq", "act_heads", None))
             k = constrain(k, ("batch", "seq", "act_kv_heads", None))
-        new_cache = None
-        if cache is not None:
-            ck, cv = cache
-            if ck.shape[2:] != k.shape[2:] or ck.shape[0] != k.shape[0]:
-                raise ValueError(f"KV cache {ck.shape} does not fit keys {k.shape}")
-            idx = jnp.asarray(cache_index, jnp.int32)
-            zero = jnp.zeros((), jnp.int32)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, idx, zero, zero))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, idx, zero, zero))
-            ck = constrain(ck, ("batch", "cache_seq", "act_kv_heads", None))
-            cv = constrain(cv, ("batch", "cache_seq", "act_kv_heads", None))
-            new_cache = (ck, cv)
-            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = dot_product_attention(q, k, v, mask)
-        return self.o_proj(out), new_cache
+        if cache is None:
+            return self.o_proj(dot_product_attention(q, k, v, mask)), None
+        ck, cv = cache
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)                       # [B,KV,T,hd]
+        if ck.shape[0] != k.shape[0] or ck.shape[1] != k.shape[1] or ck.shape[3] != k.shape[3]:
+            raise ValueError(f"KV cache {ck.shape} ([B,KV,S,hd]) does not fit keys {k.shape}")
+        idx = jnp.asarray(cache_index, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, zero, idx, zero))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, zero, idx, zero))
+        ck = constrain(ck, ("batch", "act_kv_heads", "cache_seq", None))
+        cv = constrain(cv, ("batch", "act_kv_heads", "cache_seq", None))
+        out = heads_major_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        return self.o_proj(out), (ck, cv)
