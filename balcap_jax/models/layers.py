@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from balcap_jax.sharding import constrain
+from balcap_jax.sharding import active_sharding, constrain
 
 Array = jax.Array
 NEG_INF = float(np.finfo(np.float32).min)  # finite, as HF: fully masked rows give uniform, not NaN
@@ -119,6 +119,44 @@ class Proj(nnx.Module):
         return y
 
 
+def _tensor_parallel() -> bool:
+    """True when the active sharding splits heads or mlp over more than one device."""
+    ctx = active_sharding()
+    if ctx is None:
+        return False
+    mesh, rules = ctx
+    axes = set()
+    for name in ("heads", "kv_heads", "mlp"):
+        a = rules[name]
+        axes.update((a,) if isinstance(a, str) else (a or ()))
+    return any(mesh.shape.get(a, 1) > 1 for a in axes)
+
+
+def fused_proj(x: Array, projs: Sequence[Proj]) -> list[Array]:
+    """`[p(x) for p in projs]` as one matmul over the kernels concatenated on their first output
+    axis (projections sharing the input and the other output dims, e.g. q/k/v or gate/up). Fewer,
+    wider matmuls make small-batch decode faster; inside jit the concatenation of loop-invariant
+    weights is hoisted out of the decode loop. Under tensor parallelism the concatenation would
+    reshard the weights, so there each projection runs on its own."""
+    if len(projs) == 1 or _tensor_parallel():
+        return [p(x) for p in projs]
+    n = len(projs[0].in_shape)
+    first = projs[0]
+    for p in projs[1:]:
+        if p.in_shape != first.in_shape or p.out_shape[1:] != first.out_shape[1:] or (
+                (p.bias is None) != (first.bias is None)):
+            raise ValueError(f"cannot fuse projections {first.out_shape} and {p.out_shape}")
+    if x.shape[x.ndim - n:] != first.in_shape:
+        raise ValueError(f"Proj expects trailing dims {first.in_shape}, got input {x.shape}")
+    k = jnp.concatenate([p.kernel[...] for p in projs], axis=n)
+    y = jnp.tensordot(x, k.astype(x.dtype), axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
+    if first.bias is not None:
+        y = y + jnp.concatenate([p.bias[...] for p in projs], axis=0).astype(y.dtype)
+    axis = y.ndim - len(first.out_shape)
+    splits = np.cumsum([p.out_shape[0] for p in projs])[:-1]
+    return jnp.split(y, splits, axis=axis)
+
+
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.embedding = _param(rngs, _normal, (vocab, dim), dtype, ("vocab", "embed"))
@@ -151,7 +189,8 @@ class GatedMLP(nnx.Module):
         self.down_proj = Proj(hidden, dim, names=("mlp", "embed"), bias=bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        h = activation(self.act)(self.gate_proj(x)) * self.up_proj(x)
+        gate, up = fused_proj(x, (self.gate_proj, self.up_proj))
+        h = activation(self.act)(gate) * up
         h = constrain(h, ("batch", "seq", "act_mlp")) if h.ndim == 3 else h
         return self.down_proj(h)
 
@@ -327,7 +366,7 @@ class Attention(nnx.Module):
             qkv = self.qkv(x)
             q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = fused_proj(x, (self.q_proj, self.k_proj, self.v_proj))
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if q.ndim == 4:
