@@ -1,0 +1,82 @@
+"""ShapesWorld, the built-in default: a tiny Qwen2.5-VL learns to caption procedural scenes on a
+CPU in minutes, first by imitation (a warm start on deliberately imperfect captions), then with
+BalCapRL (c-GDPO over exact precision / recall / linguistic rewards, length masking).
+
+    bash launch/demo.sh                      # the whole pipeline (balcap_jax.shapes_demo)
+    python -m balcap_jax.shapes_demo --config=configs/shapes.py --config.seed=1
+
+The `sft` block drives the warm start (balcap_jax.sft) and the supervised control; `demo`
+sizes the phases. Everything else is the ordinary RL config (balcap_jax.config).
+"""
+import ml_collections
+
+from balcap_jax.config import base_config
+
+IMAGE = 112   # 112 px / patch 14 = an 8x8 grid of image tokens (no 2x2 merge: see below)
+
+
+def shapes_qwen_vl_config(vocab_size: int = 512) -> dict:
+    """A 2-layer, 128-wide Qwen2.5-VL (about 1M parameters) whose special-token ids match
+    balcap_jax.tokenizers.train_tiny_bpe (see configs/tiny.py)."""
+    return dict(
+        model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+        rms_norm_eps=1e-6, rope_theta=1000.0, tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
+        bos_token_id=0, eos_token_id=2, pad_token_id=0, image_token_id=5, video_token_id=6,
+        vision_start_token_id=3, vision_end_token_id=4, initializer_range=0.02,
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
+                           out_hidden_size=128, patch_size=14, spatial_merge_size=1,
+                           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
+                           in_chans=3, initializer_range=0.02))
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "workdir/shapes"
+    c.seed = 0
+    c.model.hf_config = shapes_qwen_vl_config()
+    c.model.tokenizer = "tiny"
+    c.model.tiny_vocab = 512
+    c.mesh.fsdp = -1
+    c.data.source = "shapes"
+    c.data.world_seed = 0          # the world (scenes, splits) is fixed; c.seed varies the run
+    c.data.image_size = IMAGE
+    c.data.num_train = 4000
+    c.data.num_eval = 200          # the fixed held-out set of the summary
+    c.data.max_prompt_tokens = 128
+    c.data.max_image_tokens = 64
+    c.data.image_processor = dict(min_pixels=IMAGE * IMAGE, max_pixels=IMAGE * IMAGE,
+                                merge_size=1)
+
+    c.sampling.num_samples = 8
+    c.sampling.max_new_tokens = 80
+    c.sampling.temperature = 1.0
+
+    c.rl.advantage = "cgdpo"
+    c.rl.rewards = ["precision", "recall", "linguistic"]
+    c.rl.weights = [1.0, 1.0, 1.0]
+    c.rl.length_control = "mask"
+    c.rl.length_reward = "linguistic"
+
+    c.train.steps = 120
+    c.train.batch_size = 8
+    c.train.micro_batch_size = 64
+    c.train.lr = 2e-4
+    c.train.eval_every = 10_000    # the demo evaluates before / after itself
+    c.checkpoint.every = 10_000
+    c.scorer.name = "shapes"
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.batch_size = 32
+    c.sft.lr = 2e-3
+    c.sft.warmup_steps = 50
+    c.sft.max_steps = 1500         # the warm start stops earlier when the loss plateaus
+    c.sft.chunk = 100              # steps per plateau check
+    c.sft.plateau_tol = 0.01       # stop when a chunk's mean loss improves by less (relative)
+    c.sft.max_len = 80            # caption tokens incl. the stop; longer ones cut at a sentence
+
+    c.demo = ml_collections.ConfigDict()
+    c.demo.curve_every = 10        # RL steps between the points of the plotted curves
+    return c
