@@ -20,8 +20,9 @@ Low-level API (sampler, trainer; all jit-friendly, call inside your own jit):
       and attends to slots s <= cache_index+t with kv_mask[b,s] == 1. The new keys/values are
       written at slots cache_index .. cache_index+T-1 (one int32 scalar for the whole batch).
   `lm.logits(hidden) -> float32 [B,T,V]`;  `lm.lm_head_weight() -> [D,V]` (tied: embedding.T)
-  `lm.init_cache(batch, max_len, dtype=None) -> KVCache` (k, v: tuples over layers of
-      [B, kv_heads, max_len, head_dim], zeros; heads-major so attention reads it untransposed).
+  `lm.init_cache(batch, max_len, dtype=None) -> KVCache` (tuples over layers, zeros: k
+      [B, kv_heads, head_dim, max_len], v [B, kv_heads, max_len, head_dim]; the layouts the
+      attention matmuls read untransposed; the batch axis is 0 in both).
   `lm.token_logprobs(hidden, targets, temperature=1.0, chunk_size=256) -> float32 [B,T]`
   `token_logprobs_from_hidden(hidden[B,T,D], lm_head_weight[D,V], targets[B,T], *,
       temperature=1.0, chunk_size=256)`: log_softmax(hidden @ W / temperature)[targets] computed
@@ -81,13 +82,14 @@ class DecoderConfig:
 
 @struct.dataclass
 class KVCache:
-    """Per-layer key/value buffers: k[i], v[i] are [B, kv_heads, S, head_dim] (batch axis 0)."""
+    """Per-layer key/value buffers: k[i] [B, kv_heads, head_dim, S], v[i] [B, kv_heads, S,
+    head_dim] (layers.heads_major_attention's layouts; batch axis 0)."""
     k: tuple[Array, ...]
     v: tuple[Array, ...]
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
 
 class DecoderLayer(nnx.Module):
@@ -257,15 +259,20 @@ class CausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         cfg = self.cfg
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
+        kshape = (batch, cfg.num_kv_heads, cfg.dim_per_head, max_len)
+        vshape = (batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
         dt = self.dtype if dtype is None else jnp.dtype(dtype)
-        zeros = lambda: jnp.zeros(shape, dt)
-        if self.mesh is not None:
-            s = shd.named_sharding(("batch", "act_kv_heads", "cache_seq", None), shape,
-                                   self.mesh, self.rules)
-            zeros = lambda: jax.device_put(jnp.zeros(shape, dt), s)
-        return KVCache(tuple(zeros() for _ in range(cfg.num_layers)),
-                       tuple(zeros() for _ in range(cfg.num_layers)))
+
+        def zeros(shape, names):
+            if self.mesh is None:
+                return jnp.zeros(shape, dt)
+            s = shd.named_sharding(names, shape, self.mesh, self.rules)
+            return jax.device_put(jnp.zeros(shape, dt), s)
+        return KVCache(
+            tuple(zeros(kshape, ("batch", "act_kv_heads", None, "cache_seq"))
+                  for _ in range(cfg.num_layers)),
+            tuple(zeros(vshape, ("batch", "act_kv_heads", "cache_seq", None))
+                  for _ in range(cfg.num_layers)))
 
     # --- eager convenience ----------------------------------------------------------------
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None,
