@@ -94,7 +94,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(ours):
     kv_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, s - 9))))
     pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     cache = lm.init_cache(2, s)
-    assert len(cache.k) == 2 and cache.k[0].shape == (2, 2, s, 16)
+    assert len(cache.k) == 2 and cache.k[0].shape == (2, 2, 16, s) and cache.v[0].shape == (2, 2, s, 16)
     out = []
     lg, cache = step(lm, jnp.asarray(ids[:, :5]), jnp.asarray(pos[:, :5]), kv_mask, cache, 0)
     out.append(np.asarray(lg))

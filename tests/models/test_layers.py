@@ -165,7 +165,7 @@ def test_gqa_attention_left_padded(kv_heads):
     np.testing.assert_allclose(np.asarray(out)[valid], t2n(ref)[valid], atol=ATOL)
 
     # same result written through a KV cache in two steps (prefill 4, then 3 tokens)
-    ck = jnp.zeros((2, kv_heads, 10, 16)); cv = jnp.zeros_like(ck)   # [B, KV, S, hd]
+    ck = jnp.zeros((2, kv_heads, 16, 10)); cv = jnp.zeros((2, kv_heads, 10, 16))  # k [B,KV,hd,S]
     kvm = jnp.asarray(np.pad(kv_mask, ((0, 0), (0, 3))))
     o1, (ck, cv) = run(ours, jnp.asarray(x.numpy()[:, :4]), c[:, :4], s[:, :4],
                         L.causal_mask(kvm, 4, 0), (ck, cv), 0)
