@@ -32,6 +32,8 @@ queries attend over all S slots; without one, keys are this call's T tokens (S =
 Vision towers pass packed patches as x [1, N, D] (or [rows, N, D]) with cos/sin [N, hd] and a
 `segment_mask` of window/image ids; attention itself is `dot_product_attention` (k/v
 [B,S,KV,hd], usable alone) or `heads_major_attention` (the cache layout).
+Separate q/k/v (and gate/up) params run as one matmul through `fused_proj` (kernels concatenated
+inside jit; the parameter layout and the HF key map stay per projection).
 """
 from __future__ import annotations
 
