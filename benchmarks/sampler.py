@@ -150,6 +150,7 @@ def main() -> None:
 
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
+    load_before = os.getloadavg()[0]   # the cores are often shared: say how busy they were
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         Qwen2_5_VLForConditionalGeneration(hf_config()).eval().save_pretrained(d)
@@ -171,7 +172,8 @@ def main() -> None:
 
     hf, ours = results["hf"], results["ours"]
     print(f"Qwen2.5-VL 4x256, vocab {VOCAB}, batch {args.batch}, one {GRID} image each, "
-          f"{args.new_tokens} new tokens, temperature 1, CPU ({os.cpu_count()} cores)")
+          f"{args.new_tokens} new tokens, temperature 1, CPU ({os.cpu_count()} cores, load "
+          f"average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after the run)")
     for r in (hf, ours):
         tps = r["tokens"] / r["steady_s"]
         print(f"  {r['side']:>12}: {tps:8.1f} tokens/s  (steady {r['steady_s']:.3f} s, "
