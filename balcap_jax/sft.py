@@ -90,11 +90,10 @@ class SFT:
         self.steps = 0
         gd, opt = graphdef, self.opt
 
-        # Outputs keep the inputs' shardings, so the second call reuses the first compile.
-        shardings = jax.tree.map(lambda x: x.sharding, (self.params, self.opt_state))
+        # Parameters keep their shardings, so the second call reuses the first compile.
+        shardings = jax.tree.map(lambda x: x.sharding, self.params)
 
-        @functools.partial(jax.jit, donate_argnums=(0, 1),
-                           out_shardings=(*shardings, None))
+        @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(shardings, None, None))
         def step(params, opt_state, rest, batch):
             loss, grads = jax.value_and_grad(_nll)(params, gd, rest, batch)
             updates, opt_state = opt.update(grads, opt_state, params)

@@ -60,7 +60,7 @@ def get_config():
     c.rl.length_control = "mask"
     c.rl.length_reward = "linguistic"
 
-    c.train.steps = 120
+    c.train.steps = 100
     c.train.batch_size = 8
     c.train.micro_batch_size = 64
     c.train.lr = 2e-4
@@ -72,7 +72,7 @@ def get_config():
     c.sft.batch_size = 32
     c.sft.lr = 2e-3
     c.sft.warmup_steps = 50
-    c.sft.max_steps = 1500         # the warm start stops earlier when the loss plateaus
+    c.sft.max_steps = 500          # the warm start stops earlier when the loss plateaus
     c.sft.chunk = 100              # steps per plateau check
     c.sft.plateau_tol = 0.01       # stop when a chunk's mean loss improves by less (relative)
     c.sft.max_len = 80            # caption tokens incl. the stop; longer ones cut at a sentence
