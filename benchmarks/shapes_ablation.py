@@ -150,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=None, help="RL steps per variant")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--sft-steps", type=int, default=None, help="warm start step cap")
+    ap.add_argument("--num-eval", type=int, default=None, help="held-out images")
     ap.add_argument("--workdir", default="workdir/shapes_ablation")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -163,6 +165,10 @@ def main(argv=None):
         c.workdir = os.path.join(args.workdir, f"seed{seed}")
         if args.steps:
             c.train.steps = args.steps
+        if args.sft_steps:
+            c.sft.max_steps = args.sft_steps
+        if args.num_eval:
+            c.data.num_eval = args.num_eval
         results[seed] = run_seed(c, args.variants, progress=not args.quiet)
     text = table(results)
     print(f"\nShapesWorld ablation: seeds {args.seeds}, {cfg.train.steps if not args.steps else args.steps}"
