@@ -146,10 +146,10 @@ class RLStep:
             # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
             return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m
 
-        @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
         def apply(params, opt_state, grads, scale):
-            # everything is donated: the update happens in place, no second copy of the
-            # optimiser state (a where()-based skip would keep both alive at the peak)
+            # params and optimiser state are donated: the update happens in place, no second
+            # copy of the optimiser state (a where()-based skip would keep both alive)
             grads = jax.tree.map(lambda x: x * scale, grads)
             updates, opt_state = self.opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
