@@ -82,6 +82,20 @@ class LinearT(Transform):
         return np.ascontiguousarray(x.reshape(n_in, -1).T)
 
 
+class ConvKernel(Transform):
+    """Patch-embedding conv weight [D, C, (kt,) p, p] <-> our matmul kernel [C*(kt*)p*p, D]
+    (a conv with stride = kernel size over flattened patches is one matmul)."""
+
+    def __init__(self, hf_shape: tuple[int, ...]):
+        self.hf_shape = tuple(hf_shape)
+
+    def to_ours(self, x, shape):
+        return x.reshape(x.shape[0], -1).T.reshape(shape)
+
+    def to_hf(self, x):
+        return np.ascontiguousarray(x.T).reshape(self.hf_shape)
+
+
 IDENTITY = Transform()
 RESHAPE = Reshape()
 LINEAR = LinearT(1)

@@ -261,19 +261,6 @@ class Llava(CausalLM):
 
 # ----------------------------------------------------------------------------- HF key map
 
-class Conv2dT(hf.Transform):
-    """Conv2d weight [D, C, p, p] <-> patch-embedding kernel [C*p*p, D]."""
-
-    def __init__(self, hf_shape: tuple[int, ...]):
-        self.hf_shape = tuple(hf_shape)
-
-    def to_ours(self, x, shape):
-        return x.reshape(x.shape[0], -1).T.reshape(shape)
-
-    def to_hf(self, x):
-        return np.ascontiguousarray(x.T).reshape(self.hf_shape)
-
-
 def vision_key_rules(v: ClipVisionConfig) -> list[hf.KeyRule]:
     """CLIP tower rules: saved as `vision_tower.*` (v5); the hub's `vision_tower.vision_model.*`
     and v5's module names `model.vision_tower.*` accepted on load."""
@@ -284,7 +271,7 @@ def vision_key_rules(v: ClipVisionConfig) -> list[hf.KeyRule]:
         return hf.KeyRule("vision_tower." + h, "vision_tower/" + o, tr,
                           tuple(a + h for a in aliases))
     e, lay, o = "embeddings.", "encoder.layers.{i}.", "encoder/layers/{i}/"
-    conv = Conv2dT((v.hidden_size, v.num_channels, v.patch_size, v.patch_size))
+    conv = hf.ConvKernel((v.hidden_size, v.num_channels, v.patch_size, v.patch_size))
     rules = [rule(e + "class_embedding", "embeddings/class_embedding"),
              rule(e + "patch_embedding.weight", "embeddings/patch_embedding/kernel", conv),
              rule(e + "position_embedding.weight", "embeddings/position_embedding")]

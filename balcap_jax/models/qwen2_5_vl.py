@@ -234,24 +234,11 @@ class Qwen2_5_VL(CausalLM):
 
 # ----------------------------------------------------------------------------- HF key map
 
-class PatchConv(hf.Transform):
-    """Conv3d weight [D, C, kt, p, p] <-> patch-embedding kernel [C*kt*p*p, D]."""
-
-    def __init__(self, hf_shape: tuple[int, ...]):
-        self.hf_shape = tuple(hf_shape)
-
-    def to_ours(self, x, shape):
-        return x.reshape(x.shape[0], -1).T.reshape(shape)
-
-    def to_hf(self, x):
-        return np.ascontiguousarray(x.T).reshape(self.hf_shape)
-
-
 def vision_key_rules(v: VisionConfig, hf_prefix: str = "visual.", ours_prefix: str = "visual/",
                      hf_aliases=("model.visual.",)) -> list[hf.KeyRule]:
     def rule(h, o, tr=hf.IDENTITY):
         return hf.KeyRule(hf_prefix + h, ours_prefix + o, tr, tuple(a + h for a in hf_aliases))
-    patch = PatchConv((v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
+    patch = hf.ConvKernel((v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
                        v.patch_size))
     b, o = "blocks.{i}.", "blocks/{i}/"
     rules = [rule("patch_embed.proj.weight", "patch_embed/kernel", patch),
