@@ -238,8 +238,8 @@ def vision_key_rules(v: VisionConfig, hf_prefix: str = "visual.", ours_prefix: s
                      hf_aliases=("model.visual.",)) -> list[hf.KeyRule]:
     def rule(h, o, tr=hf.IDENTITY):
         return hf.KeyRule(hf_prefix + h, ours_prefix + o, tr, tuple(a + h for a in hf_aliases))
-    patch = hf.ConvKernel((v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
-                       v.patch_size))
+    patch = hf.ConvKernel((v.hidden_size, v.in_channels, v.temporal_patch_size,
+                           v.patch_size, v.patch_size))
     b, o = "blocks.{i}.", "blocks/{i}/"
     rules = [rule("patch_embed.proj.weight", "patch_embed/kernel", patch),
              rule(b + "norm1.weight", o + "norm1/weight"),
