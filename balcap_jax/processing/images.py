@@ -101,6 +101,24 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
+
+def _read_preprocessor_config(path: str, cls_name: str) -> dict:
+    """`<path>/preprocessor_config.json` of a Hugging Face checkpoint directory."""
+    file = os.path.join(path, "preprocessor_config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found: pass the checkpoint directory that holds "
+                                f"preprocessor_config.json, or build {cls_name}(...)")
+    with open(file) as f:
+        return json.load(f)
+
+
+def _from_kwargs(cls, kw: dict, config: dict):
+    """The processor from parsed fields plus the config's mean/std; unset fields default."""
+    for k in ("image_mean", "image_std"):
+        if config.get(k) is not None:
+            kw[k] = tuple(config[k])
+    return cls(**{k: v for k, v in kw.items() if v is not None})
+
 @dataclasses.dataclass(frozen=True)
 class QwenImageProcessor:
     """numpy/PIL twin of transformers' `Qwen2VLImageProcessor` (defaults equal to its defaults;
@@ -129,20 +147,12 @@ class QwenImageProcessor:
                   max_pixels=config.get("max_pixels", size.get("longest_edge")),
                   **{k: config.get(k) for k in ("patch_size", "temporal_patch_size", "merge_size",
                                                 "rescale_factor", "resample")})
-        for k in ("image_mean", "image_std"):
-            if config.get(k) is not None:
-                kw[k] = tuple(config[k])
-        return cls(**{k: v for k, v in kw.items() if v is not None})
+        return _from_kwargs(cls, kw, config)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "QwenImageProcessor":
         """From `<path>/preprocessor_config.json` of a Hugging Face checkpoint directory."""
-        file = os.path.join(path, "preprocessor_config.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file} not found: pass the checkpoint directory that holds "
-                                    "preprocessor_config.json, or build QwenImageProcessor(...)")
-        with open(file) as f:
-            return cls.from_config(json.load(f))
+        return cls.from_config(_read_preprocessor_config(path, cls.__name__))
 
     @property
     def factor(self) -> int:
@@ -262,19 +272,12 @@ class LlavaImageProcessor:
                   else (crop, crop),
                   do_pad=config.get("do_pad", True),
                   **{k: config.get(k) for k in ("rescale_factor", "resample")})
-        for k in ("image_mean", "image_std"):
-            if config.get(k) is not None:
-                kw[k] = tuple(config[k])
-        return cls(**{k: v for k, v in kw.items() if v is not None})
+        return _from_kwargs(cls, kw, config)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "LlavaImageProcessor":
-        file = os.path.join(path, "preprocessor_config.json")
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"{file} not found: pass the checkpoint directory that holds "
-                                    "preprocessor_config.json, or build LlavaImageProcessor(...)")
-        with open(file) as f:
-            return cls.from_config(json.load(f))
+        """From `<path>/preprocessor_config.json` of a Hugging Face checkpoint directory."""
+        return cls.from_config(_read_preprocessor_config(path, cls.__name__))
 
     def preprocess(self, image: ImageLike) -> np.ndarray:
         """One image -> float32 [3, crop_h, crop_w]."""
