@@ -270,10 +270,14 @@ def _adapter(model):
 
 def _place(model, tree, batch_axis_of):
     """On a model with a mesh (model.mesh), put arrays with a batch axis on the mesh, batch
-    sharded by the model's rules ("batch" logical axis); others replicated. No-op otherwise."""
+    sharded by the model's rules ("batch" logical axis); others replicated. No-op otherwise.
+
+    The host values must be the whole (global) batch, equal on every process: with several
+    processes each fills its own devices' shards (`distributed.global_array`)."""
     mesh = getattr(model, "mesh", None)
     if mesh is None:
         return tree
+    from balcap_jax import distributed
     from balcap_jax import sharding as shd
     rules = getattr(model, "rules", None)
 
@@ -283,8 +287,14 @@ def _place(model, tree, batch_axis_of):
         axis = batch_axis_of(path, x)
         if axis is not None:
             names[axis] = "batch"
-        return jax.device_put(x, shd.named_sharding(names, x.shape, mesh, rules))
+        return distributed.global_array(x, shd.named_sharding(names, x.shape, mesh, rules))
     return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def place_batch(model, tree):
+    """A prompt or log-prob batch (numpy, `prepare_prompt` / `prepare_logprob_batch`), or any
+    tree of arrays with a leading batch axis, placed batch-sharded on the model's mesh."""
+    return _place(model, tree, _prompt_batch_axis)
 
 
 def _prompt_batch_axis(path, x):

@@ -11,6 +11,12 @@ One step:
   7. ``ppo_epochs`` passes over micro-batches with exact gradient accumulation (the loss of each
      micro-batch is divided by the global denominator, so the summed gradient is the full
      batch's), then one AdamW update. A step whose loss or gradient is not finite is skipped.
+
+Multi-host (several processes, ``jax.distributed``; see ``balcap_jax.distributed``): each host
+brings its own examples; the prompt batch is gathered so every host holds the global batch and
+places it on the global mesh; each host decodes and scores only its own rollouts; rewards are
+gathered before the advantages, so group and batch statistics are over the whole batch and the
+hosts compute identical advantages and updates. One process is the special case P = 1.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from balcap_jax import distributed as dist
 from balcap_jax import sampling
 from balcap_jax.rl import advantages as adv_lib
 from balcap_jax.rl import length as length_lib
@@ -266,9 +273,17 @@ class Trainer:
             # or a run that evaluated at a different step would not resume identically
             rng=jax.random.key(0) if greedy else self._next_key(), pad_id=self.p.pad_id)
 
-    def _score(self, examples, rows, samples):
-        tokens, lengths, trunc = (np.asarray(x) for x in
-                                  (samples.tokens, samples.lengths, samples.truncated))
+    @staticmethod
+    def _host_samples(samples) -> dict:
+        """Samples as numpy on this host (gathered from the devices of every process)."""
+        out = {k: dist.to_host(getattr(samples, k))
+               for k in ("tokens", "logprobs", "lengths", "truncated")}
+        steps = np.arange(out["tokens"].shape[1])[None, :]
+        out["mask"] = (steps < out["lengths"][:, None]).astype(np.float32)
+        return out
+
+    def _score(self, examples, rows, tokens, lengths, trunc):
+        """Decodes and scores rollouts ``rows`` (indices into ``examples``) of this host."""
         captions = completion_text(self.p.tokenizer, tokens, lengths, trunc)
         refs = [examples[i]["references"] for i in rows]
         context = {"image_ids": [examples[i].get("image_id") for i in rows]}
@@ -280,25 +295,31 @@ class Trainer:
 
     # -- one RL step -----------------------------------------------------------------------
     def train_step(self, examples: list[dict]) -> dict:
+        """One RL step on this host's ``examples`` (all of the batch with one process)."""
         cfg, rl = self.cfg, self.cfg.rl
-        b, g = len(examples), cfg.sampling.num_samples
+        g = cfg.sampling.num_samples
         t0 = time.perf_counter()
-        inputs = self._inputs(examples)
-        samples = self._generate(inputs, greedy=False, num_samples=g)
-        tokens = np.asarray(samples.tokens)
-        mask = np.asarray(samples.mask)
-        truncated = np.asarray(samples.truncated)
+        # every host holds the global prompt batch; (off, n): this host's prompts in it
+        inputs, (off, n) = dist.gather_inputs(self._inputs(examples))
+        b = len(inputs["input_ids"])
+        smp = self._host_samples(self._generate(inputs, greedy=False, num_samples=g))
+        tokens, mask, truncated = smp["tokens"], smp["mask"], smp["truncated"]
         t1 = time.perf_counter()
 
-        rows = np.repeat(np.arange(b), g)
-        captions, refs, result = self._score(examples, rows, samples)
-        rewards, names, weights, ldiag = rollout_rewards(result, rl, captions, refs, b, g)
+        mine = dist.host_slice(off, n, g)
+        captions, refs, result = self._score(examples, np.repeat(np.arange(n), g), tokens[mine],
+                                             smp["lengths"][mine], truncated[mine])
+        rewards, names, weights, ldiag = rollout_rewards(result, rl, captions, refs, n, g)
+        rewards, _ = dist.allgather_rows(rewards)      # [B, G, K]: global statistics below
+        ldiag = dist.mean_over_hosts(ldiag)
+        sdiag = dist.mean_over_hosts(result.diagnostics)
         adv = np.asarray(self.estimator(rewards, weights)).reshape(-1)
         if rl.mask_truncated:
             adv = np.where(truncated, 0.0, adv)
         t2 = time.perf_counter()
 
-        metrics = self._update(inputs, rows, tokens, mask, adv, np.asarray(samples.logprobs))
+        rows = np.repeat(np.arange(b), g)
+        metrics = self._update(inputs, rows, tokens, mask, adv, smp["logprobs"])
         t3 = time.perf_counter()
         self.state.step += 1
 
@@ -312,7 +333,7 @@ class Trainer:
             metrics[f"reward/{name}_nan"] = float(np.isnan(col).mean())
             metrics[f"zero_std_groups/{name}"] = float(np.mean(np.nanstd(col, axis=1) == 0))
         metrics.update({f"length/{k}": v for k, v in ldiag.items()})
-        metrics.update({f"scorer/{k}": v for k, v in result.diagnostics.items()})
+        metrics.update({f"scorer/{k}": v for k, v in sdiag.items()})
         metrics.update({
             "length/tokens": n_tok / len(mask), "truncated": float(truncated.mean()),
             "advantage_abs": float(np.abs(adv).mean()), "skipped_steps": float(self.skipped),
@@ -326,8 +347,8 @@ class Trainer:
         model = self.model()
         for s in range(0, len(rows), m):
             sl = slice(s, s + m)
-            yield sl, sampling.prepare_logprob_batch(
-                model, gather_rows(inputs, rows[sl]), tokens[sl], mask[sl], pad_id=self.p.pad_id)
+            yield sl, sampling.place_batch(model, sampling.prepare_logprob_batch(
+                model, gather_rows(inputs, rows[sl]), tokens[sl], mask[sl], pad_id=self.p.pad_id))
 
     def _update(self, inputs, rows, tokens, mask, adv, sampler_logp) -> dict:
         rl, fn, st = self.cfg.rl, self.fn, self.state
@@ -337,15 +358,16 @@ class Trainer:
                if self.ref_params is not None else [None] * len(mbs))
         norm = None if rl.aggregation == "bnpo" else loss_lib.loss_normalizer(
             mask, aggregation=rl.aggregation, max_completion_length=mask.shape[1])
-        old_all = np.concatenate([np.asarray(o) for o in old])
+        old_all = np.concatenate([dist.to_host(o) for o in old])
         gap = float((np.abs(old_all - sampler_logp) * mask).sum() / max(mask.sum(), 1))
         out = {"logp_gap_sampler_trainer": gap,
                "entropy_est": float(-(old_all * mask).sum() / max(mask.sum(), 1))}
+        model = self.model()
+        advs = [sampling.place_batch(model, np.asarray(adv[sl], np.float32)) for sl, _ in mbs]
         for epoch in range(rl.ppo_epochs):
             grads, acc, loss = fn.zeros(st.params), None, 0.0
-            for (sl, mb), o, r in zip(mbs, old, ref):
-                grads, l, m = fn.grad(grads, st.params, self.rest, mb,
-                                      jnp.asarray(adv[sl], jnp.float32), o, r, norm)
+            for (_, mb), a, o, r in zip(mbs, advs, old, ref):
+                grads, l, m = fn.grad(grads, st.params, self.rest, mb, a, o, r, norm)
                 acc = loss_lib.accumulate_metrics(acc, m)
                 loss += float(l)
             # bnpo: each micro-batch is its own mean, so the step is their average
@@ -373,8 +395,11 @@ class Trainer:
         captions, rewards = [], {}
         for s in range(0, len(examples), b):
             chunk = examples[s:s + b]
-            samples = self._generate(self._inputs(chunk), greedy=True, num_samples=1)
-            caps, _, res = self._score(chunk, np.arange(len(chunk)), samples)
+            # the held-out examples are the same on every host: no gather, every host scores all
+            smp = self._host_samples(self._generate(self._inputs(chunk), greedy=True,
+                                                    num_samples=1))
+            caps, _, res = self._score(chunk, np.arange(len(chunk)), smp["tokens"],
+                                       smp["lengths"], smp["truncated"])
             captions += caps
             for k, v in res.rewards.items():
                 rewards.setdefault(k, []).append(np.asarray(v, np.float32))
