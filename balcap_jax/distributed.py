@@ -20,13 +20,14 @@ global mesh spans all hosts' devices, and ``train.batch_size`` is the global bat
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import jax
 import numpy as np
 
 __all__ = ["is_multiprocess", "global_array", "to_host", "allgather_rows", "gather_inputs",
-           "host_slice", "mean_over_hosts"]
+           "host_slice", "mean_over_hosts", "allgather_json"]
 
 # per-token arrays of a processor batch: padded on the left (the processor's side) to one length
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
@@ -115,3 +116,15 @@ def mean_over_hosts(values: dict[str, float]) -> dict[str, float]:
     with warnings.catch_warnings():   # a value NaN on every host stays NaN, silently
         warnings.simplefilter("ignore", RuntimeWarning)
         return {k: float(v) for k, v in zip(keys, np.nanmean(arr, axis=0))}
+
+
+def allgather_json(value) -> list:
+    """Every process's JSON-able ``value``, in process order (one process: [value])."""
+    if not is_multiprocess():
+        return [value]
+    data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
+    counts = _allgather(np.asarray(len(data), np.int32))
+    padded = np.zeros(int(counts.max()), np.uint8)
+    padded[:len(data)] = data
+    stacked = _allgather(padded)
+    return [json.loads(stacked[p, :int(n)].tobytes().decode()) for p, n in enumerate(counts)]

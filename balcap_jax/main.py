@@ -3,6 +3,14 @@
 Order of work, so that every mistake a user can make fails before anything compiles:
 validate the config -> (multi-host init) -> memory plan -> build -> restore -> loop.
 Everything the run writes goes under ``config.workdir``.
+
+Multi-host: start the same command on every host with BALCAP_COORDINATOR=host:port (process 0's
+address), BALCAP_NUM_PROCESSES and BALCAP_PROCESS_ID (or BALCAP_DISTRIBUTED=1 where JAX finds
+the cluster itself: TPU pods, SLURM). The mesh spans every host's devices, ``train.batch_size``
+is the global batch (each host loads batch_size / processes examples), and ``workdir`` must be
+one directory all hosts can write (orbax writes each host's shards of a checkpoint); metrics,
+completions, the config and the export are written by process 0. On CPU hosts the
+collectives are gloo's. See ``balcap_jax.distributed`` for how a step is split.
 """
 from __future__ import annotations
 
@@ -32,6 +40,8 @@ def maybe_initialize_distributed() -> None:
     """
     import jax
     coord = os.environ.get("BALCAP_COORDINATOR")
+    if jax.distributed.is_initialized():   # by the caller, or by an earlier run() in-process
+        return
     if coord:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu" or jax.config.jax_platforms == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -62,7 +72,8 @@ def run(cfg) -> dict:
     plan.check()
 
     os.makedirs(cfg.workdir, exist_ok=True)
-    checkpoint.save_config(cfg.workdir, cfg)
+    if jax.process_index() == 0:
+        checkpoint.save_config(cfg.workdir, cfg)
     mesh, rules = build.mesh_and_rules(cfg, mesh_sizes)
     with use_sharding(mesh, rules):
         trainer = build.build_trainer(cfg, mesh, rules)
@@ -99,10 +110,15 @@ def run(cfg) -> dict:
             sigterm.restore()
             if writer:
                 writer.close()
-        if trainer.state.step >= cfg.train.steps and jax.process_index() == 0:
-            path = build.export(trainer, os.path.join(cfg.workdir, "export"))
-            if path:
-                print(f"[balcap_jax] exported the policy to {path}", flush=True)
+        if trainer.state.step >= cfg.train.steps:
+            if jax.process_count() > 1:   # every process takes part in gathering the shards
+                from balcap_jax.distributed import to_host
+                trainer.state.params = jax.tree.map(to_host, trainer.state.params)
+                trainer.rest = jax.tree.map(to_host, trainer.rest)
+            if jax.process_index() == 0:
+                path = build.export(trainer, os.path.join(cfg.workdir, "export"))
+                if path:
+                    print(f"[balcap_jax] exported the policy to {path}", flush=True)
     return row
 
 

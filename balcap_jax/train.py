@@ -51,8 +51,10 @@ class TrainState:
     rng: jax.Array       # raw uint32 key data (checkpoint friendly)
 
     def tree(self) -> dict:
+        # step and rng as host numpy: equal on every process, saved once (orbax refuses
+        # process-local jax.Arrays in a multi-host checkpoint)
         return {"params": self.params, "opt_state": self.opt_state,
-                "step": jnp.asarray(self.step, jnp.int32), "rng": self.rng}
+                "step": np.asarray(self.step, np.int32), "rng": np.asarray(self.rng)}
 
 
 def _is_vision_path(path) -> bool:
@@ -417,11 +419,23 @@ class Trainer:
 
     # -- checkpoint glue -------------------------------------------------------------------
     def meta(self) -> dict:
-        """The JSON side of a checkpoint: data position and counters."""
-        return {"data": self.p.loader.get_state(), "skipped": self.skipped}
+        """The JSON side of a checkpoint: data position and counters. Each host reads its own
+        shard of the data, so with several processes every host's position is kept
+        (``data_by_process``; process 0 writes the record). Collective: call on every host."""
+        data = self.p.loader.get_state()
+        out = {"data": data, "skipped": self.skipped}
+        if dist.is_multiprocess():
+            out["data_by_process"] = dist.allgather_json(data)
+        return out
 
     def load_tree(self, tree: dict, meta: dict) -> None:
         self.state = TrainState(tree["params"], tree["opt_state"], int(tree["step"]),
                                 np.asarray(tree["rng"]))
         self.skipped = int(meta.get("skipped", 0))
-        self.p.loader.set_state(meta["data"])
+        by_process = meta.get("data_by_process")
+        if by_process is not None and len(by_process) != jax.process_count():
+            raise ValueError(f"the checkpoint holds the data positions of {len(by_process)} "
+                             f"processes but this run has {jax.process_count()}; resume with "
+                             "the same number of hosts")
+        self.p.loader.set_state(meta["data"] if by_process is None
+                                else by_process[jax.process_index()])

@@ -33,6 +33,7 @@ def tiny_config():
     c = mod.get_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, HOSTS * DEVICES_PER_HOST, 1
     c.train.batch_size = 4          # global: 2 prompts per host, 16 rollouts, micro-batches of 8
+    c.data.num_eval = 0             # no held-out evaluation (its references also train the BPE)
     return c
 
 
@@ -64,30 +65,41 @@ def param_summary(values) -> list:
 
 
 def worker(out_dir: str) -> None:
-    from balcap_jax import main
-    main.maybe_initialize_distributed()
+    """``balcap_jax.main.run`` for one step (it initialises jax.distributed from BALCAP_*),
+    with the Trainer it builds recorded, then this process's view of the result as JSON."""
     import jax
-    from balcap_jax import build, config as config_lib, distributed as dist
-    from balcap_jax.sharding import use_sharding
-    cfg = tiny_config()
-    sizes = config_lib.validate(cfg, jax.device_count())
-    mesh, rules = build.mesh_and_rules(cfg, sizes)
+    from balcap_jax import build, main
     unsharded_tokenizer_probe(build)
-    t0 = time.time()
-    with use_sharding(mesh, rules):
-        trainer = build.build_trainer(cfg, mesh, rules)
-        t1 = time.time()
-        examples = next(trainer.p.loader)
-        metrics = trainer.train_step(examples)
-    print(f"build {t1 - t0:.1f} s, step {time.time() - t1:.1f} s "
-          f"(rollout {metrics['time/rollout']:.1f}, update {metrics['time/update']:.1f})")
-    params = jax.tree.leaves(trainer.state.params)
-    values = [dist.to_host(x) for x in params]      # collective: every process gathers
+    seen = {}
+    real_build = build.build_trainer
+
+    def build_trainer(*args, **kwargs):
+        trainer = seen["trainer"] = real_build(*args, **kwargs)
+        real_step = trainer.train_step
+
+        def train_step(examples):
+            t = time.time()
+            seen["metrics"], seen["examples"] = real_step(examples), examples
+            print(f"step {time.time() - t:.1f} s", flush=True)
+            seen["spans_hosts"] = any(
+                len({d.process_index for d in x.sharding.device_set}) > 1
+                and not x.sharding.is_fully_replicated
+                for x in jax.tree.leaves(trainer.state.params))
+            return seen["metrics"]
+        trainer.train_step = train_step
+        return trainer
+    build.build_trainer = build_trainer
+
+    cfg = tiny_config()
+    cfg.workdir = os.path.join(out_dir, "run")    # shared: orbax writes each host's shards
+    cfg.train.steps = 1
+    main.run(cfg)
+    # the run has ended: main gathered the parameters to every host for the export
+    values = [np.asarray(x) for x in jax.tree.leaves(seen["trainer"].state.params)]
     result = {"process": jax.process_index(), "processes": jax.process_count(),
-              "devices": jax.device_count(), "image_ids": [e["image_id"] for e in examples],
-              "metrics": {k: metrics[k] for k in METRICS},
-              "spans_hosts": any(len({d.process_index for d in x.sharding.device_set}) > 1
-                                 and not x.sharding.is_fully_replicated for x in params),
+              "devices": jax.device_count(), "spans_hosts": seen["spans_hosts"],
+              "image_ids": [e["image_id"] for e in seen["examples"]],
+              "metrics": {k: seen["metrics"][k] for k in METRICS},
               "params": param_summary(values)}
     if jax.process_index() == 0:    # the full parameters, for the single-process comparison
         np.savez(os.path.join(out_dir, "params.npz"), *values)
@@ -147,11 +159,13 @@ def _single_process_reference(cfg, image_ids):
                                            cfg.data.image_size), prompt=cfg.data.prompt)
                     for i in image_ids]
         metrics = trainer.train_step(examples)
-    return metrics, [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
+    return trainer, metrics
 
 
 @pytest.mark.heavy
 def test_two_processes_run_a_step_and_agree(tmp_path):
+    import jax
+    from balcap_jax.checkpoint import Checkpointer
     results = _run_workers(str(tmp_path))
     a, b = results
     assert [(r["process"], r["processes"], r["devices"]) for r in results] == [
@@ -165,12 +179,27 @@ def test_two_processes_run_a_step_and_agree(tmp_path):
     assert np.isfinite(a["metrics"]["loss"]) and a["metrics"]["grad_norm"] > 0
 
     # ... and it is the step one process takes on the same global batch and mesh size
-    metrics, ref = _single_process_reference(tiny_config(), a["image_ids"] + b["image_ids"])
+    trainer, metrics = _single_process_reference(tiny_config(), a["image_ids"] + b["image_ids"])
+    ref = [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
     for k in ("reward/frequency", "reward/frequency_std", "length/tokens", "advantage_abs"):
         assert metrics[k] == pytest.approx(a["metrics"][k], rel=1e-6, abs=1e-7), k
     for k in ("loss", "grad_norm", "logp_gap_sampler_trainer"):
         assert metrics[k] == pytest.approx(a["metrics"][k], rel=1e-4, abs=1e-6), k
+    # what main wrote: process 0's metrics row, one checkpoint of both hosts' shards, the export
+    run = os.path.join(tmp_path, "run")
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1] and rows[0]["loss"] == a["metrics"]["loss"]
+    assert os.path.exists(os.path.join(run, "export", "model.safetensors"))
+    ck = Checkpointer(run)       # read onto this process's 4 devices
+    state, meta, _ = ck.restore(trainer.state.tree())
+    ck.close()
+    assert int(state["step"]) == 1
+    assert [d["pos"] for d in meta["data_by_process"]] == [2, 2]   # each host's own stream
     got = np.load(os.path.join(tmp_path, "params.npz"))
+    saved = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+    assert len(saved) == len(got.files)
+    for i, x in enumerate(saved):
+        np.testing.assert_array_equal(x, got[f"arr_{i}"], err_msg=f"checkpoint leaf {i}")
     assert len(got.files) == len(ref) > 0
     for i, y in enumerate(ref):
         # the update is lr * Adam's sign-like step (lr 3e-3): float noise in a near-zero
