@@ -135,19 +135,35 @@ class RLStep:
 
     Each is a jax.jit with the graphdef static and the state as an argument (DESIGN.md); the
     update donates the parameters and optimiser state.
+
+    With ``params`` on a mesh, the gradient accumulator, the optimiser state and the updated
+    parameters are pinned to the parameters' shardings (moments like their parameter, counters
+    replicated): the accumulator is sharded, not built on one device, and every call sees the
+    shardings of the first, so nothing recompiles on the second micro-batch or step.
     """
 
-    def __init__(self, graphdef, rest, optimizer, rl, *, temperature: float, max_len: int):
+    def __init__(self, graphdef, rest, optimizer, rl, *, temperature: float, max_len: int,
+                 params=None):
         self.graphdef, self.rest, self.opt = graphdef, rest, optimizer
         loss = functools.partial(_loss_fn, rl=rl, temperature=temperature, max_len=max_len)
         gd = graphdef
+
+        def init_opt(p):
+            # optimiser moments in float32 for bf16 params: init from a float32 view; updates
+            # are computed in float32 and apply_updates casts the result back to the param dtype
+            return self.opt.init(jax.tree.map(lambda x: x.astype(jnp.float32), p))
+
+        psh, osh, rep = self._shardings(params, init_opt)
+
+        def jit(f, out=None, **kw):
+            return jax.jit(f, **kw) if out is None else jax.jit(f, out_shardings=out, **kw)
 
         @jax.jit
         def logprobs(params, rest, batch):
             model = nnx.merge(gd, params, rest)
             return sampling.token_logprobs_fn(model, batch, temperature=temperature)
 
-        @functools.partial(jax.jit, donate_argnums=(0,))
+        @functools.partial(jit, out=None if psh is None else (psh, rep, rep), donate_argnums=(0,))
         def grad(acc, params, rest, batch, adv, old_logp, ref_logp, normalizer):
             """Adds this micro-batch's gradient into ``acc`` (donated, updated in place)."""
             (l, m), g = jax.value_and_grad(loss, has_aux=True)(
@@ -155,7 +171,7 @@ class RLStep:
             # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
             return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m
 
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
+        @functools.partial(jit, out=None if osh is None else (psh, osh), donate_argnums=(0, 1))
         def apply(params, opt_state, grads, scale):
             # params and optimiser state are donated: the update happens in place, no second
             # copy of the optimiser state (a where()-based skip would keep both alive)
@@ -165,12 +181,25 @@ class RLStep:
 
         self.grad_norm = jax.jit(lambda g, scale: optax.global_norm(g) * scale)
         self.logprobs, self.grad, self.apply = logprobs, grad, apply
-        self.zeros = jax.jit(lambda p: jax.tree.map(
-            lambda x: jnp.zeros(x.shape, jnp.float32), p))
-        # optimiser moments in float32 for bf16 params: init from a float32 view; updates are
-        # computed in float32 and apply_updates casts the result back to the param dtype
-        self.init_opt = jax.jit(lambda p: self.opt.init(
-            jax.tree.map(lambda x: x.astype(jnp.float32), p)))
+        self.zeros = jit(lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p),
+                         out=psh)
+        self.init_opt = jit(init_opt, out=osh)
+
+    def _shardings(self, params, init_opt):
+        """(param shardings, optimiser-state shardings, replicated) or Nones off a mesh."""
+        leaves = [] if params is None else jax.tree.leaves(params)
+        if not leaves or not all(isinstance(x, jax.Array) and
+                                 isinstance(x.sharding, jax.sharding.NamedSharding)
+                                 for x in leaves):
+            return None, None, None
+        mesh = leaves[0].sharding.mesh
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        psh = jax.tree.map(lambda x: x.sharding, params)
+        masked = lambda v: isinstance(v, optax.MaskedNode)   # frozen leaves keep no state
+        osh = optax.tree_map_params(
+            self.opt, lambda v, s: v if masked(v) else s, jax.eval_shape(init_opt, params),
+            psh, transform_non_params=lambda _: rep, is_leaf=masked)
+        return psh, osh, rep
 
 
 def gather_rows(inputs: dict, rows: np.ndarray) -> dict:
@@ -228,7 +257,7 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.train, params)
         self.fn = RLStep(graphdef, rest, self.optimizer, cfg.rl,
                          temperature=cfg.sampling.temperature,
-                         max_len=cfg.sampling.max_new_tokens)
+                         max_len=cfg.sampling.max_new_tokens, params=params)
         # the reference model is a frozen copy: apply() donates the live params
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.rl.beta > 0 else None
         self.state = TrainState(params, self.fn.init_opt(params), 0,
