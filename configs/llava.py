@@ -39,14 +39,7 @@ def get_config(arg: str = "7b"):
     c.data.data_dir = ""             # "" = <workdir>/tfds
     c.data.max_prompt_tokens = 1024  # 576 image tokens + the instruction, one bucket
     c.data.max_image_tokens = 576
-    c.sampling.num_samples = 8
-    c.sampling.max_new_tokens = 512
-    c.sampling.temperature = 1.0
-    c.rl.advantage = "cgdpo"
-    c.rl.rewards = ["precision", "recall", "linguistic"]
-    c.rl.weights = [1.0, 1.0, 1.0]
-    c.rl.length_control = "mask"
-    c.rl.length_reward = "linguistic"
+    # sampling (G = 8, 512 new tokens) and rl: SPEC.md's defaults, from base_config
     c.train.steps = 1000
     c.train.batch_size = 64
     c.train.micro_batch_size = 64

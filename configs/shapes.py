@@ -59,15 +59,7 @@ def get_config():
     c.data.image_processor = dict(min_pixels=IMAGE * IMAGE, max_pixels=IMAGE * IMAGE,
                                 merge_size=1)
 
-    c.sampling.num_samples = 8
-    c.sampling.max_new_tokens = 80
-    c.sampling.temperature = 1.0
-
-    c.rl.advantage = "cgdpo"
-    c.rl.rewards = ["precision", "recall", "linguistic"]
-    c.rl.weights = [1.0, 1.0, 1.0]
-    c.rl.length_control = "mask"
-    c.rl.length_reward = "linguistic"
+    c.sampling.max_new_tokens = 80  # G = 8 and the rl block (c-GDPO, masking): base_config's
 
     c.train.steps = 100
     c.train.batch_size = 8
