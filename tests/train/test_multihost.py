@@ -3,7 +3,13 @@ global 4-device mesh) run one train step of configs/tiny.py, each on its own hal
 
 They must agree (the same metrics and the same parameter checksums, replicated leaves
 included: a host that computed different advantages would update its replicas differently)
-and equal a single-process run of the same global batch on 4 devices.
+and equal a single-process run of the same global batch on 4 devices. The workers go through
+``balcap_jax.main.run`` (config checks, checkpoint, export), so this also checks what main
+writes with two processes.
+
+Time: about a minute on two shared cores, most of it the workers' one step (~35 s at load ~4.5
+even with every compile served from the persistent cache: the per-parameter cross-process
+collectives over gloo, not compiles).
 
 Run as a script, this file is the worker:
     BALCAP_COORDINATOR=127.0.0.1:PORT BALCAP_NUM_PROCESSES=2 BALCAP_PROCESS_ID=i \\
@@ -49,7 +55,7 @@ def unsharded_tokenizer_probe(build):
         calls.append(cfg)
         if len(calls) == 1:                       # the run's own (sharded) loader
             return real(cfg)
-        index, count = jax.process_index, jax.process_count
+        index, count = jax.process_index, jax.process_count   # patched on the jax module
         build.jax.process_index, build.jax.process_count = (lambda: 0), (lambda: 1)
         try:
             return real(cfg)
@@ -93,6 +99,7 @@ def worker(out_dir: str) -> None:
     cfg = tiny_config()
     cfg.workdir = os.path.join(out_dir, "run")    # shared: orbax writes each host's shards
     cfg.train.steps = 1
+    cfg.compile_cache_dir = ""      # keep the test's cache (JAX_COMPILATION_CACHE_DIR)
     main.run(cfg)
     # the run has ended: main gathered the parameters to every host for the export
     values = [np.asarray(x) for x in jax.tree.leaves(seen["trainer"].state.params)]
@@ -117,10 +124,14 @@ def _free_port() -> int:
 
 
 def _run_workers(out_dir: str) -> list[dict]:
+    import jax
     port = _free_port()
     base = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_HOST}",
-            "BALCAP_COORDINATOR": f"127.0.0.1:{port}", "BALCAP_NUM_PROCESSES": str(HOSTS)}
+            "BALCAP_COORDINATOR": f"127.0.0.1:{port}", "BALCAP_NUM_PROCESSES": str(HOSTS),
+            # conftest's persistent XLA cache: a re-run skips the workers' compiles
+            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
     procs = []
     for i in range(HOSTS):
         log = open(os.path.join(out_dir, f"log{i}.txt"), "w")
