@@ -89,7 +89,7 @@ def run(cfg) -> dict:
         bar = tqdm(total=cfg.train.steps, initial=trainer.state.step, desc="balcap",
                    dynamic_ncols=True, disable=jax.process_index() != 0)
         try:
-            while trainer.state.step < cfg.train.steps and not sigterm.triggered:
+            while trainer.state.step < cfg.train.steps and not _stop(sigterm):
                 metrics = trainer.train_step(next(trainer.p.loader))
                 step = trainer.state.step
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
@@ -120,6 +120,16 @@ def run(cfg) -> dict:
                 if path:
                     print(f"[balcap_jax] exported the policy to {path}", flush=True)
     return row
+
+
+def _stop(sigterm) -> bool:
+    """SIGTERM seen by any process: hosts may get the signal between different steps, and they
+    must all leave the loop after the same one (the checkpoint save is collective)."""
+    import jax
+    if jax.process_count() == 1:
+        return sigterm.triggered
+    from balcap_jax.distributed import allgather_json
+    return any(allgather_json(bool(sigterm.triggered)))
 
 
 def plan(cfg) -> str:
