@@ -73,7 +73,8 @@ def allgather_rows(x) -> tuple[np.ndarray, tuple[int, int]]:
     padded = np.zeros((width,) + x.shape[1:], x.dtype)
     padded[:len(x)] = x
     stacked = _allgather(padded)
-    out = np.concatenate([stacked[p, :int(n)] for p, n in enumerate(counts)])
+    # (the gather runs in jax's dtypes: int64 travels as int32; give back the host's dtype)
+    out = np.concatenate([stacked[p, :int(n)] for p, n in enumerate(counts)]).astype(x.dtype)
     me = jax.process_index()
     return out, (int(counts[:me].sum()), int(counts[me]))
 

@@ -12,7 +12,9 @@ Model protocol (duck-typed; the text decoder and Qwen2.5-VL provide it):
       query t sits at cache slot cache_index + t and sees slots <= its own with kv_mask == 1.
   model.logits(hidden) -> float32 [B,T,V];  model.init_cache(batch, max_len, dtype) -> pytree
   optional: model.token_logprobs(hidden, targets, temperature=) (chunked over the vocabulary),
-  model.mesh / model.rules (prompt arrays are then placed batch-sharded on that mesh).
+  model.mesh / model.rules (prompt arrays are then placed batch-sharded on that mesh; with
+  several processes the inputs must be the global batch, equal on every host: see
+  `balcap_jax.distributed`).
 Prompt preparation (host side, numpy) is dispatched on the model: a model may define
 `prepare_prompt(inputs) -> (embed_inputs pytree, positions, deltas)` and
 `embed_prompt(embed_inputs) -> [B,T,D]` (Qwen2.5-VL does: vision tower + image tokens);
@@ -37,7 +39,7 @@ Conventions
   parameters (a re-merged model) and other stop ids reuse the executables.
 
 Public: generate, Samples, token_logprobs, token_logprobs_fn (pure, for jax.grad),
-prepare_logprob_batch / prepare_prompt (host side), sample_logits, row_keys, bucket_length,
+prepare_logprob_batch / prepare_prompt (host side), place_batch, sample_logits, row_keys, bucket_length,
 left_align, compile_count.
 """
 from __future__ import annotations
