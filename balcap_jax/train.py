@@ -263,11 +263,29 @@ class Trainer:
         self.state = TrainState(params, self.fn.init_opt(params), 0,
                                 jax.random.key_data(jax.random.key(cfg.seed)))
         self.skipped = 0
+        self._check_hosts_agree(parts)
         kw = {"batch_norm": cfg.rl.batch_norm} if cfg.rl.advantage == "cgdpo" else {}
         # one compiled program instead of dozens of eager ops (each its own compile)
         self._write_scorer_metadata(cfg, parts.scorer)
         self.estimator = jax.jit(functools.partial(
             adv_lib.get_advantage_estimator(cfg.rl.advantage), eps=cfg.rl.adv_eps, **kw))
+
+    @staticmethod
+    def _check_hosts_agree(parts) -> None:
+        """Several processes: every host must tokenise alike (prompts are gathered as ids and
+        each host decodes its own rollouts), so a tokenizer built from host-local data fails
+        here rather than training on garbage."""
+        if not dist.is_multiprocess():
+            return
+        import hashlib
+        vocab = sorted(parts.tokenizer.get_vocab().items())
+        digest = hashlib.sha256(json.dumps([vocab, list(parts.eos_token_ids), parts.pad_id])
+                                .encode()).hexdigest()
+        seen = dist.allgather_json(digest)
+        if len(set(seen)) > 1:
+            raise ValueError(f"the {len(seen)} processes built different tokenizers (vocabulary "
+                             f"/ stop / pad ids; digests {seen}); build the tokenizer from data "
+                             "every host sees alike, e.g. the unsharded stream or a directory")
 
     @staticmethod
     def _write_scorer_metadata(cfg, scorer) -> None:
