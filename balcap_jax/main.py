@@ -9,8 +9,8 @@ address), BALCAP_NUM_PROCESSES and BALCAP_PROCESS_ID (or BALCAP_DISTRIBUTED=1 wh
 the cluster itself: TPU pods, SLURM). The mesh spans every host's devices, ``train.batch_size``
 is the global batch (each host loads batch_size / processes examples), and ``workdir`` must be
 one directory all hosts can write (orbax writes each host's shards of a checkpoint); metrics,
-completions, the config and the export are written by process 0. On CPU hosts the
-collectives are gloo's. See ``balcap_jax.distributed`` for how a step is split.
+completions, the config and the export are written by process 0. CPU hosts (JAX_PLATFORMS=cpu)
+use gloo collectives. See ``balcap_jax.distributed`` for how a step is split.
 """
 from __future__ import annotations
 
