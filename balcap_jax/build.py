@@ -84,9 +84,11 @@ def build_tokenizer(cfg, corpus=None):
     return AutoTokenizer.from_pretrained(name)
 
 
-def _loader_and_eval(cfg):
+def _loader_and_eval(cfg, shard: tuple[int, int] | None = None):
+    """(this host's training loader, the held-out examples); `shard` = (index, count) overrides
+    the host's own data shard, (0, 1) reads the whole stream."""
     d = cfg.data
-    shard, shards = jax.process_index(), jax.process_count()
+    shard, shards = shard or (jax.process_index(), jax.process_count())
     per_host = cfg.train.batch_size // shards
     if d.source == "synthetic":
         from balcap_jax.data.synthetic import SyntheticCaptions, synthetic_example
@@ -156,7 +158,8 @@ def build_parts(cfg, mesh=None, rules=None):
         from balcap_jax.data.shapes import SHAPES_PROMPT, tokenizer_corpus
         corpus = list(tokenizer_corpus(seed=cfg.data.get("world_seed", 0))) + [SHAPES_PROMPT]
     elif cfg.model.tokenizer == "tiny":  # a BPE trained on what the run will see
-        probe, _ = _loader_and_eval(cfg)
+        # read unsharded: every host must train the same tokenizer
+        probe, _ = _loader_and_eval(cfg, shard=(0, 1))
         corpus = [r for _ in range(4) for e in next(probe) for r in e["references"]]
         corpus += [r for e in evals for r in e["references"]] + [cfg.data.prompt]
     tokenizer = build_tokenizer(cfg, corpus)

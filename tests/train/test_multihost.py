@@ -43,27 +43,6 @@ def tiny_config():
     return c
 
 
-def unsharded_tokenizer_probe(build):
-    """configs/tiny.py trains its BPE on the first batches of the data stream; build_parts
-    reads them from the host's own shard, so hosts would train different tokenizers. Until
-    build.py reads the probe unsharded, the worker hands it the global stream (as one process
-    sees it)."""
-    import jax
-    real, calls = build._loader_and_eval, []
-
-    def loader_and_eval(cfg):
-        calls.append(cfg)
-        if len(calls) == 1:                       # the run's own (sharded) loader
-            return real(cfg)
-        index, count = jax.process_index, jax.process_count   # patched on the jax module
-        build.jax.process_index, build.jax.process_count = (lambda: 0), (lambda: 1)
-        try:
-            return real(cfg)
-        finally:
-            build.jax.process_index, build.jax.process_count = index, count
-    build._loader_and_eval = loader_and_eval
-
-
 def param_summary(values) -> list:
     """Per leaf: (sum, sum of squares) in float64 of the full value as this host sees it."""
     return [[float(v.astype(np.float64).sum()), float(np.square(v.astype(np.float64)).sum())]
@@ -75,7 +54,6 @@ def worker(out_dir: str) -> None:
     with the Trainer it builds recorded, then this process's view of the result as JSON."""
     import jax
     from balcap_jax import build, main
-    unsharded_tokenizer_probe(build)
     seen = {}
     real_build = build.build_trainer
 
