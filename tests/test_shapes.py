@@ -19,12 +19,12 @@ def _obj(shape, color, size, row, col, faint=False):
     names = {v: k for k, v in POSITION_CELLS.items()}
     return {"shape": shape, "color": color, "size": size, "faint": faint, "row": row,
             "col": col, "position": names[(row, col)], "x": int((col + 0.5) * 112 / 3),
-            "y": int((row + 0.5) * 112 / 3), "radius": 13 if size == "large" else 7}
+            "y": int((row + 0.5) * 112 / 3), "radius": 17 if size == "large" else 9}
 
 
 # A hand-built scene: large red circle top left, small blue square bottom right, faint small
 # green triangle in the center.
-SCENE = {"version": 1, "image_size": 112, "background": "gray", "objects": [
+SCENE = {"version": 2, "image_size": 112, "background": "gray", "objects": [
     _obj("circle", "red", "large", 0, 0), _obj("triangle", "green", "small", 1, 1, faint=True),
     _obj("square", "blue", "small", 2, 2)]}
 REF = ("there are three shapes on a gray background. a large red circle is at the top left. "
