@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from balcap_jax import sharding as shd
+from balcap_jax.distributed import global_array
 from balcap_jax.models.decoder import CausalLM, DecoderConfig
 
 CONFIG_NAME = "config.json"
@@ -377,7 +378,8 @@ def from_pretrained(path: str, *, dtype: Any = "float32", mesh=None,
                 if arr.shape != shape:
                     raise ValueError(f"{key}: shape {arr.shape} after transform, expected {shape}")
                 arr = np.asarray(arr).astype(dt)
-                values[target] = (jax.device_put(arr, shardings[target]) if shardings
+                # several hosts: each fills the shards its devices hold (same file everywhere)
+                values[target] = (global_array(arr, shardings[target]) if shardings
                                   else jnp.asarray(arr))
     state = nnx.from_flat_state([(p, v.replace(values[_path_str(p)]))
                                  for p, v in nnx.to_flat_state(abs_state)])
