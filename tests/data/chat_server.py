@@ -103,6 +103,13 @@ class ChatServer:
                     server._seen[key] = seen + 1
                     server._in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server._in_flight)
+                released = []
+
+                def release():
+                    if not released:
+                        released.append(True)
+                        with server._lock:
+                            server._in_flight -= 1
                 try:
                     reply = server.script(req, seen)
                     if reply.delay:
@@ -110,6 +117,10 @@ class ChatServer:
                     body = _honour_logprobs(req, reply.body)
                     data = (json.dumps(body).encode() if isinstance(body, (dict, list))
                             else body.encode() if isinstance(body, str) else body or b"")
+                    # Leave the in-flight count before any reply byte goes out: once the
+                    # client has its reply it may send the next request before this thread
+                    # reaches `finally`, which counted one request too many (a flaky bound).
+                    release()
                     self.send_response(reply.status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
@@ -120,8 +131,7 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:
-                    with server._lock:
-                        server._in_flight -= 1
+                    release()
 
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
