@@ -8,20 +8,22 @@ BalCapRL (c-GDPO over exact precision / recall / linguistic rewards, length mask
 The `sft` block drives the warm start (balcap_jax.sft) and the supervised control; `demo`
 sizes the phases. Everything else is the ordinary RL config (balcap_jax.config).
 
-Status (issue 8, open): with this model the warm start learns the caption language, the count
-wording and the background, but not the objects: after 450-1100 supervised steps (lr 1e-3 to
-2e-3, 2-3 layers, 16 or 64 image tokens, rope_theta 5 / 1000 / 10000) the loss of colour and
-shape tokens stays at log(6) and log(4), greedy captions name "a large red circle" everywhere,
-and the held-out b-CapScore is ~35-38. Image-token embeddings are dominated by one per-image
-(background) component: std across images 0.79, across the tokens of one image 0.07. RL from
-such a warm start does not improve (40 steps at lr 3e-4: 38.2 -> 38.1), so the issue's
-"Done when" is not met yet; the pipeline, summary, curves and ablation run end to end.
+Status (issue 8, open; the issue asks for +10 over the warm start and +5 over the control on
+3 seeds, in under 15 minutes). Measured with these settings, seed 0, 200 held-out images, on
+the 2-core machine while the test suite ran beside it: warm start (1000 steps, 1019 s)
+b-CapScore 44.5 (P 0.429, R 0.335, L 0.974); after 60 BalCapRL steps (186 s) 54.3 (P 0.473,
+R 0.471, L 0.961): +9.8; the supervised control for the same 186 s (314 steps) 50.7 (P 0.515,
+R 0.392, L 0.961), so RL is +3.6 over it. RL drops the commentary sentence and describes more
+objects; colours and positions are still often wrong. The warm start is the slow part: objects
+are a few percent of the pixels, and the colour-token loss leaves chance only after ~400
+steps (ShapesWorld v1, with smaller objects, never left it in 800).
 """
 import ml_collections
 
 from balcap_jax.config import base_config
 
-IMAGE = 112   # 112 px / patch 14 = an 8x8 grid of image tokens (no 2x2 merge: see below)
+IMAGE = 112   # 112 px / patch 14 = an 8x8 grid of image tokens (merge 1: with a 2x2 merge, 16 tokens,
+              # the colour loss stayed at chance longer in a 150-step single-object probe)
 
 
 def shapes_qwen_vl_config(vocab_size: int = 512) -> dict:
@@ -61,7 +63,7 @@ def get_config():
 
     c.sampling.max_new_tokens = 80  # G = 8 and the rl block (c-GDPO, masking): base_config's
 
-    c.train.steps = 100
+    c.train.steps = 60
     c.train.batch_size = 8
     c.train.micro_batch_size = 64
     c.train.lr = 2e-4
@@ -73,7 +75,7 @@ def get_config():
     c.sft.batch_size = 32
     c.sft.lr = 2e-3
     c.sft.warmup_steps = 50
-    c.sft.max_steps = 500          # the warm start stops earlier when the loss plateaus
+    c.sft.max_steps = 1000         # the warm start stops earlier when the loss plateaus
     c.sft.chunk = 100              # steps per plateau check
     c.sft.plateau_tol = 0.01       # stop when a chunk's mean loss improves by less (relative)
     c.sft.max_len = 80            # caption tokens incl. the stop; longer ones cut at a sentence
