@@ -27,26 +27,19 @@ in 800).
 import ml_collections
 
 from balcap_jax.config import base_config
+from balcap_jax.models.presets import tiny_qwen2_5_vl
 
 IMAGE = 112   # 112 px / patch 14 = an 8x8 grid of image tokens (merge 1: with a 2x2 merge, 16 tokens,
               # the colour loss stayed at chance longer in a 150-step single-object probe)
 
 
 def shapes_qwen_vl_config(vocab_size: int = 512) -> dict:
-    """A 2-layer, 128-wide Qwen2.5-VL (about 1M parameters) whose special-token ids match
-    balcap_jax.tokenizers.train_tiny_bpe (see configs/tiny.py)."""
-    return dict(
-        model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-        rms_norm_eps=1e-6, rope_theta=1000.0, tie_word_embeddings=True,
-        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]},
-        bos_token_id=0, eos_token_id=2, pad_token_id=0, image_token_id=5, video_token_id=6,
-        vision_start_token_id=3, vision_end_token_id=4, initializer_range=0.02,
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                           out_hidden_size=128, patch_size=14, spatial_merge_size=1,
-                           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1],
-                           in_chans=3, initializer_range=0.02))
+    """A 2-layer, 128-wide Qwen2.5-VL (about 1M parameters) with the tiny BPE's special-token
+    ids; one image token per 14 px patch, one attention window over the whole image."""
+    return tiny_qwen2_5_vl(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
+                           num_attention_heads=2, num_key_value_heads=2, rope_theta=1000.0,
+                           mrope_section=[8, 12, 12], vision_hidden_size=64,
+                           spatial_merge_size=1, window_size=IMAGE)
 
 
 def get_config():

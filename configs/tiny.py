@@ -7,24 +7,15 @@ a real captioner. It exercises the whole loop (sampling, scoring, advantages, up
 checkpoints, metrics, export) in well under a minute on two cores.
 """
 from balcap_jax.config import base_config
+from balcap_jax.models.presets import tiny_qwen2_5_vl
 
 
 def tiny_qwen_vl_config(vocab_size: int = 512) -> dict:
-    """A 2-layer Qwen2.5-VL whose special-token ids match balcap_jax.tokenizers.train_tiny_bpe
-    (<|endoftext|> 0, <|im_start|> 1, <|im_end|> 2, <|vision_start|> 3, <|vision_end|> 4,
-    <|image_pad|> 5, <|video_pad|> 6)."""
-    return dict(
-        model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
-        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-        bos_token_id=0, eos_token_id=2, pad_token_id=0, image_token_id=5, video_token_id=6,
-        vision_start_token_id=3, vision_end_token_id=4, initializer_range=0.02,
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=64, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-                           in_chans=3, initializer_range=0.02))
+    """A 64-wide 2-layer Qwen2.5-VL with the tiny BPE's special-token ids."""
+    return tiny_qwen2_5_vl(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                           mrope_section=[2, 3, 3], vision_hidden_size=32, spatial_merge_size=2,
+                           window_size=56)
 
 
 def get_config():

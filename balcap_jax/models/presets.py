@@ -21,6 +21,31 @@ _QWEN25_VL_VISION = dict(
     fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, temporal_patch_size=2,
 )
 
+def tiny_qwen2_5_vl(*, hidden_size: int, intermediate_size: int, num_attention_heads: int,
+                    num_key_value_heads: int, rope_theta: float, mrope_section: list[int],
+                    vision_hidden_size: int, spatial_merge_size: int, window_size: int,
+                    vocab_size: int = 512) -> dict:
+    """A 2-layer Qwen2.5-VL (2-block vision tower, the last with full attention) for CPU runs,
+    whose special-token ids match balcap_jax.tokenizers.train_tiny_bpe (<|endoftext|> 0,
+    <|im_start|> 1, <|im_end|> 2, <|vision_start|> 3, <|vision_end|> 4, <|image_pad|> 5,
+    <|video_pad|> 6). configs/tiny.py and configs/shapes.py differ only in the sizes."""
+    return dict(
+        model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=2, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, max_position_embeddings=1024,
+        rms_norm_eps=1e-6, rope_theta=rope_theta, tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)},
+        bos_token_id=0, eos_token_id=2, pad_token_id=0, image_token_id=5, video_token_id=6,
+        vision_start_token_id=3, vision_end_token_id=4, initializer_range=0.02,
+        vision_config=dict(depth=2, hidden_size=vision_hidden_size,
+                           intermediate_size=2 * vision_hidden_size, num_heads=2,
+                           out_hidden_size=hidden_size, patch_size=14,
+                           spatial_merge_size=spatial_merge_size, temporal_patch_size=2,
+                           window_size=window_size, fullatt_block_indexes=[1], in_chans=3,
+                           initializer_range=0.02))
+
+
 PRESETS = {
     "qwen2_5_vl_3b": dict(
         _QWEN25_VL_COMMON, hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
