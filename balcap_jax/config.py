@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-__all__ = ["base_config", "validate", "ConfigError"]
+__all__ = ["base_config", "checkpoint_run_config", "validate", "ConfigError"]
 
 PAPER_PROMPT = "Describe this image in detail."
 
@@ -93,6 +93,46 @@ def base_config() -> ml_collections.ConfigDict:
     c.scorer.tokens = [" a"]    # token_frequency: the target tokens (one token each)
     return c
 
+
+
+def checkpoint_run_config(*, workdir: str, path: str, preset: str) -> ml_collections.ConfigDict:
+    """``base_config`` for BalCapRL on a local HF checkpoint directory (configs/qwen.py and
+    configs/llava.py): bfloat16 policy sharded over fsdp, ShareGPT4V-style data through TFDS,
+    the paper's judges, SPEC.md's optimiser settings. `preset` names the architecture shapes
+    the memory plan uses before loading (balcap_jax.models.presets)."""
+    c = base_config()
+    c.workdir = workdir
+    c.model.path = path
+    c.model.preset = preset
+    c.model.dtype = "bfloat16"
+    c.model.tokenizer = ""                  # the checkpoint's own tokenizer files
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    c.data.source = "tfds"
+    # ShareGPT4V-style JSON/JSONL + image folder (balcap_jax.data; all fields documented there)
+    c.data.builder = "sharegpt4v"
+    c.data.files = "data/sharegpt4v_recaptioned.jsonl"
+    c.data.image_root = "data/images"
+    c.data.eval_files = ""           # a held-out file in the same format; "" = no eval set
+    c.data.num_eval = 256
+    c.data.data_dir = ""             # "" = <workdir>/tfds
+    # sampling (G = 8, 512 new tokens) and rl: SPEC.md's defaults, from base_config
+    c.train.steps = 1000
+    c.train.batch_size = 64
+    c.train.lr = 1e-6
+    c.train.warmup_steps = 10
+    c.train.remat = True
+    c.train.eval_every = 50
+    c.checkpoint.every = 50
+    c.scorer.name = "judges"
+    c.judges = dict(
+        multimodal_path="checkpoints/Qwen2.5-VL-7B-Instruct",    # verification, pointability
+        text_path="checkpoints/Qwen2.5-7B-Instruct",               # decomposition, recall, style
+        threshold=False,
+        cache_dir="",  # reference units cache; "" = <workdir>/judge_cache
+    )
+    return c
 
 _CHOICES = {
     "rl.advantage": ("cgdpo", "grpo"),

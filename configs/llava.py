@@ -13,47 +13,17 @@ colour and expanded to 576 tokens, the stop token is </s>. The CLIP tower is fro
 The checkpoint directory is the llava-hf layout (config.json, safetensors, tokenizer and
 preprocessor_config.json); both the hub's and transformers v5's key spellings load.
 """
-from balcap_jax.config import base_config
+from balcap_jax.config import checkpoint_run_config
 
 
 def get_config(arg: str = "7b"):
     if arg != "7b":
         raise ValueError(f"configs/llava.py:{arg}: only LLaVA-1.5-7B is configured "
                          "(configs/llava.py or configs/llava.py:7b)")
-    c = base_config()
-    c.workdir = "workdir/llava_1_5_7b"
-    c.model.path = "checkpoints/llava-1.5-7b-hf"
-    c.model.preset = "llava_1_5_7b"        # shapes for the memory plan before loading
-    c.model.dtype = "bfloat16"
-    c.model.tokenizer = ""                  # the checkpoint's own tokenizer files
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
-    c.mesh.tensor = 1
-    c.data.source = "tfds"
-    # ShareGPT4V-style JSON/JSONL + image folder (balcap_jax.data; all fields documented there)
-    c.data.builder = "sharegpt4v"
-    c.data.files = "data/sharegpt4v_recaptioned.jsonl"
-    c.data.image_root = "data/images"
-    c.data.eval_files = ""           # a held-out file in the same format; "" = no eval set
-    c.data.num_eval = 256
-    c.data.data_dir = ""             # "" = <workdir>/tfds
+    c = checkpoint_run_config(workdir="workdir/llava_1_5_7b", path="checkpoints/llava-1.5-7b-hf",
+                              preset="llava_1_5_7b")
     c.data.max_prompt_tokens = 1024  # 576 image tokens + the instruction, one bucket
     c.data.max_image_tokens = 576
-    # sampling (G = 8, 512 new tokens) and rl: SPEC.md's defaults, from base_config
-    c.train.steps = 1000
-    c.train.batch_size = 64
     c.train.micro_batch_size = 64
-    c.train.lr = 1e-6
-    c.train.warmup_steps = 10
-    c.train.remat = True
     c.train.freeze_vision = True
-    c.train.eval_every = 50
-    c.checkpoint.every = 50
-    c.scorer.name = "judges"
-    c.judges = dict(
-        multimodal_path="checkpoints/Qwen2.5-VL-7B-Instruct",    # verification, pointability
-        text_path="checkpoints/Qwen2.5-7B-Instruct",               # decomposition, recall, style
-        threshold=False,
-        cache_dir="",  # reference units cache; "" = <workdir>/judge_cache
-    )
     return c
