@@ -36,8 +36,8 @@ from balcap_jax.data import builders
 from balcap_jax.data.shapes_grammar import parse_caption
 from balcap_jax.data.shapes_text import (SHAPES_PROMPT, SftErrors, caption_rng,
                                          reference_caption, sft_caption, tokenizer_corpus, words)
-from balcap_jax.data.shapes_world import (as_scene, image_id, make_scene, parse_image_id,
-                                          render, scene_to_json)
+from balcap_jax.data.shapes_world import (SCENE_VERSION, as_scene, image_id, make_scene,
+                                          parse_image_id, render, scene_to_json)
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,11 @@ def make_config(*, seed: int = 0, num_train: int = 4000, num_eval: int = 256,
 class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     """TFDS builder `shapes_world`: generated scenes with references and scene graphs."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "image, image_id, references, prompt, scene (JSON)"}
+    # The builder's version follows the scene version, so a directory prepared from an older
+    # world is not reused (its image ids would no longer parse).
+    VERSION = tfds.core.Version(f"{SCENE_VERSION}.0.0")
+    RELEASE_NOTES = {"1.0.0": "image, image_id, references, prompt, scene (JSON)",
+                     "2.0.0": "ShapesWorld v2 scenes: larger objects, less jitter"}
     BUILDER_CONFIG_CLASS = ShapesWorldConfig
 
     # Same TFDS 4.9 workaround as builders._CaptionBuilder.code_path.
