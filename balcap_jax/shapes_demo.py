@@ -11,8 +11,8 @@ Pipeline (one process, one model):
   5. `sft_control`: the warm start trained on with supervision (same optimiser state, more fresh
      captions) for the wall time the RL phase took, then evaluated: a gain that only more
      supervised steps would give shows up here too.
-Writes workdir/summary.json, workdir/curves.png, workdir/metrics.jsonl (RL steps) and the
-exported policy under workdir/export.
+Writes workdir/summary.json, workdir/curves.png, workdir/metrics.jsonl (RL steps), the warm
+start's parameters (workdir/warm_start.npz) and the exported policy under workdir/export.
 
 The policy's chat template has no default system prompt: ShapesWorld prompts are then 32
 tokens instead of 64, which halves the cost of every step on a CPU.
@@ -31,7 +31,8 @@ import numpy as np
 
 log = logging.getLogger("balcap_jax")
 
-__all__ = ["run_demo", "demo_parts", "warm_start", "rl_phase", "sft_for_seconds", "summarise"]
+__all__ = ["run_demo", "demo_parts", "warm_start", "rl_phase", "sft_for_seconds", "summarise",
+           "save_params", "load_params"]
 
 _SYSTEM_BLOCK = ("{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
                  "You are a helpful assistant.<|im_end|>\n{% endif %}")
@@ -76,6 +77,27 @@ class _SftData:
         self.draw += 1
         ex = next(self.loader)
         return ex, [sft_caption_for(e["image_id"], self.draw) for e in ex]
+
+
+def save_params(path: str, params) -> None:
+    """The warm start's parameters as one .npz (keyed by tree path), so benchmarks (the
+    ablation) can start from the very policy the demo evaluated instead of retraining it."""
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+    np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
+
+
+def load_params(path: str, like):
+    """`save_params`' file as a tree shaped and placed like `like`; names the first missing or
+    mis-shaped leaf (a file from another config)."""
+    with np.load(path) as f:
+        def put(k, ref):
+            name = jax.tree_util.keystr(k)
+            if name not in f or f[name].shape != ref.shape:
+                raise ValueError(f"{path}: leaf {name} is missing or has shape "
+                                 f"{f[name].shape if name in f else None}, expected {ref.shape}: "
+                                 "was it saved from another config?")
+            return jax.device_put(f[name].astype(ref.dtype), ref.sharding)
+        return jax.tree_util.tree_map_with_path(put, like)
 
 
 def _bar(total, desc, enabled=True):
@@ -196,6 +218,7 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
               f"{np.mean(warm['losses'][-20:]):.3f} ({'plateau' if warm['plateau'] else 'max_steps'})",
               flush=True)
         warm_params = jax.tree.map(jnp.copy, sft.params)  # sft.params live on for the control
+        save_params(os.path.join(cfg.workdir, "warm_start.npz"), warm_params)
         before, before_rec = _evaluate(trainer, warm_params, "before", progress)
 
         trainer.state.params = jax.tree.map(jnp.copy, warm_params)

@@ -85,8 +85,11 @@ def variant_config(cfg, name: str):
     return c
 
 
-def run_seed(cfg, variants, *, progress: bool) -> dict:
-    """Warm start once, evaluate it, then each variant's RL from it; {name: summary}."""
+def run_seed(cfg, variants, *, progress: bool, warm_from: str = "",
+             on_result=lambda out: None) -> dict:
+    """Warm start once (or load the demo's, `warm_from`), evaluate it, then each variant's RL
+    from it; {name: summary}. `on_result(out)` runs after each row, so a long run that stops
+    keeps what it measured."""
     import jax
     import jax.numpy as jnp
 
@@ -105,9 +108,11 @@ def run_seed(cfg, variants, *, progress: bool) -> dict:
         parts = demo.demo_parts(cfg, mesh, rules)
         trainer = Trainer(cfg, parts)
         sft = SFT(cfg.sft, parts, trainer.state.params, trainer.rest, trainer.graphdef)
-        warm = demo.warm_start(sft, demo._SftData(cfg, seed_offset=1), cfg.sft,
-                               progress=progress)
-        warm_params = jax.tree.map(jnp.copy, sft.params)
+        if warm_from:
+            warm_params = demo.load_params(warm_from, sft.params)
+        else:
+            demo.warm_start(sft, demo._SftData(cfg, seed_offset=1), cfg.sft, progress=progress)
+            warm_params = jax.tree.map(jnp.copy, sft.params)
         out["warm_start"], _ = demo._evaluate(trainer, warm_params, "warm start", progress)
         out["warm_start"]["rl_seconds"] = 0.0
         builder = demo._builder(cfg)
@@ -126,6 +131,7 @@ def run_seed(cfg, variants, *, progress: bool) -> dict:
             tr.p = dataclasses.replace(vparts, scorer=parts.scorer)  # evaluate with the full one
             out[name], _ = demo._evaluate(tr, tr.state.params, name, progress)
             out[name]["rl_seconds"] = rl["seconds"]
+            on_result(out)
     return out
 
 
@@ -133,14 +139,15 @@ def table(results: dict[int, dict]) -> str:
     keys = ("precision", "recall", "linguistic", "b_capscore", "mean_words")
     names = list(next(iter(results.values())))
     lines = [f"{'variant':16s}" + "".join(f"{k:>12s}" for k in keys) + f"{'vs warm':>10s}"
-             + f"{'rl s':>8s}"]
+             + f"{'rl s':>8s}  b_capscore per seed"]
     for n in names:
         mean = {k: float(np.mean([r[n][k] for r in results.values()])) for k in keys}
         gain = float(np.mean([r[n]["b_capscore"] - r["warm_start"]["b_capscore"]
                               for r in results.values()]))
         secs = float(np.mean([r[n]["rl_seconds"] for r in results.values()]))
+        per_seed = " / ".join(f"{r[n]['b_capscore']:.1f}" for r in results.values())
         lines.append(f"{n:16s}" + "".join(f"{mean[k]:12.3f}" for k in keys) +
-                     f"{gain:10.2f}{secs:8.0f}")
+                     f"{gain:10.2f}{secs:8.0f}  {per_seed}")
     return "\n".join(lines)
 
 
@@ -153,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--sft-steps", type=int, default=None, help="warm start step cap")
     ap.add_argument("--num-eval", type=int, default=None, help="held-out images")
     ap.add_argument("--workdir", default="workdir/shapes_ablation")
+    ap.add_argument("--warm-from", default="", help="a demo's warm_start.npz to start from instead "
+                    "of training one; {seed} is replaced (e.g. workdir/demo_s{seed}/warm_start.npz)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     from ml_collections import config_flags
@@ -169,7 +178,16 @@ def main(argv=None):
             c.sft.max_steps = args.sft_steps
         if args.num_eval:
             c.data.num_eval = args.num_eval
-        results[seed] = run_seed(c, args.variants, progress=not args.quiet)
+        results[seed] = {}
+
+        def save(out, seed=seed):  # after every row: a stopped run keeps its finished rows
+            results[seed] = dict(out)
+            os.makedirs(args.workdir, exist_ok=True)
+            with open(os.path.join(args.workdir, "ablation_partial.json"), "w") as f:
+                json.dump({"seeds": args.seeds, "results": {str(k): v for k, v in
+                                                            results.items()}}, f, indent=1)
+        results[seed] = run_seed(c, args.variants, progress=not args.quiet,
+                                 warm_from=args.warm_from.format(seed=seed), on_result=save)
     text = table(results)
     print(f"\nShapesWorld ablation: seeds {args.seeds}, {cfg.train.steps if not args.steps else args.steps}"
           f" RL steps, {len(next(iter(results.values())))} rows, {time.time() - t0:.0f} s\n"
