@@ -78,7 +78,8 @@ def test_text_only_batch(trio):
 @pytest.mark.heavy
 def test_spatial_merge_size_1(tmp_path, monkeypatch):
     """No 2x2 merge (one image token per patch, as configs/shapes.py uses): HF's window index and
-    our packed rows must still agree. One 8x8 image in one window and a 4x6 one split in two."""
+    our packed rows must still agree. One 8x8 image in one window, a 4x6 one split in two, and the
+    3x3 grid ShapesWorld feeds (42 px, an odd size)."""
     base = fx.hf_config
 
     def merge1(name):
@@ -88,7 +89,8 @@ def test_spatial_merge_size_1(tmp_path, monkeypatch):
     monkeypatch.setattr(fx, "hf_config", merge1)
     hf, ours, _ = fx.hf_and_ours("win56_full1", tmp_path)
     assert ours.cfg.vision.spatial_merge_size == 1
-    batch = fx.make_batch([[1, 5, (1, 8, 8), 7, 8], [1, 9, (1, 4, 6), 7]], merge=1)
+    batch = fx.make_batch([[1, 5, (1, 8, 8), 7, 8], [1, 9, (1, 4, 6), 7], [1, (1, 3, 3), 7]],
+                          merge=1)
     want = _hf_logits(hf, batch)
     assert _max_err(ours(**batch), want, batch["attention_mask"]) < ATOL   # observed ~3e-5
     assert np.std(want[batch["attention_mask"].astype(bool)]) > 0.5
