@@ -2,11 +2,10 @@
 supervised control, end to end through balcap_jax.shapes_demo.run_demo (run once per module).
 
 `test_summary` checks what the pipeline writes. `test_rl_improves_on_warm_start` checks the
-direction of the change (held-out b-CapScore after RL > before). It is an expected failure for
-now: the full demo's warm start needs ~1000 supervised steps before the policy tells objects
-apart (then 60 RL steps gave +9.8 on seed 0, configs/shapes.py), far more than fits a
-3-minute run, and 4 RL steps from a 40-step warm start do not move the score reliably. It is
-not strict, so it reports XPASS when the short run does show the gain."""
+direction of the change: after 20 BalCapRL steps from a 500-step warm start, the held-out
+b-CapScore on 32 images is above the warm start's (42.1 -> 45.8 when measured, configs/shapes.py
+otherwise). The full demo's gains are in configs/shapes.py; the short run is too short for
+RL to beat the control, so only the direction is checked."""
 import json
 import os
 
@@ -21,11 +20,11 @@ def short_config(workdir):
     c = get_config()
     c.workdir = str(workdir)
     c.compile_cache_dir = ""          # tests/conftest.py already sets a persistent cache
-    c.data.num_train = 256
-    c.data.num_eval = 16
-    c.sft.max_steps = 40
-    c.sft.chunk = 20
-    c.train.steps = 4
+    c.data.num_train = 512
+    c.data.num_eval = 32
+    c.sft.max_steps = 500             # the loss still falls: no plateau stop
+    c.sft.chunk = 50
+    c.train.steps = 20
     return c
 
 
@@ -62,11 +61,12 @@ def test_summary(demo_run):
     curves = json.load(open(os.path.join(workdir, "curves.json")))
     losses = curves["warm_start_loss"]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    # the warm start's parameters, for benchmarks/shapes_ablation.py --warm-from
+    with np.load(os.path.join(workdir, "warm_start.npz")) as f:
+        assert len(f.files) > 10 and all(np.isfinite(f[k]).all() for k in f.files)
 
 
 @pytest.mark.heavy
-@pytest.mark.xfail(strict=False, reason="a 40-step warm start cannot see the objects yet and "
-                   "4 RL steps do not move the score reliably (module doc)")
 def test_rl_improves_on_warm_start(demo_run):
     _, _, s = demo_run
     assert s["after"]["b_capscore"] > s["before"]["b_capscore"], (s["before"], s["after"])
