@@ -107,10 +107,10 @@ def run_seed(cfg, variants, *, progress: bool, warm_from: str = "",
     with use_sharding(mesh, rules):
         parts = demo.demo_parts(cfg, mesh, rules)
         trainer = Trainer(cfg, parts)
-        sft = SFT(cfg.sft, parts, trainer.state.params, trainer.rest, trainer.graphdef)
-        if warm_from:
-            warm_params = demo.load_params(warm_from, sft.params)
+        if warm_from:  # no supervised trainer (nor its optimiser state) is needed then
+            warm_params = demo.load_params(warm_from, trainer.state.params)
         else:
+            sft = SFT(cfg.sft, parts, trainer.state.params, trainer.rest, trainer.graphdef)
             demo.warm_start(sft, demo._SftData(cfg, seed_offset=1), cfg.sft, progress=progress)
             warm_params = jax.tree.map(jnp.copy, sft.params)
         out["warm_start"], _ = demo._evaluate(trainer, warm_params, "warm start", progress)
@@ -178,7 +178,6 @@ def main(argv=None):
             c.sft.max_steps = args.sft_steps
         if args.num_eval:
             c.data.num_eval = args.num_eval
-        results[seed] = {}
 
         def save(out, seed=seed):  # after every row: a stopped run keeps its finished rows
             results[seed] = dict(out)
