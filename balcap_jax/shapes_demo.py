@@ -14,6 +14,10 @@ Pipeline (one process, one model):
 Writes workdir/summary.json, workdir/curves.png, workdir/metrics.jsonl (RL steps), the warm
 start's parameters (workdir/warm_start.npz) and the exported policy under workdir/export.
 
+`--config.demo.warm_from=PATH` (a warm_start.npz of the same config) skips step 1: RL settings
+can be compared from one warm start without retraining it. The control then starts a fresh
+supervised optimiser (its warm-up included), since the file holds parameters only.
+
 The policy's chat template has no default system prompt: ShapesWorld prompts are then 32
 tokens instead of 64, which halves the cost of every step on a CPU.
 """
@@ -178,15 +182,23 @@ def summarise(ev: dict) -> dict:
             "mean_words": ev["eval/words"]}
 
 
-def _evaluate(trainer, params, name: str, progress=True) -> tuple[dict, list]:
+def _evaluate(trainer, params, name: str, progress=True) -> tuple[dict, list, dict]:
+    """(held-out summary, every caption's record, the attribute report of those captions)."""
+    from balcap_jax.data.shapes_world import make_scene, parse_image_id
+    from balcap_jax.eval.shapes_attributes import attribute_report
     trainer.state.params = jax.tree.map(jnp.copy, params)
     t = time.perf_counter()
-    ev, records = trainer.evaluate(num_samples_logged=8)
+    ev, records = trainer.evaluate(num_samples_logged=len(trainer.p.eval_examples))
     out = summarise(ev)
+    attrs = attribute_report([r["caption"] for r in records],
+                             [make_scene(*parse_image_id(r["image_id"])) for r in records])
     if progress:
+        acc = attrs["accuracy"]
         print(f"[demo] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()) +
+              " | accuracy " + " ".join(f"{k} {acc[k]:.2f}" for k in
+                                         ("shape", "color", "size", "position") if k in acc) +
               f" ({time.perf_counter() - t:.0f} s)", flush=True)
-    return out, records
+    return out, records, attrs
 
 
 def run_demo(cfg, *, progress: bool = True) -> dict:
@@ -213,13 +225,20 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         data = _SftData(cfg, seed_offset=1)
         t_built = time.perf_counter()
 
-        warm = warm_start(sft, data, cfg.sft, progress=progress)
-        print(f"[demo] warm start: {warm['steps']} steps in {warm['seconds']:.0f} s, loss "
-              f"{np.mean(warm['losses'][-20:]):.3f} ({'plateau' if warm['plateau'] else 'max_steps'})",
-              flush=True)
+        warm_from = cfg.get("demo", {}).get("warm_from", "")
+        if warm_from:   # a saved warm start: RL, the control and the evaluations only
+            sft.params = load_params(warm_from, sft.params)
+            warm = {"steps": 0, "plateau": False, "seconds": 0.0, "chunk_means": [],
+                    "losses": [], "loaded_from": warm_from}
+            print(f"[demo] warm start: loaded {warm_from}", flush=True)
+        else:
+            warm = warm_start(sft, data, cfg.sft, progress=progress)
+            print(f"[demo] warm start: {warm['steps']} steps in {warm['seconds']:.0f} s, loss "
+                  f"{np.mean(warm['losses'][-20:]):.3f} "
+                  f"({'plateau' if warm['plateau'] else 'max_steps'})", flush=True)
         warm_params = jax.tree.map(jnp.copy, sft.params)  # sft.params live on for the control
         save_params(os.path.join(cfg.workdir, "warm_start.npz"), warm_params)
-        before, before_rec = _evaluate(trainer, warm_params, "before", progress)
+        before, before_rec, before_attrs = _evaluate(trainer, warm_params, "before", progress)
 
         trainer.state.params = jax.tree.map(jnp.copy, warm_params)
         trainer.state.opt_state = trainer.fn.init_opt(trainer.state.params)
@@ -229,21 +248,25 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         finally:
             writer.close()
         rl_params = jax.tree.map(jnp.copy, trainer.state.params)
-        after, after_rec = _evaluate(trainer, rl_params, "after", progress)
+        after, after_rec, after_attrs = _evaluate(trainer, rl_params, "after", progress)
         build.export(trainer, os.path.join(cfg.workdir, "export"))
 
         control = sft_for_seconds(sft, data, rl["seconds"], progress=progress)
-        sft_control, control_rec = _evaluate(trainer, sft.params, "sft_control", progress)
+        sft_control, control_rec, control_attrs = _evaluate(trainer, sft.params, "sft_control",
+                                                            progress)
 
     summary = {
         "before": before, "after": after, "sft_control": sft_control,
         "gain": {"after_minus_before": after["b_capscore"] - before["b_capscore"],
                  "after_minus_sft_control": after["b_capscore"] - sft_control["b_capscore"]},
         "seed": int(cfg.seed), "held_out_images": len(parts.eval_examples),
-        "warm_start": {k: warm[k] for k in ("steps", "plateau", "seconds", "chunk_means")},
+        "warm_start": {k: warm[k] for k in ("steps", "plateau", "seconds", "chunk_means",
+                                            "loaded_from") if k in warm},
         "rl": {"steps": rl["steps"], "seconds": rl["seconds"]},
         "sft_control_run": {"steps": control["steps"], "seconds": control["seconds"]},
         "seconds": {"build": t_built - t_start, "total": time.perf_counter() - t_start},
+        "attributes": {"before": before_attrs, "after": after_attrs,
+                       "sft_control": control_attrs},
         "examples": {"before": before_rec[:4], "after": after_rec[:4],
                      "sft_control": control_rec[:4]},
     }

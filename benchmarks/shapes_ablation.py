@@ -113,7 +113,7 @@ def run_seed(cfg, variants, *, progress: bool, warm_from: str = "",
             sft = SFT(cfg.sft, parts, trainer.state.params, trainer.rest, trainer.graphdef)
             demo.warm_start(sft, demo._SftData(cfg, seed_offset=1), cfg.sft, progress=progress)
             warm_params = jax.tree.map(jnp.copy, sft.params)
-        out["warm_start"], _ = demo._evaluate(trainer, warm_params, "warm start", progress)
+        out["warm_start"] = demo._evaluate(trainer, warm_params, "warm start", progress)[0]
         out["warm_start"]["rl_seconds"] = 0.0
         builder = demo._builder(cfg)
         for name in variants:
@@ -129,7 +129,7 @@ def run_seed(cfg, variants, *, progress: bool, warm_from: str = "",
             tr.state.opt_state = tr.fn.init_opt(tr.state.params)
             rl = demo.rl_phase(tr, vcfg.train.steps, progress=progress)
             tr.p = dataclasses.replace(vparts, scorer=parts.scorer)  # evaluate with the full one
-            out[name], _ = demo._evaluate(tr, tr.state.params, name, progress)
+            out[name] = demo._evaluate(tr, tr.state.params, name, progress)[0]
             out[name]["rl_seconds"] = rl["seconds"]
             on_result(out)
     return out

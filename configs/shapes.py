@@ -89,4 +89,6 @@ def get_config():
 
     c.demo = ml_collections.ConfigDict()
     c.demo.curve_every = 10        # RL steps between the points of the plotted curves
+    c.demo.warm_from = ""          # a saved warm_start.npz: skip the warm start (module doc of
+                                   # balcap_jax.shapes_demo)
     return c

@@ -1,14 +1,17 @@
-"""The ShapesWorld demo pipeline, shortened: warm start -> before -> BalCapRL -> after -> the
-supervised control, end to end through balcap_jax.shapes_demo.run_demo (run once per module).
+"""The ShapesWorld demo pipeline, shortened, end to end through balcap_jax.shapes_demo.run_demo.
 
-`test_summary` checks what the pipeline writes. `test_rl_improves_on_warm_start` checks the
-direction of the change (held-out b-CapScore after RL > before). It is an expected failure: a
-run short enough for the suite does not move the score reliably. Measured with a 500-step warm
-start and 20 RL steps on 32 held-out images: 42.1 -> 45.8 in one process on one device, but
-45.6 -> 44.3 on the suite's 8-device mesh (another reduction order, another trajectory). The
-full demo's gains (100 RL steps from a 1100-1400-step warm start, three seeds) are in
-configs/shapes.py. The shortened run here stays small (60 warm-start steps, 4 RL steps) since
-it only feeds `test_summary`; the xfail is not strict, so a gain reports XPASS."""
+Two runs (one each per module):
+- `demo_run`, from scratch: warm start (60 steps) -> before -> 4 RL steps -> after -> control.
+  `test_summary` checks everything the pipeline writes.
+- `direction_run`, the direction of the change: the demo's own seed-0 warm start
+  (tests/assets/shapes_warm_start.npz: configs/shapes.py's warm_start.npz after 1400 supervised
+  steps, stored in float16, 1 MB) loaded with `demo.warm_from`, then 20 BalCapRL steps, the
+  control and the full 200-image held-out evaluation. A warm start good enough for RL to improve
+  on takes about 7 minutes to train, so the suite loads it: from a 200-300-step warm start
+  (b-CapScore ~36) 16-30 RL steps moved the score by -7 to +0.6, whereas from this one 20 steps
+  gave 61.2 -> 65.8 on the suite's 8-device mesh (precision 0.574 -> 0.611, recall 0.520 ->
+  0.574; the demo's other two seeds' warm starts: +2.3 and +0.8), in about 110 s.
+"""
 import json
 import os
 
@@ -16,6 +19,7 @@ import numpy as np
 import pytest
 
 KEYS = ("precision", "recall", "linguistic", "b_capscore", "mean_words")
+WARM_START = os.path.join(os.path.dirname(__file__), "assets", "shapes_warm_start.npz")
 
 
 def short_config(workdir):
@@ -70,9 +74,40 @@ def test_summary(demo_run):
         assert len(f.files) > 10 and all(np.isfinite(f[k]).all() for k in f.files)
 
 
+@pytest.fixture(scope="module")
+def direction_run(tmp_path_factory):
+    from balcap_jax.shapes_demo import run_demo
+    workdir = tmp_path_factory.mktemp("shapes_direction")
+    cfg = short_config(workdir)
+    cfg.data.num_eval = 200            # the demo's held-out set (the world is fixed by world_seed)
+    cfg.demo.warm_from = WARM_START
+    cfg.train.steps = 20
+    return cfg, workdir, run_demo(cfg, progress=False)
+
+
 @pytest.mark.heavy
-@pytest.mark.xfail(strict=False, reason="a run short enough for the suite does not move the "
-                   "score reliably: +3.7 on one device, -1.2 on the 8-device mesh (module doc)")
-def test_rl_improves_on_warm_start(demo_run):
-    _, _, s = demo_run
-    assert s["after"]["b_capscore"] > s["before"]["b_capscore"], (s["before"], s["after"])
+def test_rl_improves_on_warm_start(direction_run):
+    """The issue's criterion in miniature: b-CapScore up, no reward channel down by > 0.02."""
+    cfg, _, s = direction_run
+    assert s["warm_start"] == {"steps": 0, "plateau": False, "seconds": 0.0, "chunk_means": [],
+                               "loaded_from": WARM_START}
+    assert s["held_out_images"] == 200 and s["rl"]["steps"] == 20
+    before, after = s["before"], s["after"]
+    assert after["b_capscore"] > before["b_capscore"], (before, after)
+    for k in ("precision", "recall", "linguistic"):
+        assert after[k] >= before[k] - 0.02, (k, before, after)
+
+
+@pytest.mark.heavy
+def test_attribute_reports(direction_run):
+    """summary.json's attribute report covers the 200 held-out captions of each policy."""
+    _, _, s = direction_run
+    for name in ("before", "after", "sft_control"):
+        r = s["attributes"][name]
+        assert set(r) == {"accuracy", "stated", "described"}
+        assert {"shape", "color", "size", "position"} <= set(r["accuracy"])
+        assert all(0.0 <= v <= 1.0 for v in r["accuracy"].values())
+        assert set(r["described"]) == {"top", "middle", "bottom"}
+    # the warm start leaves the bottom row out (SftErrors.omit_row) more than the top row
+    d = s["attributes"]["before"]["described"]
+    assert d["bottom"] < d["top"], d
