@@ -82,6 +82,8 @@ def direction_run(tmp_path_factory):
     cfg.data.num_eval = 200            # the demo's held-out set (the world is fixed by world_seed)
     cfg.demo.warm_from = WARM_START
     cfg.train.steps = 20
+    # the demo's cosine would decay to 0 within these 20 steps; 1e-4 constant is what was measured
+    cfg.train.schedule, cfg.train.lr, cfg.train.warmup_steps = "constant", 1e-4, 0
     return cfg, workdir, run_demo(cfg, progress=False)
 
 
