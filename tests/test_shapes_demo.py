@@ -4,13 +4,15 @@ Two runs (one each per module):
 - `demo_run`, from scratch: warm start (60 steps) -> before -> 4 RL steps -> after -> control.
   `test_summary` checks everything the pipeline writes.
 - `direction_run`, the direction of the change: the demo's own seed-0 warm start
-  (tests/assets/shapes_warm_start.npz: configs/shapes.py's warm_start.npz after 1400 supervised
-  steps, stored in float16, 1 MB) loaded with `demo.warm_from`, then 20 BalCapRL steps, the
-  control and the full 200-image held-out evaluation. A warm start good enough for RL to improve
-  on takes about 7 minutes to train, so the suite loads it: from a 200-300-step warm start
-  (b-CapScore ~36) 16-30 RL steps moved the score by -7 to +0.6, whereas from this one 20 steps
-  gave 61.2 -> 65.8 on the suite's 8-device mesh (precision 0.574 -> 0.611, recall 0.520 ->
-  0.574; the demo's other two seeds' warm starts: +2.3 and +0.8), in about 110 s.
+  (tests/assets/shapes_warm_start.npz: the workdir/warm_start.npz of `bash launch/demo.sh`,
+  1400 supervised steps, cast to float16 and written with np.savez_compressed, 1 MB; remake it
+  so if the policy or tokenizer of configs/shapes.py changes) loaded with `demo.warm_from`,
+  then 20 BalCapRL steps (constant lr 1e-4), the control and the full 200-image held-out
+  evaluation. A warm start good enough for RL to improve on takes about 7 minutes to train, so
+  the suite loads it: from a 200-300-step warm start (b-CapScore ~36) 16-30 RL steps moved the
+  score by -7 to +0.6, whereas from this one 20 steps gave 61.2 -> 65.8 on the suite's 8-device
+  mesh (precision 0.574 -> 0.611, recall 0.520 -> 0.574; from the demo's seed-1 and seed-2 warm
+  starts: +2.3 and +0.8), in about 65 s.
 """
 import json
 import os
