@@ -184,14 +184,13 @@ def summarise(ev: dict) -> dict:
 
 def _evaluate(trainer, params, name: str, progress=True) -> tuple[dict, list, dict]:
     """(held-out summary, every caption's record, the attribute report of those captions)."""
-    from balcap_jax.data.shapes_world import make_scene, parse_image_id
     from balcap_jax.eval.shapes_attributes import attribute_report
     trainer.state.params = jax.tree.map(jnp.copy, params)
     t = time.perf_counter()
-    ev, records = trainer.evaluate(num_samples_logged=len(trainer.p.eval_examples))
+    examples = trainer.p.eval_examples   # records come back in this order, each with its scene
+    ev, records = trainer.evaluate(num_samples_logged=len(examples))
     out = summarise(ev)
-    attrs = attribute_report([r["caption"] for r in records],
-                             [make_scene(*parse_image_id(r["image_id"])) for r in records])
+    attrs = attribute_report([r["caption"] for r in records], [e["scene"] for e in examples])
     if progress:
         acc = attrs["accuracy"]
         print(f"[demo] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items()) +

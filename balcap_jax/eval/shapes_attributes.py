@@ -28,7 +28,8 @@ ROWS = ("top", "middle", "bottom")
 
 def attribute_report(captions: Sequence[str], scenes: Sequence[Mapping]) -> dict:
     """Per-attribute accuracy and per-row coverage over (caption, scene) pairs (module doc);
-    an attribute never stated, or a row without objects, gives None."""
+    scenes as dicts or their JSON text. An attribute never stated is absent from `accuracy`
+    and `stated`; a row without objects gives None in `described`."""
     if len(captions) != len(scenes):
         raise ValueError(f"{len(captions)} captions but {len(scenes)} scenes")
     right: dict[str, int] = {}
