@@ -81,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999
     c.train.freeze_vision = False
     c.train.remat = False
+    c.train.trim_completions = True  # update on completions cut to the batch's longest, rounded
+                                     # up to a power of two (>= 16), not to max_new_tokens
     c.train.eval_every = 50
     c.train.log_every = 1
 

@@ -7,7 +7,10 @@ One step:
   3. decode, score with the scorer -> rewards [B, G, K];
   4. length-conditional masking of the linguistic channel (or a linear r_len channel);
   5. advantages (c-GDPO or GRPO), optionally 0 for truncated rollouts;
-  6. old_logp from the trainer's own forward pass before the first update (SPEC.md section 5);
+  6. old_logp from the trainer's own forward pass before the first update (SPEC.md section 5):
+     the first pass's gradient computation is that forward pass (its parameters are the
+     pre-update ones), so it uses stop_gradient(logp) and keeps logp for any later pass; no
+     separate forward over the rollouts;
   7. ``ppo_epochs`` passes over micro-batches with exact gradient accumulation (the loss of each
      micro-batch is divided by the global denominator, so the summed gradient is the full
      batch's), then one AdamW update. A step whose loss or gradient is not finite is skipped.
@@ -40,7 +43,8 @@ from balcap_jax.rl import length as length_lib
 from balcap_jax.rl import loss as loss_lib
 from balcap_jax.rewards.base import ScoreResult
 
-__all__ = ["TrainState", "make_optimizer", "RLStep", "word_count", "rollout_rewards"]
+__all__ = ["TrainState", "make_optimizer", "RLStep", "word_count", "rollout_rewards",
+           "update_width"]
 
 
 @dataclasses.dataclass
@@ -121,13 +125,17 @@ def rollout_rewards(result: ScoreResult, rl, captions: Sequence[str],
 
 def _loss_fn(params, graphdef, rest, batch, adv, old_logp, ref_logp, normalizer, *, rl,
              temperature, max_len):
+    """(loss, (metrics, logp)). old_logp None: the parameters are the pre-update ones (the
+    first pass of a step), so old_logp is stop_gradient(logp), exactly SPEC.md section 5."""
     model = nnx.merge(graphdef, params, rest)
     logp = sampling.token_logprobs_fn(model, batch, temperature=temperature)
+    if old_logp is None:
+        old_logp = jax.lax.stop_gradient(logp)
     loss, metrics = loss_lib.policy_loss(
         logp, old_logp, adv, batch["mask"], ref_logp=ref_logp, eps_low=rl.eps_low,
         eps_high=rl.eps_high, beta=rl.beta, aggregation=rl.aggregation,
         max_completion_length=max_len, normalizer=normalizer)
-    return loss, metrics
+    return loss, (metrics, jax.lax.stop_gradient(logp))
 
 
 class RLStep:
@@ -163,13 +171,15 @@ class RLStep:
             model = nnx.merge(gd, params, rest)
             return sampling.token_logprobs_fn(model, batch, temperature=temperature)
 
-        @functools.partial(jit, out=None if psh is None else (psh, rep, rep), donate_argnums=(0,))
+        @functools.partial(jit, out=None if psh is None else (psh, rep, rep, None),
+                           donate_argnums=(0,))
         def grad(acc, params, rest, batch, adv, old_logp, ref_logp, normalizer):
-            """Adds this micro-batch's gradient into ``acc`` (donated, updated in place)."""
-            (l, m), g = jax.value_and_grad(loss, has_aux=True)(
+            """Adds this micro-batch's gradient into ``acc`` (donated, updated in place);
+            returns (acc, loss, metrics, logp). ``old_logp`` None on the first pass."""
+            (l, (m, logp)), g = jax.value_and_grad(loss, has_aux=True)(
                 params, gd, rest, batch, adv, old_logp, ref_logp, normalizer)
             # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
-            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m
+            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m, logp
 
         @functools.partial(jit, out=None if osh is None else (psh, osh), donate_argnums=(0, 1))
         def apply(params, opt_state, grads, scale):
@@ -200,6 +210,15 @@ class RLStep:
             self.opt, lambda v, s: v if masked(v) else s, jax.eval_shape(init_opt, params),
             psh, transform_non_params=lambda _: rep, is_leaf=masked)
         return psh, osh, rep
+
+
+def update_width(lengths: np.ndarray, max_new_tokens: int) -> int:
+    """Completion columns the update needs: the longest rollout, rounded up to a power of two
+    (at least 16, at most max_new_tokens). Columns past every rollout's end carry mask 0 and
+    change nothing but the cost; powers of two bound the distinct shapes (recompiles) to
+    about log2(max_new_tokens / 16) + 1."""
+    longest = int(np.max(lengths)) if np.size(lengths) else 0
+    return min(max_new_tokens, sampling.bucket_length(max(longest, 1), minimum=16))
 
 
 def gather_rows(inputs: dict, rows: np.ndarray) -> dict:
@@ -368,7 +387,10 @@ class Trainer:
         t2 = time.perf_counter()
 
         rows = np.repeat(np.arange(b), g)
-        metrics = self._update(inputs, rows, tokens, mask, adv, smp["logprobs"])
+        w = update_width(smp["lengths"], tokens.shape[1]) if cfg.train.trim_completions \
+            else tokens.shape[1]
+        metrics = self._update(inputs, rows, tokens[:, :w], mask[:, :w], adv,
+                               smp["logprobs"][:, :w])
         t3 = time.perf_counter()
         self.state.step += 1
 
@@ -402,23 +424,28 @@ class Trainer:
     def _update(self, inputs, rows, tokens, mask, adv, sampler_logp) -> dict:
         rl, fn, st = self.cfg.rl, self.fn, self.state
         mbs = list(self._micro_batches(inputs, rows, tokens, mask))
-        old = [fn.logprobs(st.params, self.rest, mb) for _, mb in mbs]
         ref = ([fn.logprobs(self.ref_params, self.rest, mb) for _, mb in mbs]
                if self.ref_params is not None else [None] * len(mbs))
         norm = None if rl.aggregation == "bnpo" else loss_lib.loss_normalizer(
-            mask, aggregation=rl.aggregation, max_completion_length=mask.shape[1])
-        old_all = np.concatenate([dist.to_host(o) for o in old])
-        gap = float((np.abs(old_all - sampler_logp) * mask).sum() / max(mask.sum(), 1))
-        out = {"logp_gap_sampler_trainer": gap,
-               "entropy_est": float(-(old_all * mask).sum() / max(mask.sum(), 1))}
+            mask, aggregation=rl.aggregation,
+            max_completion_length=self.cfg.sampling.max_new_tokens)   # dr_grpo: not the cut
         model = self.model()
         advs = [sampling.place_batch(model, np.asarray(adv[sl], np.float32)) for sl, _ in mbs]
+        old = [None] * len(mbs)      # filled by the first pass (pre-update parameters)
+        out = {}
         for epoch in range(rl.ppo_epochs):
             grads, acc, loss = fn.zeros(st.params), None, 0.0
-            for (_, mb), a, o, r in zip(mbs, advs, old, ref):
-                grads, l, m = fn.grad(grads, st.params, self.rest, mb, a, o, r, norm)
+            for i, ((_, mb), a, r) in enumerate(zip(mbs, advs, ref)):
+                grads, l, m, logp = fn.grad(grads, st.params, self.rest, mb, a, old[i], r, norm)
+                if epoch == 0:
+                    old[i] = logp
                 acc = loss_lib.accumulate_metrics(acc, m)
                 loss += float(l)
+            if epoch == 0:
+                old_all = np.concatenate([dist.to_host(o) for o in old])
+                out["logp_gap_sampler_trainer"] = float(
+                    (np.abs(old_all - sampler_logp) * mask).sum() / max(mask.sum(), 1))
+                out["entropy_est"] = float(-(old_all * mask).sum() / max(mask.sum(), 1))
             # bnpo: each micro-batch is its own mean, so the step is their average
             scale = 1.0 / len(mbs) if rl.aggregation == "bnpo" else 1.0
             loss *= scale

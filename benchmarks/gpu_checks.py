@@ -10,7 +10,7 @@
    AdamW state, remat on, micro-batch 32. Phase times of a steady-state step; decode tokens/s
    and achieved memory bandwidth (bytes per decode step = language-model weights + the whole
    preallocated KV cache, which every step reads); the update's MFU (6 * params * tokens for
-   the gradient + 2 * params * tokens for old_logp, remat recompute not counted); peak memory.
+   the gradient, which also yields old_logp; remat recompute not counted); peak memory.
 Peaks: H100/H200 dense bf16 989 TFLOP/s (datasheet); HBM 4.8 TB/s (H200) / 3.35 TB/s (H100).
 `--tiny` runs the same code on a tiny config (CPU smoke test of this script).
 """
@@ -162,7 +162,7 @@ def check_train(model, counts, cfgd, tiny, deadline):
         steps = m["length/tokens"]
         rollout = m["time/rollout"]
         upd_tokens = b * g * seq
-        upd_flops = 8 * counts["language"] * upd_tokens
+        upd_flops = 6 * counts["language"] * upd_tokens
         log(check="train_step", step=i, first_call=(i == 0), wall_s=round(wall, 2),
             rollout_s=round(rollout, 2), scoring_s=round(m["time/scoring"], 3),
             update_s=round(m["time/update"], 2), rollouts=b * g, new_tokens_mean=round(steps, 1),

@@ -169,3 +169,93 @@ def test_non_finite_step_is_skipped_counted_and_not_applied(monkeypatch):
     for x, y in zip(before + opt_before,
                     _leaves(trainer.state.params) + _leaves(trainer.state.opt_state)):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.heavy
+def test_update_equals_a_separate_old_logp_forward():
+    """The step takes old_logp from its first gradient pass (SPEC.md section 5: the trainer's
+    forward before the first update) instead of a separate forward. With two PPO passes over two
+    micro-batches, each pass's summed gradient must equal the textbook one at the same
+    parameters: old_logp from its own forward at the step's start, then the clipped loss's
+    gradient. (Gradients, not parameters: AdamW's first step is about lr * sign(g), which
+    turns rounding noise in a near-zero gradient into an lr-sized difference.)"""
+    from balcap_jax import train
+    cfg = tiny_config(micro_batch_size=8, lr=3e-2)     # 16 rollouts: 2 micro-batches
+    cfg.rl.ppo_epochs = 2
+    cfg.rl.eps_low = cfg.rl.eps_high = 0.05            # a large lr and tight clip: pass 2 clips
+    trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer.p.scorer = _target_scorer()
+    fn, copy = trainer.fn, lambda t: jax.tree.map(jnp.copy, t)
+    seen, real_update, real_apply = {"apply": []}, trainer._update, fn.apply
+
+    def update(inputs, rows, tokens, mask, adv, sampler_logp):
+        seen["args"] = (inputs, rows, tokens, mask, adv)
+        seen["out"] = real_update(inputs, rows, tokens, mask, adv, sampler_logp)
+        return seen["out"]
+
+    def apply(params, opt_state, grads, scale):        # params are donated: copy them first
+        seen["apply"].append((copy(params), copy(grads)))
+        return real_apply(params, opt_state, grads, scale)
+
+    trainer._update, fn.apply = update, apply
+    trainer.train_step(next(trainer.p.loader))
+    inputs, rows, tokens, mask, adv = seen["args"]
+    assert len(seen["apply"]) == 2 and seen["out"]["clip_region"] > 0, seen["out"]
+
+    mbs = list(trainer._micro_batches(inputs, rows, tokens, mask))
+    p0 = seen["apply"][0][0]
+    old = [fn.logprobs(p0, trainer.rest, mb) for _, mb in mbs]   # the separate forward
+    norm = train.loss_lib.loss_normalizer(mask, aggregation=cfg.rl.aggregation,
+                                          max_completion_length=mask.shape[1])
+    for params, got in seen["apply"]:
+        want = None
+        for (sl, mb), o in zip(mbs, old):
+            g = jax.grad(lambda p: train._loss_fn(
+                p, trainer.graphdef, trainer.rest, mb, jnp.asarray(adv[sl], jnp.float32), o,
+                None, norm, rl=cfg.rl, temperature=cfg.sampling.temperature,
+                max_len=cfg.sampling.max_new_tokens)[0])(params)
+            want = g if want is None else jax.tree.map(jnp.add, want, g)
+        scale = max(float(np.abs(x).max()) for x in _leaves(want))
+        assert scale > 1e-3
+        for x, y in zip(_leaves(want), _leaves(got)):
+            np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * scale)
+    # the second pass's gradient is not the first's: the ratios (and clipping) are in play
+    d = max(float(np.abs(x - y).max()) for x, y in zip(_leaves(seen["apply"][0][1]),
+                                                       _leaves(seen["apply"][1][1])))
+    assert d > 1e-3 * scale, d
+
+
+@pytest.mark.heavy
+def test_update_on_trimmed_completions_equals_full_width():
+    """train.trim_completions cuts the update's completion columns to the longest rollout
+    (a power of two): columns past every rollout's end are padding with mask 0, so the
+    gradient must be the full width's."""
+    from balcap_jax import train
+    assert [train.update_width(np.array(l), 80) for l in ([3, 9], [17], [33, 64], [65], [])] \
+        == [16, 32, 64, 80, 16]
+    cfg = tiny_config(micro_batch_size=8)
+    cfg.sampling.max_new_tokens = 40
+    trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
+    fn, copy = trainer.fn, lambda t: jax.tree.map(jnp.copy, t)
+    grads, real_apply = [], fn.apply
+    fn.apply = lambda p, o, g, s: (grads.append(copy(g)), real_apply(p, o, g, s))[1]
+    examples = next(trainer.p.loader)
+    inputs = trainer._inputs(examples)
+    rng = np.random.default_rng(0)
+    n = len(examples) * cfg.sampling.num_samples
+    lengths = rng.integers(1, 13, n)
+    tokens = rng.integers(7, 300, (n, 40)).astype(np.int32)
+    mask = (np.arange(40)[None] < lengths[:, None]).astype(np.float32)
+    adv = rng.normal(size=n).astype(np.float32)
+    rows = np.repeat(np.arange(len(examples)), cfg.sampling.num_samples)
+    p0, o0 = copy(trainer.state.params), copy(trainer.state.opt_state)
+    w = train.update_width(lengths, 40)
+    assert w == 16
+    full = trainer._update(inputs, rows, tokens, mask, adv, np.zeros_like(mask))
+    trainer.state.params, trainer.state.opt_state = p0, o0
+    cut = trainer._update(inputs, rows, tokens[:, :w], mask[:, :w], adv, np.zeros((n, w)))
+    np.testing.assert_allclose(cut["loss"], full["loss"], rtol=1e-5)
+    scale = max(float(np.abs(x).max()) for x in _leaves(grads[0]))
+    assert scale > 1e-4
+    for x, y in zip(_leaves(grads[0]), _leaves(grads[1])):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * scale)
