@@ -207,13 +207,13 @@ def test_update_equals_a_separate_old_logp_forward():
     old = [fn.logprobs(p0, trainer.rest, mb) for _, mb in mbs]   # the separate forward
     norm = train.loss_lib.loss_normalizer(mask, aggregation=cfg.rl.aggregation,
                                           max_completion_length=mask.shape[1])
+    ref_grad = jax.jit(jax.grad(lambda p, mb, a, o: train._loss_fn(
+        p, trainer.graphdef, trainer.rest, mb, a, o, None, norm, rl=cfg.rl,
+        temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)[0]))
     for params, got in seen["apply"]:
         want = None
         for (sl, mb), o in zip(mbs, old):
-            g = jax.grad(lambda p: train._loss_fn(
-                p, trainer.graphdef, trainer.rest, mb, jnp.asarray(adv[sl], jnp.float32), o,
-                None, norm, rl=cfg.rl, temperature=cfg.sampling.temperature,
-                max_len=cfg.sampling.max_new_tokens)[0])(params)
+            g = ref_grad(params, mb, jnp.asarray(adv[sl], jnp.float32), o)
             want = g if want is None else jax.tree.map(jnp.add, want, g)
         scale = max(float(np.abs(x).max()) for x in _leaves(want))
         assert scale > 1e-3
