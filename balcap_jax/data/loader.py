@@ -22,6 +22,7 @@ consumer; prefetched but unconsumed examples are simply read again after a resto
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import zlib
@@ -120,47 +121,52 @@ class CaptionLoader:
                         "the same fraction (index %s); a few examples may repeat or be missed",
                         old_count, self.shard_count, epoch, index)
             self._position = epoch * self.examples_per_epoch + index
-        self._iter = None
-        self._perms = {}  # the seed may have changed
+        self._iter = None   # the old iterator's prefetch threads keep their own seed (_make_iter)
 
     # --- reading ----------------------------------------------------------------------------
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def _permutation(self, epoch: int, seed: int | None = None) -> np.ndarray:
+        seed = self.seed if seed is None else seed
+        # Keyed by (seed, epoch): an iterator replaced by set_state may still be prefetching
+        # with its own seed in grain's threads, and must not fill the cache of the new order.
         with self._perm_lock:  # grain calls _example from several threads
-            perm = self._perms.get(epoch)
+            perm = self._perms.get((seed, epoch))
             if perm is None:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
-                self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-                self._perms[epoch] = perm
+                perm = np.random.default_rng([seed, epoch]).permutation(self.num_examples)
+                self._perms = {k: p for k, p in self._perms.items()
+                               if k[0] == seed and k[1] >= epoch - 1}
+                self._perms[(seed, epoch)] = perm
             return perm
 
-    def source_index(self, position: int) -> int:
+    def source_index(self, position: int, seed: int | None = None) -> int:
         """Host position -> index into the source: this host's strided share of the epoch's
-        permutation."""
+        permutation (of ``seed``, default the loader's)."""
         epoch, i = divmod(position, self.examples_per_epoch)
-        return int(self._permutation(epoch)[self.shard_index + i * self.shard_count])
+        return int(self._permutation(epoch, seed)[self.shard_index + i * self.shard_count])
 
-    def _example(self, position: int) -> dict[str, Any]:
+    def _example(self, position: int, seed: int | None = None) -> dict[str, Any]:
+        seed = self.seed if seed is None else seed
         epoch = position // self.examples_per_epoch
-        return self._decode(self.source[self.source_index(position)], epoch)
+        return self._decode(self.source[self.source_index(position, seed)], epoch, seed)
 
     def example_at_index(self, index: int) -> dict[str, Any]:
         """Source record `index` as an example (epoch-0 prompt), outside the stream order."""
-        return self._decode(self.source[index], 0)
+        return self._decode(self.source[index], 0, self.seed)
 
-    def _decode(self, raw: dict[str, Any], epoch: int) -> dict[str, Any]:
+    def _decode(self, raw: dict[str, Any], epoch: int, seed: int) -> dict[str, Any]:
         image_id = _text(raw["image_id"])
         prompt = _text(raw.get("prompt", b"")) if self.use_data_prompt else ""
         if not prompt:
             # Deterministic in (seed, epoch, image): resumes and hosts agree, epochs vary.
-            key = f"{self.seed}:{epoch}:{image_id}".encode()
+            key = f"{seed}:{epoch}:{image_id}".encode()
             prompt = self.prompts[zlib.crc32(key) % len(self.prompts)]
         image = np.asarray(raw["image"], dtype=np.uint8)
         return {"image": image, "image_id": image_id,
                 "references": [_text(r) for r in raw["references"]], "prompt": prompt}
 
     def _make_iter(self):
+        # the seed is bound now: this iterator's threads never read a later set_state's seed
         ds = (grain.MapDataset.range(self._position, _ENDLESS)
-              .map(self._example)
+              .map(functools.partial(self._example, seed=self.seed))
               .batch(self.batch_size, batch_fn=list))
         options = grain.ReadOptions(num_threads=self.read_threads,
                                     prefetch_buffer_size=self.prefetch)

@@ -75,6 +75,27 @@ def test_resume_mid_epoch_yields_exactly_the_rest():
     assert b.get_state() == a.get_state()
 
 
+def test_iterator_replaced_by_set_state_keeps_its_own_order():
+    """After set_state, the replaced iterator's prefetch threads may still be reading (a CI
+    run under load once saw them put the old seed's epoch-1 order into the restored stream).
+    Each iterator binds its seed: draining the old one after the restore yields the old seed's
+    order, and the restored stream is unaffected."""
+    src = _source(23)
+    a = _loader(src, batch_size=4, seed=7)
+    _ids(a, 3)
+    state = a.get_state()
+    rest = _ids(a, 6)
+    c = _loader(src, batch_size=4, seed=123)
+    own = _ids(c, 8)                               # seed 123's first 8 batches
+    b = _loader(src, batch_size=4, seed=123, read_threads=1, prefetch=1)  # little read ahead
+    first = [ex["image_id"] for ex in next(b)]
+    old = b._iter
+    b.set_state(state)
+    later = [ex["image_id"] for _ in range(7) for ex in next(old)]  # epochs 0-1, seed 123
+    assert first + later == own
+    assert _ids(b, 6) == rest
+
+
 def test_any_hosts_state_restores_every_host():
     # 25 examples on 2 hosts: epochs of 13 and 12. After the same number of steps, host 0's
     # saved state must put host 1 exactly where host 1 itself would be.
