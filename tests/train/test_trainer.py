@@ -226,15 +226,18 @@ def test_update_equals_a_separate_old_logp_forward():
 
 
 @pytest.mark.heavy
-def test_update_on_trimmed_completions_equals_full_width():
+@pytest.mark.parametrize("aggregation", ["dapo", "dr_grpo"])
+def test_update_on_trimmed_completions_equals_full_width(aggregation):
     """train.trim_completions cuts the update's completion columns to the longest rollout
     (a power of two): columns past every rollout's end are padding with mask 0, so the
-    gradient must be the full width's."""
+    gradient must be the full width's. dr_grpo's normaliser N * L_max must stay on
+    max_new_tokens (40), not the cut width (16), or the loss is 2.5x too large."""
     from balcap_jax import train
     assert [train.update_width(np.array(l), 80) for l in ([3, 9], [17], [33, 64], [65], [])] \
         == [16, 32, 64, 80, 16]
     cfg = tiny_config(micro_batch_size=8)
     cfg.sampling.max_new_tokens = 40
+    cfg.rl.aggregation = aggregation
     trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
     fn, copy = trainer.fn, lambda t: jax.tree.map(jnp.copy, t)
     grads, real_apply = [], fn.apply
