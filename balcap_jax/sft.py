@@ -28,13 +28,20 @@ from balcap_jax import sampling
 __all__ = ["SFT", "caption_tokens", "sft_batch", "make_sft_optimizer"]
 
 
-def make_sft_optimizer(sc) -> optax.GradientTransformation:
-    """AdamW with a linear warm-up to `sc.lr`, then constant; global-norm clipping at 1."""
+def make_sft_optimizer(sc, params=None) -> optax.GradientTransformation:
+    """AdamW with a linear warm-up to `sc.lr`, then constant; global-norm clipping at 1. With
+    `sc.freeze_vision` the vision tower is not updated (needs `params` to find it)."""
     warm = max(int(sc.get("warmup_steps", 0)), 1)
     lr = optax.join_schedules([optax.linear_schedule(0.0, sc.lr, warm),
                                optax.constant_schedule(sc.lr)], [warm])
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(lr, weight_decay=sc.get("weight_decay", 0.0)))
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      optax.adamw(lr, weight_decay=sc.get("weight_decay", 0.0)))
+    if sc.get("freeze_vision", False):
+        if params is None:
+            raise ValueError("make_sft_optimizer with sft.freeze_vision=True needs params")
+        from balcap_jax.train import freeze_vision_tower
+        opt = freeze_vision_tower(opt, params)
+    return opt
 
 
 def caption_tokens(tokenizer, caption: str, max_len: int, eos_id: int) -> list[int]:
@@ -84,7 +91,7 @@ class SFT:
     def __init__(self, sc, parts, params, rest, graphdef, *, opt_state=None):
         self.sc, self.p = sc, parts
         self.graphdef, self.rest = graphdef, rest
-        self.opt = make_sft_optimizer(sc)
+        self.opt = make_sft_optimizer(sc, params)
         self.params = params
         self.opt_state = opt_state if opt_state is not None else jax.jit(self.opt.init)(params)
         self.steps = 0

@@ -82,10 +82,16 @@ def make_optimizer(tc, params=None) -> optax.GradientTransformation:
     if tc.freeze_vision:
         if params is None:
             raise ValueError("make_optimizer(freeze_vision=True) needs params to label")
-        labels = jax.tree_util.tree_map_with_path(
-            lambda p, _: "frozen" if _is_vision_path(p) else "train", params)
-        opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
+        opt = freeze_vision_tower(opt, params)
     return opt
+
+
+def freeze_vision_tower(opt: optax.GradientTransformation, params) -> optax.GradientTransformation:
+    """`opt` on everything but the vision tower, whose updates are exactly zero (no moments, and
+    its gradients are left out of `opt`'s global-norm clip)."""
+    labels = jax.tree_util.tree_map_with_path(
+        lambda p, _: "frozen" if _is_vision_path(p) else "train", params)
+    return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
 
 
 def word_count(text: str) -> int:

@@ -24,7 +24,8 @@ import numpy as np
 
 __all__ = ["SHAPES", "COLORS", "SIZES", "BACKGROUNDS", "POSITIONS", "POSITION_CELLS",
            "SPLIT_IDS", "SCENE_VERSION", "make_scene", "render", "scene_to_json", "as_scene",
-           "relation_holds", "RELATIONS", "rendered_color", "image_id", "parse_image_id"]
+           "relation_holds", "RELATIONS", "rendered_color", "image_id", "parse_image_id",
+           "cell_labels", "CELL_LABEL_CLASSES"]
 
 SCENE_VERSION = 2   # 2: larger objects (v1: radius 0.36 / 0.19 cell, jitter 0.1 cell)
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -172,3 +173,20 @@ def relation_holds(a: Mapping[str, Any], rel: str, b: Mapping[str, Any]) -> bool
     if rel == "below":
         return a["row"] > b["row"]
     raise ValueError(f"unknown relation {rel!r}; known: {RELATIONS}")
+
+
+CELL_LABEL_CLASSES = {"shape": 1 + len(SHAPES), "color": 1 + len(COLORS), "size": 1 + len(SIZES)}
+
+
+def cell_labels(scene: Mapping[str, Any] | str | bytes) -> dict[str, np.ndarray]:
+    """Per grid cell (row-major, 9) class ids of the object there: shape, colour and size, each
+    0 for an empty cell, else 1 + the index in SHAPES / COLORS / SIZES. The targets of the
+    vision tower's pretraining (balcap_jax.vision_pretrain); CELL_LABEL_CLASSES counts them."""
+    scene = as_scene(scene)
+    out = {name: np.zeros(9, np.int32) for name in CELL_LABEL_CLASSES}
+    for obj in scene["objects"]:
+        cell = obj["row"] * 3 + obj["col"]
+        out["shape"][cell] = 1 + SHAPES.index(obj["shape"])
+        out["color"][cell] = 1 + list(COLORS).index(obj["color"])
+        out["size"][cell] = 1 + SIZES.index(obj["size"])
+    return out
