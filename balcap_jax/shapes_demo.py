@@ -3,6 +3,9 @@
     python -m balcap_jax.shapes_demo --config=configs/shapes.py [--config.seed=1 ...]
 
 Pipeline (one process, one model):
+  0. vision pretraining (`sft.vision_pretrain_steps`): the tower learns per-cell shape, colour
+     and size labels, then stays frozen (`sft.freeze_vision`, `train.freeze_vision`) as a real
+     MLLM's pretrained encoder would;
   1. warm start: supervised cross-entropy (balcap_jax.sft) on the world's deliberately imperfect
      captions (`sft_caption_for`, a fresh draw every step) until the loss plateaus;
   2. `before`: greedy held-out evaluation of the warm start;
@@ -35,7 +38,7 @@ import numpy as np
 
 log = logging.getLogger("balcap_jax")
 
-__all__ = ["run_demo", "demo_parts", "warm_start", "rl_phase", "sft_for_seconds", "summarise",
+__all__ = ["run_demo", "demo_parts", "vision_stage", "warm_start", "rl_phase", "sft_for_seconds", "summarise",
            "save_params", "load_params"]
 
 _SYSTEM_BLOCK = ("{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
@@ -81,6 +84,37 @@ class _SftData:
         self.draw += 1
         ex = next(self.loader)
         return ex, [sft_caption_for(e["image_id"], self.draw) for e in ex]
+
+
+def _vision_batches(cfg, parts, batch_size: int = 64):
+    """(pixel_values, image_grid_thw, per-cell labels) of training images for the vision
+    pretraining stage; labels from each image's scene graph (regenerated from its id)."""
+    from balcap_jax.data import shapes
+    from balcap_jax.data.shapes_world import cell_labels
+    loader = shapes.make_shapes_loader(_builder(cfg), batch_size=batch_size, seed=cfg.seed + 2)
+    for ex in loader:
+        px = parts.processor.image_processor([e["image"] for e in ex])
+        labels = [cell_labels(shapes.make_scene(*shapes.parse_image_id(e["image_id"])))
+                  for e in ex]
+        yield px["pixel_values"], px["image_grid_thw"], {
+            k: np.stack([lab[k] for lab in labels]) for k in labels[0]}
+
+
+def vision_stage(sft, cfg, parts, *, progress=True) -> dict | None:
+    """Pretrains the policy's vision tower on per-cell shape / colour / size labels for
+    `cfg.sft.vision_pretrain_steps` steps (balcap_jax.vision_pretrain): the stand-in for a real
+    MLLM's pretrained encoder, without which the tiny tower never learns shape. None (and
+    nothing done) when that is 0."""
+    from balcap_jax.data.shapes_world import CELL_LABEL_CLASSES
+    from balcap_jax.vision_pretrain import pretrain_vision
+    sc, t0 = cfg.sft, time.perf_counter()
+    if int(sc.get("vision_pretrain_steps", 0)) <= 0:
+        return None
+    sft.params, losses = pretrain_vision(
+        sft.model(), sft.params, _vision_batches(cfg, parts), CELL_LABEL_CLASSES,
+        steps=int(sc.vision_pretrain_steps), lr=float(sc.get("vision_pretrain_lr", 1e-3)),
+        seed=int(cfg.seed), log=(lambda m: print(m, flush=True)) if progress else None)
+    return {"steps": len(losses), "seconds": time.perf_counter() - t0, "losses": losses}
 
 
 def save_params(path: str, params) -> None:
@@ -225,12 +259,18 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         t_built = time.perf_counter()
 
         warm_from = cfg.get("demo", {}).get("warm_from", "")
+        vision = None
         if warm_from:   # a saved warm start: RL, the control and the evaluations only
             sft.params = load_params(warm_from, sft.params)
             warm = {"steps": 0, "plateau": False, "seconds": 0.0, "chunk_means": [],
                     "losses": [], "loaded_from": warm_from}
             print(f"[demo] warm start: loaded {warm_from}", flush=True)
         else:
+            vision = vision_stage(sft, cfg, parts, progress=progress)
+            if vision is not None:
+                print(f"[demo] vision pretraining: {vision['steps']} steps in "
+                      f"{vision['seconds']:.0f} s, loss {np.mean(vision['losses'][-20:]):.3f}",
+                      flush=True)
             warm = warm_start(sft, data, cfg.sft, progress=progress)
             print(f"[demo] warm start: {warm['steps']} steps in {warm['seconds']:.0f} s, loss "
                   f"{np.mean(warm['losses'][-20:]):.3f} "
@@ -261,6 +301,9 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         "seed": int(cfg.seed), "held_out_images": len(parts.eval_examples),
         "warm_start": {k: warm[k] for k in ("steps", "plateau", "seconds", "chunk_means",
                                             "loaded_from") if k in warm},
+        "vision_pretrain": None if vision is None else {
+            "steps": vision["steps"], "seconds": vision["seconds"],
+            "final_loss": float(np.mean(vision["losses"][-20:]))},
         "rl": {"steps": rl["steps"], "seconds": rl["seconds"]},
         "sft_control_run": {"steps": control["steps"], "seconds": control["seconds"]},
         "seconds": {"build": t_built - t_start, "total": time.perf_counter() - t_start},

@@ -111,6 +111,7 @@ def run_seed(cfg, variants, *, progress: bool, warm_from: str = "",
             warm_params = demo.load_params(warm_from, trainer.state.params)
         else:
             sft = SFT(cfg.sft, parts, trainer.state.params, trainer.rest, trainer.graphdef)
+            demo.vision_stage(sft, cfg, parts, progress=progress)
             demo.warm_start(sft, demo._SftData(cfg, seed_offset=1), cfg.sft, progress=progress)
             warm_params = jax.tree.map(jnp.copy, sft.params)
         out["warm_start"] = demo._evaluate(trainer, warm_params, "warm start", progress)[0]
