@@ -88,7 +88,15 @@ def pretrain_vision(model, params, batches: Iterator, num_classes: Mapping[str, 
         unknown = set(labels) - set(num_classes)
         if unknown:
             raise ValueError(f"labels {sorted(unknown)} have no entry in num_classes")
-        vi = model.prepare_vision_inputs(np.asarray(pixel_values), np.asarray(grid))
+        grid = np.asarray(grid)
+        shapes = {k: np.shape(v) for k, v in labels.items()}
+        tokens = np.prod(grid, axis=1) // model.vl_cfg.vision.spatial_merge_size ** 2
+        if any(s != (len(grid), int(tokens[0])) for s in shapes.values()) or \
+                np.any(tokens != tokens[0]):
+            raise ValueError(f"labels {shapes} must be [images, tokens per image] = "
+                             f"[{len(grid)}, {tokens.tolist()}] for image_grid_thw "
+                             f"{grid.tolist()} (all images of a batch on the same grid)")
+        vi = model.prepare_vision_inputs(np.asarray(pixel_values), grid)
         trainable, opt_state, loss = step(trainable, opt_state, vi,
                                           {k: jnp.asarray(v, jnp.int32) for k, v in labels.items()})
         losses.append(float(loss))

@@ -83,12 +83,20 @@ def test_pretrain_vision_fits_labels_and_only_changes_the_tower(shapes_policy):
         np.testing.assert_array_equal(np.asarray(v), flat_b[k])
 
 
-def test_pretrain_vision_names_an_unknown_label(shapes_policy):
+def test_pretrain_vision_names_bad_labels(shapes_policy):
     from balcap_jax.vision_pretrain import pretrain_vision
     model, _, params, _, ip = shapes_policy
     with pytest.raises(ValueError, match="size"):
         pretrain_vision(model, params, _label_batches(ip, n=2), {"shape": 5, "color": 7},
                         steps=1, log=None)
+    # labels for a 3x3 grid against 6x6-token images (a 84 px input): named, not misread
+    from balcap_jax.processing.images import QwenImageProcessor
+    big = QwenImageProcessor(min_pixels=84 * 84, max_pixels=84 * 84, merge_size=1)
+    px = big([np.zeros((112, 112, 3), np.uint8)] * 2)
+    batches = iter([(px["pixel_values"], px["image_grid_thw"],
+                     {"shape": np.zeros((2, 9), np.int32)})])
+    with pytest.raises(ValueError, match=r"tokens per image.*\[2, \[36, 36\]\]"):
+        pretrain_vision(model, params, batches, {"shape": 5}, steps=1, log=None)
 
 
 def test_sft_freeze_vision_updates_only_the_language_model(shapes_policy):
