@@ -90,12 +90,11 @@ def _vision_batches(cfg, parts, batch_size: int = 64):
     """(pixel_values, image_grid_thw, per-cell labels) of training images for the vision
     pretraining stage; labels from each image's scene graph (regenerated from its id)."""
     from balcap_jax.data import shapes
-    from balcap_jax.data.shapes_world import cell_labels
+    from balcap_jax.data.shapes_world import cell_labels, scene_from_id
     loader = shapes.make_shapes_loader(_builder(cfg), batch_size=batch_size, seed=cfg.seed + 2)
     for ex in loader:
         px = parts.processor.image_processor([e["image"] for e in ex])
-        labels = [cell_labels(shapes.make_scene(*shapes.parse_image_id(e["image_id"])))
-                  for e in ex]
+        labels = [cell_labels(scene_from_id(e["image_id"])) for e in ex]
         yield px["pixel_values"], px["image_grid_thw"], {
             k: np.stack([lab[k] for lab in labels]) for k in labels[0]}
 
@@ -114,7 +113,8 @@ def vision_stage(sft, cfg, parts, *, progress=True) -> dict | None:
         sft.model(), sft.params, _vision_batches(cfg, parts), CELL_LABEL_CLASSES,
         steps=int(sc.vision_pretrain_steps), lr=float(sc.get("vision_pretrain_lr", 1e-3)),
         seed=int(cfg.seed), log=(lambda m: print(m, flush=True)) if progress else None)
-    return {"steps": len(losses), "seconds": time.perf_counter() - t0, "losses": losses}
+    return {"steps": len(losses), "seconds": time.perf_counter() - t0, "losses": losses,
+            "final_loss": float(np.mean(losses[-20:]))}
 
 
 def save_params(path: str, params) -> None:
@@ -269,7 +269,7 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
             vision = vision_stage(sft, cfg, parts, progress=progress)
             if vision is not None:
                 print(f"[demo] vision pretraining: {vision['steps']} steps in "
-                      f"{vision['seconds']:.0f} s, loss {np.mean(vision['losses'][-20:]):.3f}",
+                      f"{vision['seconds']:.0f} s, loss {vision['final_loss']:.3f}",
                       flush=True)
             warm = warm_start(sft, data, cfg.sft, progress=progress)
             print(f"[demo] warm start: {warm['steps']} steps in {warm['seconds']:.0f} s, loss "
@@ -302,8 +302,7 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         "warm_start": {k: warm[k] for k in ("steps", "plateau", "seconds", "chunk_means",
                                             "loaded_from") if k in warm},
         "vision_pretrain": None if vision is None else {
-            "steps": vision["steps"], "seconds": vision["seconds"],
-            "final_loss": float(np.mean(vision["losses"][-20:]))},
+            k: vision[k] for k in ("steps", "seconds", "final_loss")},
         "rl": {"steps": rl["steps"], "seconds": rl["seconds"]},
         "sft_control_run": {"steps": control["steps"], "seconds": control["seconds"]},
         "seconds": {"build": t_built - t_start, "total": time.perf_counter() - t_start},

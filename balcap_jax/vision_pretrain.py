@@ -27,6 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from balcap_jax.models.qwen2_5_vl_index import image_token_counts
+
 __all__ = ["pretrain_vision", "probe_loss"]
 
 
@@ -90,11 +92,10 @@ def pretrain_vision(model, params, batches: Iterator, num_classes: Mapping[str, 
             raise ValueError(f"labels {sorted(unknown)} have no entry in num_classes")
         grid = np.asarray(grid)
         shapes = {k: np.shape(v) for k, v in labels.items()}
-        tokens = np.prod(grid, axis=1) // model.vl_cfg.vision.spatial_merge_size ** 2
-        if any(s != (len(grid), int(tokens[0])) for s in shapes.values()) or \
-                np.any(tokens != tokens[0]):
+        tokens = image_token_counts(grid, model.vl_cfg.vision.spatial_merge_size)
+        if any(s != (len(grid), tokens[0]) for s in shapes.values()) or len(set(tokens)) > 1:
             raise ValueError(f"labels {shapes} must be [images, tokens per image] = "
-                             f"[{len(grid)}, {tokens.tolist()}] for image_grid_thw "
+                             f"[{len(grid)}, {tokens}] for image_grid_thw "
                              f"{grid.tolist()} (all images of a batch on the same grid)")
         vi = model.prepare_vision_inputs(np.asarray(pixel_values), grid)
         trainable, opt_state, loss = step(trainable, opt_state, vi,

@@ -143,8 +143,7 @@ class CaptionLoader:
         epoch, i = divmod(position, self.examples_per_epoch)
         return int(self._permutation(epoch, seed)[self.shard_index + i * self.shard_count])
 
-    def _example(self, position: int, seed: int | None = None) -> dict[str, Any]:
-        seed = self.seed if seed is None else seed
+    def _example(self, position: int, seed: int) -> dict[str, Any]:
         epoch = position // self.examples_per_epoch
         return self._decode(self.source[self.source_index(position, seed)], epoch, seed)
 

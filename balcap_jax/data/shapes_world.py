@@ -25,7 +25,7 @@ import numpy as np
 __all__ = ["SHAPES", "COLORS", "SIZES", "BACKGROUNDS", "POSITIONS", "POSITION_CELLS",
            "SPLIT_IDS", "SCENE_VERSION", "make_scene", "render", "scene_to_json", "as_scene",
            "relation_holds", "RELATIONS", "rendered_color", "image_id", "parse_image_id",
-           "cell_labels", "CELL_LABEL_CLASSES"]
+           "scene_from_id", "cell_labels", "CELL_LABEL_CLASSES"]
 
 SCENE_VERSION = 2   # 2: larger objects (v1: radius 0.36 / 0.19 cell, jitter 0.1 cell)
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -68,6 +68,12 @@ def parse_image_id(ident: str) -> tuple[int, str, int, int]:
         raise ValueError(f"{ident!r} is not a ShapesWorld v{SCENE_VERSION} image id "
                          f"(shapes-v{SCENE_VERSION}-<size>-s<seed>-<split>-<index>)")
     return int(parts[3][1:]), parts[4], int(parts[5]), int(parts[2])
+
+
+def scene_from_id(ident: str) -> dict[str, Any]:
+    """The scene graph of the example with this id (`image_id`), regenerated."""
+    seed, split, index, size = parse_image_id(ident)
+    return make_scene(seed, split, index, size)
 
 
 def make_scene(seed: int, split: str, index: int, image_size: int = 112) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from balcap_jax.data.shapes_grammar import ParsedCaption, parse_caption
-from balcap_jax.data.shapes_world import as_scene, make_scene, parse_image_id, relation_holds
+from balcap_jax.data.shapes_world import as_scene, relation_holds, scene_from_id
 from balcap_jax.rewards.base import ScoreResult
 
 __all__ = ["ShapesScorer", "CaptionScore", "score_caption", "resolve_mention", "linguistic"]
@@ -220,8 +220,7 @@ def score_caption(caption: str, references: Sequence[str], scene) -> CaptionScor
 
 @functools.lru_cache(maxsize=4096)
 def _scene_from_id(ident: str) -> dict:
-    seed, split, index, size = parse_image_id(ident)
-    return make_scene(seed, split, index, size)
+    return scene_from_id(ident)
 
 
 class ShapesScorer:
