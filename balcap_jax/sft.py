@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from balcap_jax import sampling
+from balcap_jax import precision, sampling
 
 __all__ = ["SFT", "caption_tokens", "sft_batch", "make_sft_optimizer"]
 
@@ -60,7 +60,7 @@ def caption_tokens(tokenizer, caption: str, max_len: int, eos_id: int) -> list[i
 
 
 def sft_batch(model, processor, tokenizer, examples: Sequence[dict], captions: Sequence[str], *,
-              max_len: int, eos_id: int, pad_id: int) -> dict:
+              max_len: int, eos_id: int, pad_id: int, prompt_buckets=None) -> dict:
     """The teacher-forced batch for `token_logprobs_fn`: prompts from the processor (the same
     caption prompt RL uses), completions [B, max_len] = caption + stop, mask 1 on them."""
     from balcap_jax.processing import build_caption_prompt
@@ -74,7 +74,8 @@ def sft_batch(model, processor, tokenizer, examples: Sequence[dict], captions: S
         ids = caption_tokens(tokenizer, c, max_len, eos_id)
         comp[i, :len(ids)] = ids
         mask[i, :len(ids)] = 1.0
-    return sampling.prepare_logprob_batch(model, inputs, comp, mask, pad_id=pad_id)
+    return sampling.prepare_logprob_batch(model, inputs, comp, mask, pad_id=pad_id,
+                                          prompt_buckets=prompt_buckets)
 
 
 def _nll(params, graphdef, rest, batch):
@@ -85,26 +86,36 @@ def _nll(params, graphdef, rest, batch):
 
 
 class SFT:
-    """AdamW on the caption NLL; one jitted step (graphdef static, params and optimiser state
-    donated). `params` may come from a Trainer (nnx.split(model, nnx.Param, ...))."""
+    """AdamW on the caption NLL; one jitted step (graphdef static, params, master weights and
+    optimiser state donated). `params` may come from a Trainer (nnx.split(model, nnx.Param,
+    ...)); low-precision params train through a float32 master copy (balcap_jax.precision)."""
 
-    def __init__(self, sc, parts, params, rest, graphdef, *, opt_state=None):
+    def __init__(self, sc, parts, params, rest, graphdef):
         self.sc, self.p = sc, parts
         self.graphdef, self.rest = graphdef, rest
         self.opt = make_sft_optimizer(sc, params)
         self.params = params
-        self.opt_state = opt_state if opt_state is not None else jax.jit(self.opt.init)(params)
+        frozen = None
+        if sc.get("freeze_vision", False):
+            from balcap_jax.train import _is_vision_path
+            frozen = _is_vision_path
+        self.master = precision.init_master(params, frozen)
+        self.opt_state = jax.jit(lambda p, m: self.opt.init(precision.optimizer_view(p, m)))(
+            params, self.master)
         self.steps = 0
         gd, opt = graphdef, self.opt
 
         # Parameters keep their shardings, so the second call reuses the first compile.
         shardings = jax.tree.map(lambda x: x.sharding, self.params)
 
-        @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=(shardings, None, None))
-        def step(params, opt_state, rest, batch):
+        @functools.partial(jax.jit, donate_argnums=(0, 1, 2),
+                           out_shardings=(shardings, None, None, None))
+        def step(params, master, opt_state, rest, batch):
             loss, grads = jax.value_and_grad(_nll)(params, gd, rest, batch)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+            updates, opt_state = opt.update(jax.tree.map(lambda g: g.astype(jnp.float32), grads),
+                                            opt_state, precision.optimizer_view(params, master))
+            params, master = precision.apply_updates(params, master, updates)
+            return params, master, opt_state, loss
 
         self._step = step
         self._loss = jax.jit(lambda params, rest, batch: _nll(params, gd, rest, batch))
@@ -115,19 +126,17 @@ class SFT:
     def batch(self, examples, captions) -> dict:
         eos = int(self.p.tokenizer.convert_tokens_to_ids("<|im_end|>"))
         return sft_batch(self.model(), self.p.processor, self.p.tokenizer, examples, captions,
-                         max_len=int(self.sc.max_len), eos_id=eos, pad_id=self.p.pad_id)
+                         max_len=int(self.sc.max_len), eos_id=eos, pad_id=self.p.pad_id,
+                         prompt_buckets=getattr(self.p, "prompt_buckets", None))
 
     def step(self, examples, captions) -> float:
         """One update on (examples' prompts and images, captions); returns the loss."""
         batch = self.batch(examples, captions)
-        self.params, self.opt_state, loss = self._step(self.params, self.opt_state, self.rest,
-                                                       batch)
+        self.params, self.master, self.opt_state, loss = self._step(
+            self.params, self.master, self.opt_state, self.rest, batch)
         self.steps += 1
         return float(loss)
 
     def loss(self, examples, captions) -> float:
         return float(self._loss(self.params, self.rest, self.batch(examples, captions)))
 
-    def snapshot(self):
-        """Copies of (params, opt_state): the live ones are donated by the next step."""
-        return jax.tree.map(jnp.copy, self.params), jax.tree.map(jnp.copy, self.opt_state)

@@ -279,8 +279,7 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         save_params(os.path.join(cfg.workdir, "warm_start.npz"), warm_params)
         before, before_rec, before_attrs = _evaluate(trainer, warm_params, "before", progress)
 
-        trainer.state.params = jax.tree.map(jnp.copy, warm_params)
-        trainer.state.opt_state = trainer.fn.init_opt(trainer.state.params)
+        trainer.reset_params(warm_params)
         writer = MetricsWriter(cfg.workdir, tensorboard=False)
         try:
             rl = rl_phase(trainer, cfg.train.steps, progress=progress, writer=writer)

@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 
 from balcap_jax import distributed as dist
+from balcap_jax import precision
 from balcap_jax import sampling
 from balcap_jax.rl import advantages as adv_lib
 from balcap_jax.rl import length as length_lib
@@ -49,16 +50,20 @@ __all__ = ["TrainState", "make_optimizer", "RLStep", "word_count", "rollout_rewa
 
 @dataclasses.dataclass
 class TrainState:
-    params: Any          # nnx.State of the trainable-or-not Params
+    params: Any          # nnx.State of the trainable-or-not Params (the working copy)
     opt_state: Any
     step: int
     rng: jax.Array       # raw uint32 key data (checkpoint friendly)
+    master: Any = None   # float32 master weights of low-precision params (balcap_jax.precision)
 
     def tree(self) -> dict:
         # step and rng as host numpy: equal on every process, saved once (orbax refuses
         # process-local jax.Arrays in a multi-host checkpoint)
-        return {"params": self.params, "opt_state": self.opt_state,
-                "step": np.asarray(self.step, np.int32), "rng": np.asarray(self.rng)}
+        out = {"params": self.params, "opt_state": self.opt_state,
+               "step": np.asarray(self.step, np.int32), "rng": np.asarray(self.rng)}
+        if self.master is not None:   # exact resume in bf16 needs the float32 values
+            out["master"] = self.master
+        return out
 
 
 def _is_vision_path(path) -> bool:
@@ -157,17 +162,24 @@ class RLStep:
     """
 
     def __init__(self, graphdef, rest, optimizer, rl, *, temperature: float, max_len: int,
-                 params=None):
+                 params=None, frozen=None):
         self.graphdef, self.rest, self.opt = graphdef, rest, optimizer
         loss = functools.partial(_loss_fn, rl=rl, temperature=temperature, max_len=max_len)
         gd = graphdef
 
-        def init_opt(p):
-            # optimiser moments in float32 for bf16 params: init from a float32 view; updates
-            # are computed in float32 and apply_updates casts the result back to the param dtype
-            return self.opt.init(jax.tree.map(lambda x: x.astype(jnp.float32), p))
+        def init_opt(p, master=None):
+            # optimiser moments in float32 whatever the parameter dtype: init from the float32
+            # view the updates are computed against (the master weights for bf16 params)
+            return self.opt.init(precision.optimizer_view(p, master))
 
         psh, osh, rep = self._shardings(params, init_opt)
+        self.frozen = frozen
+        # the master tree's shape: MaskedNode where no master is kept (float32 or frozen leaves)
+        master_like = None if params is None else jax.eval_shape(
+            lambda p: precision.init_master(p, frozen), params)
+        msh = None if psh is None or master_like is None else jax.tree.map(
+            lambda m, s: m if precision.is_masked(m) else s, master_like, psh,
+            is_leaf=precision.is_masked)
 
         def jit(f, out=None, **kw):
             return jax.jit(f, **kw) if out is None else jax.jit(f, out_shardings=out, **kw)
@@ -187,19 +199,28 @@ class RLStep:
             # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
             return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m, logp
 
-        @functools.partial(jit, out=None if osh is None else (psh, osh), donate_argnums=(0, 1))
-        def apply(params, opt_state, grads, scale):
-            # params and optimiser state are donated: the update happens in place, no second
-            # copy of the optimiser state (a where()-based skip would keep both alive)
+        @functools.partial(jit, donate_argnums=(0, 1, 2),
+                           out=None if osh is None else (psh, msh, osh))
+        def apply(params, master, opt_state, grads, scale):
+            # params, master and optimiser state are donated: the update happens in place, no
+            # second copy of the optimiser state (a where()-based skip would keep both alive).
+            # Low-precision params are updated through their float32 master (precision.py).
             grads = jax.tree.map(lambda x: x * scale, grads)
-            updates, opt_state = self.opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            updates, opt_state = self.opt.update(grads, opt_state,
+                                                 precision.optimizer_view(params, master))
+            params, master = precision.apply_updates(params, master, updates)
+            return params, master, opt_state
 
         self.grad_norm = jax.jit(lambda g, scale: optax.global_norm(g) * scale)
         self.logprobs, self.grad, self.apply = logprobs, grad, apply
         self.zeros = jit(lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p),
                          out=psh)
         self.init_opt = jit(init_opt, out=osh)
+
+    def init_master(self, params):
+        """The float32 master copy of `params` (None for float32 params); eager casts keep
+        each leaf's sharding."""
+        return precision.init_master(params, self.frozen)
 
     def _shardings(self, params, init_opt):
         """(param shardings, optimiser-state shardings, replicated) or Nones off a mesh."""
@@ -213,18 +234,20 @@ class RLStep:
         psh = jax.tree.map(lambda x: x.sharding, params)
         masked = lambda v: isinstance(v, optax.MaskedNode)   # frozen leaves keep no state
         osh = optax.tree_map_params(
-            self.opt, lambda v, s: v if masked(v) else s, jax.eval_shape(init_opt, params),
+            self.opt, lambda v, s: v if masked(v) else s,
+            jax.eval_shape(init_opt, params),
             psh, transform_non_params=lambda _: rep, is_leaf=masked)
         return psh, osh, rep
 
 
 def update_width(lengths: np.ndarray, max_new_tokens: int) -> int:
     """Completion columns the update needs: the longest rollout, rounded up to a power of two
-    (at least 16, at most max_new_tokens). Columns past every rollout's end carry mask 0 and
-    change nothing but the cost; powers of two bound the distinct shapes (recompiles) to
-    about log2(max_new_tokens / 16) + 1."""
+    (at least max(16, max_new_tokens / 8), at most max_new_tokens). Columns past every rollout's
+    end carry mask 0 and change nothing but the cost; the floor bounds the distinct widths (each
+    a compile of the gradient) to four: 64, 128, 256, 512 for 512 new tokens."""
     longest = int(np.max(lengths)) if np.size(lengths) else 0
-    return min(max_new_tokens, sampling.bucket_length(max(longest, 1), minimum=16))
+    floor = max(16, max_new_tokens // 8)
+    return min(max_new_tokens, sampling.bucket_length(max(longest, 1), minimum=floor))
 
 
 def gather_rows(inputs: dict, rows: np.ndarray) -> dict:
@@ -270,6 +293,9 @@ class RunParts:
     eval_examples: list         # fixed held-out examples
     eos_token_ids: tuple
     pad_id: int
+    # fixed prompt lengths (data.max_prompt_tokens / data.prompt_buckets); None: the next power
+    # of two of each batch's longest prompt, fine for inputs of one size
+    prompt_buckets: tuple | None = None
 
 
 class Trainer:
@@ -282,11 +308,13 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.train, params)
         self.fn = RLStep(graphdef, rest, self.optimizer, cfg.rl,
                          temperature=cfg.sampling.temperature,
-                         max_len=cfg.sampling.max_new_tokens, params=params)
+                         max_len=cfg.sampling.max_new_tokens, params=params,
+                         frozen=_is_vision_path if cfg.train.freeze_vision else None)
         # the reference model is a frozen copy: apply() donates the live params
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.rl.beta > 0 else None
-        self.state = TrainState(params, self.fn.init_opt(params), 0,
-                                jax.random.key_data(jax.random.key(cfg.seed)))
+        master = self.fn.init_master(params)
+        self.state = TrainState(params, self.fn.init_opt(params, master), 0,
+                                jax.random.key_data(jax.random.key(cfg.seed)), master)
         self.skipped = 0
         self._check_hosts_agree(parts)
         kw = {"batch_norm": cfg.rl.batch_norm} if cfg.rl.advantage == "cgdpo" else {}
@@ -326,6 +354,14 @@ class Trainer:
     def model(self):
         return nnx.merge(self.graphdef, self.state.params, self.rest)
 
+    def reset_params(self, params) -> None:
+        """Starts training from (a copy of) `params`, with a fresh master copy and optimiser
+        state (e.g. from a warm start)."""
+        st = self.state
+        st.params = jax.tree.map(jnp.copy, params)
+        st.master = self.fn.init_master(st.params)
+        st.opt_state = self.fn.init_opt(st.params, st.master)
+
     def _inputs(self, examples) -> dict:
         from balcap_jax.processing import build_caption_prompt
         texts = [build_caption_prompt(e["prompt"], self.p.tokenizer) for e in examples]
@@ -345,7 +381,8 @@ class Trainer:
             top_k=0 if greedy else s.top_k, eos_token_ids=self.p.eos_token_ids,
             # greedy evaluation draws no randomness: it must not advance the training stream,
             # or a run that evaluated at a different step would not resume identically
-            rng=jax.random.key(0) if greedy else self._next_key(), pad_id=self.p.pad_id)
+            rng=jax.random.key(0) if greedy else self._next_key(), pad_id=self.p.pad_id,
+            prompt_buckets=self.p.prompt_buckets)
 
     @staticmethod
     def _host_samples(samples) -> dict:
@@ -425,7 +462,8 @@ class Trainer:
         for s in range(0, len(rows), m):
             sl = slice(s, s + m)
             yield sl, sampling.place_batch(model, sampling.prepare_logprob_batch(
-                model, gather_rows(inputs, rows[sl]), tokens[sl], mask[sl], pad_id=self.p.pad_id))
+                model, gather_rows(inputs, rows[sl]), tokens[sl], mask[sl], pad_id=self.p.pad_id,
+                prompt_buckets=self.p.prompt_buckets))
 
     def _update(self, inputs, rows, tokens, mask, adv, sampler_logp) -> dict:
         rl, fn, st = self.cfg.rl, self.fn, self.state
@@ -457,8 +495,8 @@ class Trainer:
             loss *= scale
             gnorm = float(fn.grad_norm(grads, jnp.float32(scale)))
             if np.isfinite(loss) and np.isfinite(gnorm):
-                st.params, st.opt_state = fn.apply(st.params, st.opt_state, grads,
-                                                   jnp.float32(scale))
+                st.params, st.master, st.opt_state = fn.apply(st.params, st.master, st.opt_state,
+                                                              grads, jnp.float32(scale))
             else:  # never apply a step built on a non-finite loss or gradient
                 self.skipped += 1
             out.update({"loss": loss, "grad_norm": gnorm})
@@ -477,9 +515,13 @@ class Trainer:
         captions, rewards = [], {}
         for s in range(0, len(examples), b):
             chunk = examples[s:s + b]
+            # a short last chunk is filled with copies of its last example (dropped below), so
+            # evaluation reuses the one compiled prompt batch shape
+            full = chunk + [chunk[-1]] * (b - len(chunk))
             # the held-out examples are the same on every host: no gather, every host scores all
-            smp = self._host_samples(self._generate(self._inputs(chunk), greedy=True,
+            smp = self._host_samples(self._generate(self._inputs(full), greedy=True,
                                                     num_samples=1))
+            smp = {k: v[:len(chunk)] for k, v in smp.items()}
             caps, _, res = self._score(chunk, np.arange(len(chunk)), smp["tokens"],
                                        smp["lengths"], smp["truncated"])
             captions += caps
@@ -510,7 +552,7 @@ class Trainer:
 
     def load_tree(self, tree: dict, meta: dict) -> None:
         self.state = TrainState(tree["params"], tree["opt_state"], int(tree["step"]),
-                                np.asarray(tree["rng"]))
+                                np.asarray(tree["rng"]), tree.get("master"))
         self.skipped = int(meta.get("skipped", 0))
         by_process = meta.get("data_by_process")
         if by_process is not None and len(by_process) != jax.process_count():

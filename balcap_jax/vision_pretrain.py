@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from balcap_jax import precision
 from balcap_jax.models.qwen2_5_vl_index import image_token_counts
 
 __all__ = ["pretrain_vision", "probe_loss"]
@@ -71,18 +72,21 @@ def pretrain_vision(model, params, batches: Iterator, num_classes: Mapping[str, 
                                                   max(int(steps), 2), end_value=0.1 * lr)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     trainable = (params["visual"], heads)
-    opt_state = opt.init(trainable)
+    master = precision.init_master(trainable)   # float32 copies of a bf16 tower
+    opt_state = opt.init(precision.optimizer_view(trainable, master))
 
     def loss_fn(tr, vi, labels, num_images):
         vis, hd = tr
         return probe_loss(nnx.merge(vis_graph, vis)(vi), hd, labels, num_images)
 
     @jax.jit
-    def step(tr, opt_state, vi, labels):
+    def step(tr, master, opt_state, vi, labels):
         n = next(iter(labels.values())).shape[0]
         loss, g = jax.value_and_grad(loss_fn)(tr, vi, labels, n)
-        updates, opt_state = opt.update(g, opt_state, tr)
-        return optax.apply_updates(tr, updates), opt_state, loss
+        updates, opt_state = opt.update(jax.tree.map(lambda x: x.astype(jnp.float32), g),
+                                        opt_state, precision.optimizer_view(tr, master))
+        tr, master = precision.apply_updates(tr, master, updates)
+        return tr, master, opt_state, loss
 
     losses, t0 = [], time.perf_counter()
     for i in range(int(steps)):
@@ -98,7 +102,7 @@ def pretrain_vision(model, params, batches: Iterator, num_classes: Mapping[str, 
                              f"[{len(grid)}, {tokens}] for image_grid_thw "
                              f"{grid.tolist()} (all images of a batch on the same grid)")
         vi = model.prepare_vision_inputs(np.asarray(pixel_values), grid)
-        trainable, opt_state, loss = step(trainable, opt_state, vi,
+        trainable, master, opt_state, loss = step(trainable, master, opt_state, vi,
                                           {k: jnp.asarray(v, jnp.int32) for k, v in labels.items()})
         losses.append(float(loss))
         if log and ((i + 1) % log_every == 0 or i + 1 == steps):

@@ -126,8 +126,7 @@ def run_seed(cfg, variants, *, progress: bool, warm_from: str = "",
                                                seed=cfg.seed)  # the same data order
             vparts = dataclasses.replace(parts, scorer=scorer, loader=loader)
             tr = Trainer(vcfg, vparts)
-            tr.state.params = jax.tree.map(jnp.copy, warm_params)
-            tr.state.opt_state = tr.fn.init_opt(tr.state.params)
+            tr.reset_params(warm_params)
             rl = demo.rl_phase(tr, vcfg.train.steps, progress=progress)
             tr.p = dataclasses.replace(vparts, scorer=parts.scorer)  # evaluate with the full one
             out[name] = demo._evaluate(tr, tr.state.params, name, progress)[0]
