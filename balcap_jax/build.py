@@ -5,6 +5,7 @@ their own (a tiny model, a scripted scorer) without going through a config.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -15,7 +16,8 @@ import numpy as np
 from balcap_jax import memory_plan as mp
 from balcap_jax.sharding import Rules, make_mesh
 
-__all__ = ["hf_config_of", "memory_plan", "mesh_and_rules", "build_policy", "build_tokenizer",
+__all__ = ["hf_config_of", "memory_plan", "mesh_and_rules", "judge_mesh", "judge_devices",
+           "prompt_buckets", "bound_image_processor", "build_policy", "build_tokenizer",
            "build_parts", "build_trainer", "export"]
 
 
@@ -36,24 +38,105 @@ def hf_config_of(cfg) -> dict:
     return cfg.model.hf_config.to_dict()
 
 
+def _judge_hf_config(j, role: str) -> dict:
+    """A judge's HF config dict for planning: its checkpoint's config.json, else the
+    judges.<role>_preset shapes (so a pod can be planned before the checkpoints are there)."""
+    path = j.get(f"{role}_path", "")
+    file = os.path.join(path, "config.json") if path else ""
+    if file and os.path.exists(file):
+        with open(file) as f:
+            return json.load(f)
+    if j.get(f"{role}_preset", ""):
+        from balcap_jax.models.presets import preset
+        return preset(j[f"{role}_preset"])
+    raise FileNotFoundError(f"judges.{role}_path={path!r} has no config.json to plan the judge's "
+                            f"memory from; point it at the checkpoint or set "
+                            f"judges.{role}_preset (e.g. 'qwen2_5_vl_7b', 'qwen2_5_7b')")
+
+
+def _in_process_judges(cfg) -> bool:
+    j = cfg.get("judges", None)
+    return (j is not None and cfg.scorer.name == "judges"
+            and j.get("backend", "in_process") == "in_process")
+
+
+def judge_devices(cfg) -> int:
+    """Devices set aside for in-process judges (0: they share the policy's devices)."""
+    return int(cfg.judges.get("devices", 0)) if _in_process_judges(cfg) else 0
+
+
+def _judge_plan_items(cfg, mesh_sizes: dict) -> list:
+    """The in-process judges' plan items ([] for remote or no judges)."""
+    if not _in_process_judges(cfg):
+        return []
+    j = cfg.judges
+    own = judge_devices(cfg)
+    if own:
+        shard, batch_shards, tensor = own, own, 1
+    else:
+        shard = mesh_sizes["fsdp"] * mesh_sizes["tensor"]
+        batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+        tensor = mesh_sizes["tensor"]
+    roles = ["multimodal"] + (["text"] if j.get("text_path", "") else [])
+    items = []
+    for role in roles:
+        name = os.path.basename(os.path.normpath(j.get(f"{role}_path", "") or "")) or \
+            j.get(f"{role}_preset", role)
+        items += mp.judge_items(
+            name, _judge_hf_config(j, role), dtype=j.get("dtype", "bfloat16"), shard=shard,
+            batch_shards=batch_shards, tensor=tensor, caption_tokens=cfg.sampling.max_new_tokens,
+            image_tokens=int(j.get("max_image_tokens", 0) or cfg.data.get("max_image_tokens", 0)
+                             or 1024),
+            list_max_tokens=int(j.get("list_max_tokens", 512)),
+            generate_batch=int(j.get("generate_batch", 16)),
+            prefix_batch=int(j.get("prefix_batch", 16)), item_batch=int(j.get("item_batch", 64)),
+            text_roles=role == "text" or len(roles) == 1)
+    return items
+
+
 def memory_plan(cfg, mesh_sizes: dict, *, query_device: bool = True) -> mp.MemoryPlan:
-    s, t = cfg.sampling, cfg.train
+    """The per-device plan of `cfg` on `mesh_sizes`, with its in-process judges: on the
+    policy's devices by default, or as a second plan for `judges.devices` of their own."""
+    s, t, d = cfg.sampling, cfg.train, cfg.data
     limit = cfg.mesh.device_memory_gb * mp.GiB if cfg.mesh.device_memory_gb else None
     if limit is None and query_device:
         limit = mp.device_memory_bytes()
-    return mp.plan_memory(
+    buckets = prompt_buckets(cfg)
+    plan = mp.plan_memory(
         hf_config_of(cfg), mesh_shape=mesh_sizes, param_dtype=cfg.model.dtype,
-        rollouts_per_step=t.batch_size * s.num_samples, prompt_len=cfg.data.get(
-            "max_prompt_tokens", 1024), max_new_tokens=s.max_new_tokens,
+        rollouts_per_step=t.batch_size * s.num_samples, prompts_per_step=t.batch_size,
+        prompt_len=max(buckets) if buckets else 1024, max_new_tokens=s.max_new_tokens,
         micro_batch=t.micro_batch_size, remat=t.remat, freeze_vision=t.freeze_vision,
-        reference_model=cfg.rl.beta > 0, image_tokens=cfg.data.get("max_image_tokens", 1024),
+        reference_model=cfg.rl.beta > 0, image_tokens=d.get("max_image_tokens", 0) or 1024,
         device_bytes=limit)
+    judges = _judge_plan_items(cfg, mesh_sizes)
+    if judge_devices(cfg):
+        plan.others.append(mp.MemoryPlan(judges, limit,
+                                         title=f"judge devices ({judge_devices(cfg)})"))
+    else:
+        plan.items += judges
+    return plan
 
 
 def mesh_and_rules(cfg, mesh_sizes: dict):
-    mesh = make_mesh((mesh_sizes["data"], mesh_sizes["fsdp"], mesh_sizes["tensor"]))
+    """The policy's mesh (the first devices; the last `judges.devices` are the judges')."""
+    n = mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes["tensor"]
+    mesh = make_mesh((mesh_sizes["data"], mesh_sizes["fsdp"], mesh_sizes["tensor"]),
+                     jax.devices()[:n])
     overrides = cfg.mesh.get("rules", None)
     return mesh, Rules.create(overrides.to_dict() if overrides else None)
+
+
+def judge_mesh(cfg, mesh):
+    """The judges' mesh: the last `judges.devices` devices (fsdp over them), or the policy's."""
+    own = judge_devices(cfg)
+    if not own:
+        return mesh
+    if jax.process_count() > 1:
+        raise ValueError("judges.devices (judges on devices of their own) is single-host only; "
+                         "on several hosts share the policy's devices (judges.devices=0) or "
+                         "serve the judges remotely (judges.backend=remote)")
+    return make_mesh((1, own, 1), jax.devices()[-own:])
 
 
 def build_policy(cfg, mesh=None, rules=None):
@@ -133,6 +216,21 @@ def _llava_processor(cfg, tokenizer, hf_config: dict):
                           image_token=tokenizer.convert_ids_to_tokens(mc.image_token_id))
 
 
+def bound_image_processor(image_processor, max_image_tokens: int, overrides: dict | None = None):
+    """A Qwen image processor whose max_pixels keeps every image within `max_image_tokens`
+    (0: unbounded), with `overrides` (data.image_processor) applied; an explicit max_pixels
+    above the bound is an error naming both fields."""
+    overrides = dict(overrides or {})
+    if overrides:
+        image_processor = dataclasses.replace(image_processor, **overrides)
+    cap = int(max_image_tokens) * image_processor.factor ** 2
+    if max_image_tokens > 0 and overrides.get("max_pixels", 0) > cap:
+        raise ValueError(f"data.image_processor.max_pixels={overrides['max_pixels']} allows more "
+                         f"than data.max_image_tokens={max_image_tokens} image tokens ({cap} "
+                         "pixels); lower it or raise data.max_image_tokens")
+    return image_processor.with_max_tokens(int(max_image_tokens))
+
+
 def _processor(cfg, tokenizer, hf_config: dict):
     from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
     if hf_config.get("model_type") == "llava":
@@ -144,8 +242,37 @@ def _processor(cfg, tokenizer, hf_config: dict):
                                                       "preprocessor_config.json")):
         image_processor = QwenImageProcessor.from_pretrained(cfg.model.path)
     else:
-        image_processor = QwenImageProcessor(**(ip.to_dict() if ip else {}))
+        image_processor = QwenImageProcessor()
+    image_processor = bound_image_processor(image_processor, cfg.data.get("max_image_tokens", 0),
+                                            ip.to_dict() if ip else None)
     return Qwen25VLProcessor(tokenizer, image_processor)
+
+
+def prompt_buckets(cfg) -> tuple[int, ...] | None:
+    """The fixed prompt lengths of a run: data.prompt_buckets, else (data.max_prompt_tokens,);
+    None (max_prompt_tokens 0) pads each batch to the power of two above its longest prompt."""
+    d = cfg.data
+    buckets = tuple(int(b) for b in (d.get("prompt_buckets", None) or ()))
+    if buckets:
+        return tuple(sorted(buckets))
+    return (int(d.max_prompt_tokens),) if d.get("max_prompt_tokens", 0) > 0 else None
+
+
+def _check_prompt_fits(cfg, processor, buckets) -> None:
+    """Fails before any compile when the configured instruction with the largest image does
+    not fit the largest prompt bucket."""
+    if not buckets or cfg.data.get("max_image_tokens", 0) <= 0:
+        return
+    from balcap_jax.processing import build_caption_prompt
+    prompts = [cfg.data.prompt] + list(cfg.data.get("prompts", None) or ())
+    text = max(len(processor.tokenizer(build_caption_prompt(p, processor.tokenizer),
+                                       add_special_tokens=True)["input_ids"]) for p in prompts)
+    need = text - 1 + int(cfg.data.max_image_tokens)   # the placeholder becomes the image tokens
+    if need > max(buckets):
+        raise ValueError(f"a prompt needs up to {need} tokens ({text - 1} of text and "
+                         f"data.max_image_tokens={cfg.data.max_image_tokens} of image) but the "
+                         f"largest prompt bucket is {max(buckets)}; set data.max_prompt_tokens "
+                         f">= {need} (or lower data.max_image_tokens)")
 
 
 def build_parts(cfg, mesh=None, rules=None):
@@ -174,12 +301,21 @@ def build_parts(cfg, mesh=None, rules=None):
     eos_ids = [i for i in eos_ids if i is not None and i != tokenizer.unk_token_id]
     eos_ids += [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     eos = tuple(dict.fromkeys(int(t) for t in eos_ids))
+    processor = _processor(cfg, tokenizer, hf_config)
+    buckets = prompt_buckets(cfg)
+    _check_prompt_fits(cfg, processor, buckets)
     policy = build_policy(cfg, mesh, rules)
     if cfg.train.remat:
         policy.set_remat(True)
-    return RunParts(model=policy, tokenizer=tokenizer, processor=_processor(cfg, tokenizer,
-                    hf_config), scorer=make_scorer(cfg, tokenizer, mesh=mesh, rules=rules), loader=loader,
-                    eval_examples=evals, eos_token_ids=eos, pad_id=int(tokenizer.pad_token_id))
+    if cfg.data.get("max_image_tokens", 0) > 0 and hasattr(policy, "vision_slot"):
+        # every image padded to a slot of max_image_tokens: the vision shapes are fixed
+        policy.vision_slot = int(cfg.data.max_image_tokens) * \
+            policy.vl_cfg.vision.spatial_merge_size ** 2
+    return RunParts(model=policy, tokenizer=tokenizer, processor=processor,
+                    scorer=make_scorer(cfg, tokenizer, mesh=None if mesh is None else
+                                       judge_mesh(cfg, mesh), rules=rules), loader=loader,
+                    eval_examples=evals, eos_token_ids=eos, pad_id=int(tokenizer.pad_token_id),
+                    prompt_buckets=buckets)
 
 
 def build_trainer(cfg, mesh=None, rules=None):

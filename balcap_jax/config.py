@@ -42,6 +42,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 56
     c.data.num_train = 256
     c.data.num_eval = 16
+    # Fixed shapes (each new shape is a compile of the whole model): every prompt is padded to
+    # a bucket and every image to a slot of max_image_tokens, so real images of any size reuse
+    # the first step's programs.
+    c.data.max_prompt_tokens = 0   # the prompt bucket (text + image tokens); 0 = the power of
+                                   # two above each batch's longest (inputs of one size only)
+    c.data.prompt_buckets = ()     # ascending prompt lengths instead of one bucket (less
+                                   # padding, one compile per bucket); () = (max_prompt_tokens,)
+    c.data.max_image_tokens = 0    # tokens per image: bounds the processor's max_pixels and
+                                   # sizes each image's vision slot; 0 = unbounded (one size only)
+    # image processor fields (Qwen: min_pixels, max_pixels; LLaVA: size, crop_size) over the
+    # checkpoint's preprocessor_config.json; max_pixels may not exceed max_image_tokens' bound
+    c.data.image_processor = ml_collections.ConfigDict()
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.num_samples = 8   # G rollouts per prompt
@@ -93,6 +105,36 @@ def base_config() -> ml_collections.ConfigDict:
     c.scorer = ml_collections.ConfigDict()
     c.scorer.name = "token_frequency"
     c.scorer.tokens = [" a"]    # token_frequency: the target tokens (one token each)
+
+    # BalCapRL's judges (scorer.name = "judges"; balcap_jax/rewards/balcap.py from_config)
+    c.judges = j = ml_collections.ConfigDict()
+    j.backend = "in_process"     # in_process (our jitted models) | remote (OpenAI-compatible)
+    j.threshold = False          # read each yes/no as 0/1 at p = 0.5 instead of p itself
+    j.pointability = True        # False: precision without the pointability question (ablation)
+    j.cache_dir = ""             # reference-unit cache; "" = <workdir>/judge_cache
+    # in_process: local HF checkpoint directories ("" text_path: the multimodal judge does all)
+    j.multimodal_path = ""       # verification and pointability (Qwen2.5-VL)
+    j.text_path = ""             # decomposition, coverage, linguistic ratings
+    j.multimodal_preset = ""     # shapes the memory plan uses while multimodal_path has no
+    j.text_preset = ""           #   config.json yet (balcap_jax.models.presets)
+    j.dtype = "bfloat16"         # judge parameter dtype
+    j.devices = 0                # devices of their own (the last N; single host); 0 = share
+                                 # the policy's devices
+    j.max_image_tokens = 0       # tokens per image the judge sees; 0 = data.max_image_tokens
+    j.list_max_tokens = 512      # longest decomposition (a longer list is a judge failure)
+    j.generate_batch = 16        # rows per decomposition generate call
+    j.prefix_batch = 16          # heads (images) / shared prefixes per prefix-tree pass
+    j.item_batch = 64            # item rows (assertions, units, criteria) per pass
+    # remote: an OpenAI-compatible endpoint (vLLM, SGLang, a hosted API)
+    j.base_url = ""              # e.g. http://localhost:8000/v1
+    j.model = ""                 # the served model name (multimodal roles)
+    j.text_base_url = ""         # text roles elsewhere; "" = base_url
+    j.text_model = ""            # "" = model
+    j.api_key_env = "OPENAI_API_KEY"   # environment variable holding the key ("" = none)
+    j.timeout = 60.0             # seconds per request attempt
+    j.max_retries = 2            # retries after the first attempt
+    j.concurrency = 16           # requests in flight
+    j.top_logprobs = 10          # logprobs asked per answer token (yes/no and digit reading)
     return c
 
 
@@ -119,6 +161,8 @@ def checkpoint_run_config(*, workdir: str, path: str, preset: str) -> ml_collect
     c.data.eval_files = ""           # a held-out file in the same format; "" = no eval set
     c.data.num_eval = 256
     c.data.data_dir = ""             # "" = <workdir>/tfds
+    c.data.max_image_tokens = 1024   # up to 1024 tokens (~0.8 MP) per image, each in its own slot
+    c.data.max_prompt_tokens = 1152  # 1024 image tokens + the chat template and instruction
     # sampling (G = 8, 512 new tokens) and rl: SPEC.md's defaults, from base_config
     c.train.steps = 1000
     c.train.batch_size = 64
@@ -128,12 +172,10 @@ def checkpoint_run_config(*, workdir: str, path: str, preset: str) -> ml_collect
     c.train.eval_every = 50
     c.checkpoint.every = 50
     c.scorer.name = "judges"
-    c.judges = dict(
-        multimodal_path="checkpoints/Qwen2.5-VL-7B-Instruct",    # verification, pointability
-        text_path="checkpoints/Qwen2.5-7B-Instruct",               # decomposition, recall, style
-        threshold=False,
-        cache_dir="",  # reference units cache; "" = <workdir>/judge_cache
-    )
+    c.judges.multimodal_path = "checkpoints/Qwen2.5-VL-7B-Instruct"   # verification, pointability
+    c.judges.text_path = "checkpoints/Qwen2.5-7B-Instruct"          # decomposition, recall, style
+    c.judges.multimodal_preset = "qwen2_5_vl_7b"
+    c.judges.text_preset = "qwen2_5_7b"
     return c
 
 _CHOICES = {
@@ -175,8 +217,16 @@ def resolve_mesh(c, n_devices: int) -> dict:
 
 
 def validate(c, n_devices: int) -> dict:
-    """Checks the config against itself and the device count; returns the resolved mesh."""
+    """Checks the config against itself and the device count; returns the resolved mesh (of
+    the policy: the devices left after `judges.devices`)."""
     errors = []
+    own = int(c.judges.devices) if (c.scorer.name == "judges" and
+                                    c.judges.backend == "in_process") else 0
+    if own < 0 or own >= n_devices and own:
+        errors.append(f"judges.devices={own} must leave the policy at least one of the "
+                      f"{n_devices} devices")
+        own = 0
+    n_devices -= own
     for field, options in _CHOICES.items():
         if _get(c, field) not in options:
             errors.append(f"{field}={_get(c, field)!r} is not one of {options}")
@@ -196,6 +246,21 @@ def validate(c, n_devices: int) -> dict:
     if c.sampling.num_samples < 2 and c.rl.advantage in ("cgdpo", "grpo"):
         errors.append("sampling.num_samples must be >= 2: group-relative advantages of a "
                       "single sample are always 0")
+    d = c.data
+    buckets = list(d.get("prompt_buckets", None) or ())
+    if min(int(d.get("max_prompt_tokens", 0)), int(d.get("max_image_tokens", 0))) < 0 or \
+            any(int(b) < 1 for b in buckets):
+        errors.append("data.max_prompt_tokens, data.max_image_tokens and data.prompt_buckets "
+                      "must be positive (0 for the first two: not fixed)")
+    if d.source == "tfds" and (d.get("max_prompt_tokens", 0) <= 0 and not buckets or
+                               d.get("max_image_tokens", 0) <= 0):
+        errors.append("data.source='tfds' holds images of many sizes: set data.max_image_tokens "
+                      "(tokens per image, e.g. 1024) and data.max_prompt_tokens (e.g. 1152) so "
+                      "every batch has the same shapes; otherwise new image sizes recompile")
+    if 0 < d.get("max_prompt_tokens", 0) < d.get("max_image_tokens", 0):
+        errors.append(f"data.max_prompt_tokens={d.max_prompt_tokens} is smaller than "
+                      f"data.max_image_tokens={d.max_image_tokens}: an image's tokens are part "
+                      "of its prompt")
     if c.sampling.temperature < 0:
         errors.append(f"sampling.temperature must be >= 0, got {c.sampling.temperature}")
     from balcap_jax.rewards.base import SCORERS

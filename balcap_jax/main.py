@@ -139,7 +139,8 @@ def plan(cfg) -> str:
     if min(sizes.values()) < 1:
         raise config_lib.ConfigError(f"--plan_only needs an explicit mesh, got {sizes}; set "
                                      "--config.mesh.data/fsdp/tensor")
-    config_lib.validate(cfg, sizes["data"] * sizes["fsdp"] * sizes["tensor"])
+    config_lib.validate(cfg, sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+                        + build.judge_devices(cfg))
     p = build.memory_plan(cfg, sizes, query_device=False)
     text = f"mesh {sizes}\n{p.table()}"
     try:

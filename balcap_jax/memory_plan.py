@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["count_params", "MemoryPlan", "plan_memory", "device_memory_bytes"]
+__all__ = ["count_params", "Item", "MemoryPlan", "plan_memory", "judge_items",
+           "device_memory_bytes"]
 
 GiB = 1024 ** 3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -68,45 +69,119 @@ def count_params(hf_config: dict) -> dict:
     return {"language": lang, "vision": vision}
 
 
+class Item(NamedTuple):
+    name: str
+    bytes: float        # per device
+    knob: str           # the setting that shrinks it
+    note: str
+    phase: str = "always"   # always | step (the policy's rollout and update) | scoring
+
+
+# The policy's rollout and update transients are summed (a little pessimistic: on an H200 a 3B
+# step with 512 rollouts of 640 tokens peaked at 82.8 GiB against a plan of 88.5); the judges'
+# scoring caches live only while the step scores, when neither exists, so the peak takes the
+# larger of the two phases on top of what is always held.
+_PHASES = ("step", "scoring")
+
+
 @dataclasses.dataclass
 class MemoryPlan:
-    items: list[tuple[str, float, str, str]]  # (name, bytes per device, knob, note)
+    items: list[Item]
     device_bytes: float | None
+    title: str = "policy devices"
+    others: list["MemoryPlan"] = dataclasses.field(default_factory=list)  # e.g. judge devices
+
+    def _sum(self, phase: str) -> float:
+        return sum(it.bytes for it in self.items if it.phase == phase)
 
     @property
     def total(self) -> float:
-        return sum(b for _, b, _, _ in self.items)
+        return self._sum("always") + max(self._sum(p) for p in _PHASES)
 
     def table(self) -> str:
-        lines = [f"{'item':<22}{'GiB/device':>12}  note"]
-        for name, b, _, note in self.items:
-            lines.append(f"{name:<22}{b / GiB:>12.2f}  {note}")
+        w = max([28] + [len(it.name) + 2 for it in self.items])
+        lines = [f"[{self.title}]", f"{'item':<{w}}{'GiB/device':>12}  {'phase':<8} note"]
+        for it in self.items:
+            lines.append(f"{it.name:<{w}}{it.bytes / GiB:>12.2f}  {it.phase:<8} {it.note}")
         cap = "unknown (no limit reported by this backend)" if self.device_bytes is None else \
             f"{self.device_bytes / GiB:.2f}"
-        lines.append(f"{'total':<22}{self.total / GiB:>12.2f}  device memory: {cap} GiB")
-        return "\n".join(lines)
+        peak = max(_PHASES, key=self._sum)
+        lines.append(f"{'total':<{w}}{self.total / GiB:>12.2f}  always + {peak} (the larger "
+                     f"phase); device memory: {cap} GiB")
+        return "\n".join(lines + [o.table() for o in self.others])
 
     def check(self, headroom: float = 0.9) -> None:
-        """Raises MemoryError naming the largest item and the knob that shrinks it."""
+        """Raises MemoryError naming the largest item and the knob that shrinks it; when
+        in-process judges are what tips the plan over, the message says so and how to move
+        them."""
+        for other in self.others:
+            other.check(headroom)
         if self.device_bytes is None or self.total <= headroom * self.device_bytes:
             return
-        name, b, knob, _ = max(self.items, key=lambda it: it[1])
-        raise MemoryError(
-            f"memory plan needs {self.total / GiB:.1f} GiB per device but only "
-            f"{headroom * self.device_bytes / GiB:.1f} GiB ({headroom:.0%} of "
-            f"{self.device_bytes / GiB:.1f}) is usable. Largest item: {name} "
-            f"({b / GiB:.1f} GiB); to shrink it: {knob}.\n{self.table()}")
+        usable = headroom * self.device_bytes
+        peak = max(_PHASES, key=self._sum)
+        live = [it for it in self.items if it.phase in ("always", peak)]
+        it = max(live, key=lambda x: x.bytes)
+        msg = (f"[{self.title}] memory plan needs {self.total / GiB:.1f} GiB per device but only "
+               f"{usable / GiB:.1f} GiB ({headroom:.0%} of {self.device_bytes / GiB:.1f}) is "
+               f"usable. Largest item: {it.name} ({it.bytes / GiB:.1f} GiB); to shrink it: "
+               f"{it.knob}.")
+        judges = [x for x in self.items if x.name.startswith("judge")]
+        if judges:
+            without = MemoryPlan([x for x in self.items if x not in judges], self.device_bytes)
+            share = sum(x.bytes for x in judges if x.phase == "always")
+            if without.total <= usable:
+                msg += (f" Without the in-process judges ({share / GiB:.1f} GiB of weights "
+                        "per device, plus their scoring caches) the policy fits: "
+                        f"{JUDGE_KNOB}.")
+        raise MemoryError(f"{msg}\n{self.table()}")
+
+
+JUDGE_KNOB = ("serve the judges elsewhere (judges.backend=remote with judges.base_url), use "
+              "smaller judge checkpoints (judges.multimodal_path / judges.text_path), give them "
+              "their own devices (judges.devices), or add devices (mesh.fsdp)")
+
+
+def _kv_bytes_per_token(t: dict, dtype_bytes: int, tensor: int) -> int:
+    h = t["num_attention_heads"]
+    kv, hd = t.get("num_key_value_heads", h), t.get("head_dim") or t["hidden_size"] // h
+    kv_div = tensor if kv % tensor == 0 else 1
+    return t["num_hidden_layers"] * 2 * (kv // kv_div) * hd * dtype_bytes
+
+
+def _vision_attention(vis: dict | None, images: int, image_tokens: int, *,
+                      training: bool = False) -> float:
+    """Bytes of the vision tower's attention transient: float32 scores and probabilities
+    (and, in the update, their gradients) of one chunk of attention rows. Qwen2.5-VL's blocks
+    run their rows in chunks of at most ATTN_SCORES entries per head (qwen2_5_vl_vision); a
+    CLIP tower attends over all images at once."""
+    if not vis or images <= 0:
+        return 0.0
+    factor = 4 if training else 2
+    if "spatial_merge_size" in vis:          # Qwen2.5-VL
+        from balcap_jax.models.qwen2_5_vl_vision import ATTN_SCORES
+        slot = image_tokens * vis["spatial_merge_size"] ** 2
+        window_row = min(256, images * slot)           # the model's default window rows
+        widest = 0
+        for rows, r in ((images, slot), (-(-images * slot // max(window_row - 63, 1)),
+                                         window_row)):
+            widest = max(widest, min(rows * r * r, max(ATTN_SCORES, r * r)))
+        return float(factor * vis["num_heads"] * widest * 4)
+    slot = (vis["image_size"] // vis["patch_size"]) ** 2 + 1   # CLIP: grid + class token
+    return float(factor * images * vis["num_attention_heads"] * slot * slot * 4)
 
 
 def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat16",
                 opt_dtype: str = "float32", rollouts_per_step: int, prompt_len: int,
                 max_new_tokens: int, micro_batch: int, remat: bool, freeze_vision: bool,
-                reference_model: bool, image_tokens: int = 1024,
+                reference_model: bool, image_tokens: int = 1024, prompts_per_step: int = 0,
                 device_bytes: float | None = None, logprob_chunk: int = 256) -> MemoryPlan:
     """The plan for one device of a mesh {"data": d, "fsdp": f, "tensor": t}.
 
-    Parameters and optimiser state are sharded over fsdp x tensor; rollouts and micro-batches
-    over data x fsdp; the KV cache's heads over tensor.
+    Parameters, master weights and optimiser state are sharded over fsdp x tensor; rollouts and
+    micro-batches over data x fsdp; the KV cache's heads over tensor. The vision tower's inputs
+    are not batch-sharded: every device encodes every image of a prefill (`prompts_per_step`)
+    or a micro-batch.
     """
     counts = count_params(hf_config)
     n_all = counts["language"] + counts["vision"]
@@ -116,29 +191,36 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
     pb, ob = _BYTES[param_dtype], _BYTES[opt_dtype]
     t = _text_cfg(hf_config)
     d, layers, inter = t["hidden_size"], t["num_hidden_layers"], t["intermediate_size"]
-    h = t["num_attention_heads"]
-    kv, hd = t.get("num_key_value_heads", h), t.get("head_dim") or d // h
     batch_shards = d_ * f_
     rows = math.ceil(rollouts_per_step / batch_shards)
     seq = prompt_len + max_new_tokens
-    kv_div = t_ if kv % t_ == 0 else 1
     shrink_state = "raise mesh.fsdp" + ("" if freeze_vision or not counts["vision"] else
                                         ", or train.freeze_vision=True")
-    items = [
-        ("parameters", n_all * pb / shard, "raise mesh.fsdp (shards parameters)",
-         f"{n_all / 1e9:.2f}B params in {param_dtype}"),
-        ("gradients", n_train * ob / shard, shrink_state,
-         f"{n_train / 1e9:.2f}B trainable, {opt_dtype} accumulation"),
-        ("optimizer state", 2 * n_train * ob / shard, shrink_state, "AdamW mu + nu"),
-        ("optimizer update", n_train * ob / shard, "raise mesh.fsdp",
-         "transient fp32 updates while the step is applied"),
+    items = [Item("parameters", n_all * pb / shard, "raise mesh.fsdp (shards parameters)",
+                  f"{n_all / 1e9:.2f}B params in {param_dtype}")]
+    if pb < 4:
+        items.append(Item("master weights", n_train * 4 / shard, shrink_state,
+                          "float32 copy of the trainable low-precision params"))
+    items += [
+        Item("optimizer state", 2 * n_train * ob / shard, shrink_state, "AdamW mu + nu"),
+        Item("gradients", n_train * ob / shard, shrink_state,
+             f"{n_train / 1e9:.2f}B trainable, {opt_dtype} accumulation", "step"),
+        Item("optimizer update", n_train * ob / shard, "raise mesh.fsdp",
+             "transient fp32 updates while the step is applied", "step"),
     ]
     if reference_model:
-        items.append(("reference model", n_all * pb / shard, "rl.beta=0 drops it, or raise "
-                      "mesh.fsdp", "frozen copy for the KL term"))
-    items.append(("rollout KV cache", rows * seq * layers * 2 * (kv // kv_div) * hd * pb,
-                  "lower train.batch_size or sampling.num_samples, or raise mesh.data",
-                  f"{rows} rollouts x {seq} tokens per device"))
+        items.append(Item("reference model", n_all * pb / shard, "rl.beta=0 drops it, or raise "
+                          "mesh.fsdp", "frozen copy for the KL term"))
+    items.append(Item("rollout KV cache", rows * seq * _kv_bytes_per_token(t, pb, t_),
+                      "lower train.batch_size or sampling.num_samples, or raise mesh.data",
+                      f"{rows} rollouts x {seq} tokens per device", "step"))
+    vis = hf_config.get("vision_config")
+    if vis and prompts_per_step:
+        items.append(Item("prefill vision attn (est.)",
+                          _vision_attention(vis, prompts_per_step, image_tokens),
+                          "lower data.max_image_tokens or train.batch_size",
+                          f"{prompts_per_step} images x {image_tokens} tokens, fp32 scores "
+                          "of one chunk of rows", "step"))
     mrows = math.ceil(micro_batch / batch_shards)
     tok = mrows * seq
     per_layer = tok * (10 * d + 2 * inter // t_) * pb
@@ -146,16 +228,49 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
     act += tok * 4 * 2  # fp32 log-probs + mask
     # the chunked log-prob path holds one [rows, chunk, V] fp32 logits block and its gradient
     act += 2 * mrows * min(seq, logprob_chunk) * t["vocab_size"] * 4 // (t_ if t_ > 1 else 1)
-    vis = hf_config.get("vision_config")
-    if vis and not freeze_vision:
+    if vis:
+        # a frozen tower still runs its backward inside the update, so it keeps activations
         dv = vis["hidden_size"]
         npatch = image_tokens * vis.get("spatial_merge_size", 1) ** 2
         vdepth = vis.get("depth", vis.get("num_hidden_layers", 1))
-        act += mrows * npatch * dv * pb * (vdepth if remat else 12 * vdepth)
-    items.append(("activations (est.)", act,
-                  "lower train.micro_batch_size" + ("" if remat else ", or train.remat=True"),
-                  f"micro-batch {mrows} x {seq} tokens per device, remat={remat}"))
+        act += micro_batch * npatch * dv * pb * (vdepth if remat else 12 * vdepth)
+        act += _vision_attention(vis, micro_batch, image_tokens, training=True)
+    items.append(Item("activations (est.)", act,
+                      "lower train.micro_batch_size" + ("" if remat else ", or train.remat=True"),
+                      f"micro-batch {mrows} x {seq} tokens per device, remat={remat}", "step"))
     return MemoryPlan(items, device_bytes)
+
+
+def judge_items(name: str, hf_config: dict, *, dtype: str, shard: int, batch_shards: int,
+                caption_tokens: int, image_tokens: int, list_max_tokens: int,
+                generate_batch: int, prefix_batch: int, item_batch: int,
+                tensor: int = 1, text_roles: bool = True) -> list[Item]:
+    """An in-process judge: its weights (sharded like the policy's over `shard` devices) and
+    its scoring caches (est.): the larger of a decomposition's greedy decode (generate_batch
+    rows of a caption prompt + list_max_tokens) and a yes/no pass over the prefix tree (heads,
+    their extensions and the item rows, each holding a cache of head + shared + item slots).
+    Multimodal judges also count their vision attention for prefix_batch images."""
+    counts = count_params(hf_config)
+    n = counts["language"] + counts["vision"]
+    b = _BYTES[dtype]
+    t = _text_cfg(hf_config)
+    per_tok = _kv_bytes_per_token(t, b, tensor)
+    rows = 2 * prefix_batch + item_batch            # heads, their extensions, item rows
+    caption = 1 << max(caption_tokens + 256 - 1, 1).bit_length()     # caption prompt bucket
+    slots = 0
+    if hf_config.get("vision_config"):               # verification / pointability: image heads
+        slots = rows * (image_tokens + 64 + 256 + 64)
+    if text_roles:                                   # decomposition, coverage, linguistic
+        slots = max(slots, rows * (64 + caption + 64),
+                    generate_batch * (caption + list_max_tokens))
+    cache = slots / batch_shards * per_tok
+    cache += generate_batch * t["vocab_size"] * 4 if text_roles else 0   # fp32 decode logits
+    cache += _vision_attention(hf_config.get("vision_config"), prefix_batch, image_tokens)
+    return [Item(f"judge weights: {name}", n * b / shard, JUDGE_KNOB,
+                 f"{n / 1e9:.2f}B params in {dtype}"),
+            Item(f"judge caches: {name} (est.)", cache,
+                 "lower judges.prefix_batch / item_batch / generate_batch",
+                 f"KV for {slots} slots, while scoring", "scoring")]
 
 
 def device_memory_bytes(device: Any = None) -> float | None:

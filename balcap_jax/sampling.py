@@ -185,7 +185,8 @@ def bucket_length(n: int, buckets: Sequence[int] | None = None, minimum: int = 8
     fitting = [b for b in sorted(buckets) if b >= n]
     if not fitting:
         raise ValueError(f"prompt length {n} exceeds the largest prompt bucket {max(buckets)}; "
-                         "add a larger bucket (prompt_buckets=...) or shorten the prompts")
+                         "add a larger bucket (data.max_prompt_tokens / data.prompt_buckets in "
+                         "a run config, prompt_buckets= here) or shorten the prompts")
     return fitting[0]
 
 

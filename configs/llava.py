@@ -22,8 +22,8 @@ def get_config(arg: str = "7b"):
                          "(configs/llava.py or configs/llava.py:7b)")
     c = checkpoint_run_config(workdir="workdir/llava_1_5_7b", path="checkpoints/llava-1.5-7b-hf",
                               preset="llava_1_5_7b")
-    c.data.max_prompt_tokens = 1024  # 576 image tokens + the instruction, one bucket
-    c.data.max_image_tokens = 576
+    c.data.max_prompt_tokens = 640  # 576 image tokens + the chat template and instruction
+    c.data.max_image_tokens = 576   # LLaVA-1.5: every image is 336 px, 576 tokens
     c.train.micro_batch_size = 64
     c.train.freeze_vision = True
     return c

@@ -18,7 +18,5 @@ def get_config(arg: str = "7b"):
     c = checkpoint_run_config(workdir=f"workdir/qwen2_5_vl_{arg}",
                               path=f"checkpoints/Qwen2.5-VL-{arg.upper()}-Instruct",
                               preset=f"qwen2_5_vl_{arg}")
-    c.data.max_prompt_tokens = 1024
-    c.data.max_image_tokens = 1024
     c.train.micro_batch_size = 16
     return c

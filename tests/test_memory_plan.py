@@ -43,7 +43,7 @@ def _plan(**kw):
 def test_plan_items_scale_with_sharding_and_options():
     one = _plan()
     eight = _plan(mesh_shape={"data": 1, "fsdp": 8, "tensor": 1})
-    by = lambda p: {n: b for n, b, _, _ in p.items}
+    by = lambda p: {it.name: it.bytes for it in p.items}
     # parameters and optimiser state shard over fsdp exactly
     assert by(eight)["parameters"] == pytest.approx(by(one)["parameters"] / 8)
     assert by(eight)["optimizer state"] == pytest.approx(by(one)["optimizer state"] / 8)
@@ -54,6 +54,10 @@ def test_plan_items_scale_with_sharding_and_options():
     frozen = _plan(freeze_vision=True)
     assert by(frozen)["optimizer state"] < by(one)["optimizer state"]
     assert by(_plan(remat=False))["activations (est.)"] > by(one)["activations (est.)"]
+    # bf16 params train through a float32 master copy of the trainable ones; float32 has none
+    assert by(one)["master weights"] == 4 * n
+    assert by(frozen)["master weights"] < by(one)["master weights"]
+    assert "master weights" not in by(_plan(param_dtype="float32"))
 
 
 def test_plan_that_cannot_fit_names_largest_item_and_knob():
@@ -61,3 +65,65 @@ def test_plan_that_cannot_fit_names_largest_item_and_knob():
     with pytest.raises(MemoryError, match=r"Largest item: optimizer state.*mesh.fsdp"):
         plan.check()
     _plan(mesh_shape={"data": 1, "fsdp": 16, "tensor": 1}, device_bytes=80 * GiB).check()
+
+
+def _config(*overrides):
+    """configs/qwen.py:3b with --config.* style overrides, as --plan_only reads it."""
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("qwen", os.path.join(root, "configs/qwen.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("3b")
+    for key, value in overrides:
+        node = c
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    return c
+
+
+def test_plan_only_counts_the_in_process_judges():
+    """--plan_only with the shipped in-process judges (7B Qwen2.5-VL + 7B Qwen2.5, planned from
+    their presets): their bf16 weights are in the plan, exactly 2 bytes per parameter sharded
+    like the policy's, plus their scoring caches; remote judges add nothing."""
+    from balcap_jax import main
+    from balcap_jax.build import memory_plan
+    sizes = {"data": 1, "fsdp": 8, "tensor": 1}
+    plan = memory_plan(_config(("mesh.fsdp", 8)), sizes, query_device=False)
+    by = {it.name: it for it in plan.items}
+    mm = by["judge weights: Qwen2.5-VL-7B-Instruct"]
+    text = by["judge weights: Qwen2.5-7B-Instruct"]
+    assert mm.bytes == 2 * sum(count_params(preset("qwen2_5_vl_7b")).values()) / 8
+    assert text.bytes == 2 * sum(count_params(preset("qwen2_5_7b")).values()) / 8
+    assert by["judge caches: Qwen2.5-VL-7B-Instruct (est.)"].phase == "scoring"
+    remote = memory_plan(_config(("mesh.fsdp", 8), ("judges.backend", "remote")), sizes,
+                         query_device=False)
+    assert not [it for it in remote.items if it.name.startswith("judge")]
+    assert plan.total - remote.total >= mm.bytes + text.bytes
+    assert "judge weights: Qwen2.5-VL-7B-Instruct" in main.plan(_config(("mesh.fsdp", 8)))
+
+
+def test_a_plan_that_fits_only_without_the_judges_names_them():
+    """3B on 4 x 40 GB with batch 16: the policy fits, the judges' 30 GiB of weights (7.4 GiB a
+    device) tip it over. The message names the judges and how to move them; judges.devices=4
+    gives them four devices and a plan (and a check) of their own."""
+    from balcap_jax import main
+    from balcap_jax.build import memory_plan
+    sizes = {"data": 1, "fsdp": 4, "tensor": 1}
+    over = (("mesh.fsdp", 4), ("mesh.device_memory_gb", 40.0), ("train.batch_size", 16),
+            ("train.micro_batch_size", 8))
+    memory_plan(_config(*over, ("judges.backend", "remote")), sizes).check()
+    with pytest.raises(MemoryError, match=r"Without the in-process judges.*"
+                                          r"judges.backend=remote"):
+        memory_plan(_config(*over), sizes).check()
+    out = main.plan(_config(*over))
+    assert "DOES NOT FIT" in out and "judge weights: Qwen2.5-VL-7B-Instruct" in out
+    split = memory_plan(_config(*over, ("judges.devices", 4)), sizes)
+    assert not [it for it in split.items if it.name.startswith("judge")]
+    assert [o.title for o in split.others] == ["judge devices (4)"]
+    assert [it.name for it in split.others[0].items][::2] == [
+        "judge weights: Qwen2.5-VL-7B-Instruct", "judge weights: Qwen2.5-7B-Instruct"]
+    split.check()

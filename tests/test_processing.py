@@ -366,3 +366,27 @@ def test_llava_processor_batch_parity(llama_tok):
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     np.testing.assert_allclose(got["pixel_values"], ref["pixel_values"], rtol=0, atol=ATOL)
     assert got["mm_token_type_ids"].sum(1).tolist() == [16, 32, 0]
+
+
+def test_max_image_tokens_bounds_every_image():
+    """with_max_tokens(n) caps max_pixels at n tokens; where transformers' smart_resize still
+    exceeds max_pixels (a thin image whose short side is clamped up to one factor), the long side
+    is cut until the image fits, so no image outgrows its vision slot. Elsewhere the size is
+    smart_resize's."""
+    from balcap_jax.build import bound_image_processor
+    from balcap_jax.processing import QwenImageProcessor, smart_resize
+    ip = QwenImageProcessor().with_max_tokens(4)
+    assert ip.max_pixels == 4 * 28 * 28 and ip.min_pixels == 4 * 28 * 28
+    for h, w in [(20, 400), (400, 20), (56, 56), (30, 90), (1000, 1000), (10, 1900)]:
+        t, gh, gw = ip.grid_thw(h, w)
+        assert gh * gw // 4 <= 4, (h, w, gh, gw)
+        rh, rw = smart_resize(h, w, 28, ip.min_pixels, ip.max_pixels)
+        if rh * rw <= ip.max_pixels:
+            assert (gh * 14, gw * 14) == (rh, rw)
+    assert smart_resize(20, 400, 28, ip.min_pixels, ip.max_pixels)[0] * \
+        smart_resize(20, 400, 28, ip.min_pixels, ip.max_pixels)[1] > ip.max_pixels
+    big = QwenImageProcessor(max_pixels=28 * 28 * 1280)
+    assert big.with_max_tokens(0) is big
+    with pytest.raises(ValueError, match="data.max_image_tokens=4"):
+        bound_image_processor(big, 4, {"max_pixels": 56 * 56 * 4})
+    assert bound_image_processor(big, 16, {"max_pixels": 56 * 56}).max_pixels == 56 * 56

@@ -6,7 +6,8 @@ image-pad tokens. Parameter paths mirror the hub keys: model/..., lm_head/..., v
 
 Host side (numpy; everything that depends on image sizes, so jitted code sees bucketed shapes):
   `model.prepare_vision_inputs(pixel_values, image_grid_thw, bucket="default") -> VisionInputs`
-      (patch bucket and attention-row layout from model.vision_bucket / vision_window_row /
+      (patch bucket and attention-row layout from model.vision_slot (patches per image: every
+      image padded to its own slot, fixed shapes) or model.vision_bucket / vision_window_row /
       vision_full_row; see qwen2_5_vl_index.prepare_vision_inputs)
   `model.rope_index(input_ids, attention_mask, image_grid_thw, mm_token_type_ids=None)
       -> positions [3,B,T] int32 (= HF get_rope_index), deltas [B] int32`
@@ -126,7 +127,8 @@ class Qwen2_5_VL(CausalLM):
 
     def __init__(self, cfg: Qwen2_5_VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
                  mesh=None, rules: shd.Rules | None = None, vision_bucket=256,
-                 vision_window_row: int = 256, vision_full_row="auto"):
+                 vision_window_row: int = 256, vision_full_row="auto",
+                 vision_slot: int | None = None):
         if cfg.vision.out_hidden_size != cfg.text.hidden_size:
             raise ValueError(f"vision out_hidden_size {cfg.vision.out_hidden_size} must equal the "
                              f"text hidden_size {cfg.text.hidden_size}")
@@ -138,6 +140,14 @@ class Qwen2_5_VL(CausalLM):
         self.vision_bucket = vision_bucket
         self.vision_window_row = vision_window_row
         self.vision_full_row = vision_full_row
+        # patches per image (training sets it from data.max_image_tokens): every image padded
+        # to its own slot, so the vision shapes depend on the image count only
+        self.vision_slot = vision_slot
+
+    def set_remat(self, on: bool = True) -> None:
+        """Rematerialise the decoder layers and the vision blocks in the training loss."""
+        super().set_remat(on)
+        self.visual.remat = bool(on)
 
     # --- host side ------------------------------------------------------------------------
     def prepare_vision_inputs(self, pixel_values, image_grid_thw, bucket="default") -> qi.VisionInputs:
@@ -146,7 +156,8 @@ class Qwen2_5_VL(CausalLM):
             pixel_values, image_grid_thw, spatial_merge_size=v.spatial_merge_size,
             window_size=v.window_size, patch_size=v.patch_size,
             bucket=self.vision_bucket if bucket == "default" else bucket,
-            window_row=self.vision_window_row, full_row=self.vision_full_row)
+            window_row=self.vision_window_row, full_row=self.vision_full_row,
+            slot=self.vision_slot if bucket == "default" else None)
 
     def rope_index(self, input_ids, attention_mask=None, image_grid_thw=None,
                    mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:

@@ -107,15 +107,20 @@ def bucket_size(n: int, bucket, multiple: int) -> int:
     return -(-size // multiple) * multiple
 
 
-def pack_rows(lengths, row_len: int, num_rows: int, total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Greedily pack consecutive segments (their lengths, in order, covering slots 0..sum-1)
-    into `num_rows` rows of `row_len` without splitting a segment. Returns rows [G, R] (slot
-    index, `total` where empty) and slots [total] (flat row position, G*R for unpacked slots)."""
+def pack_rows(segments, row_len: int, num_rows: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedily pack attention segments, in order, into `num_rows` rows of `row_len` without
+    splitting one. `segments`: lengths of consecutive segments covering slots 0..sum-1, or
+    (start, length) pairs (slots between them, e.g. an image's slot padding, stay unpacked).
+    Returns rows [G, R] (slot index, `total` where empty) and slots [total] (flat row
+    position, G*R for unpacked slots)."""
     rows = np.full((num_rows, row_len), total, np.int32)
     slots = np.full((total,), num_rows * row_len, np.int32)
     r, fill, start = 0, 0, 0
-    for n in lengths:
-        n = int(n)
+    for seg in segments:
+        if isinstance(seg, tuple):
+            start, n = (int(v) for v in seg)
+        else:
+            n = int(seg)
         if n > row_len:
             raise ValueError(f"an attention segment of {n} patches does not fit a row of {row_len}; "
                              "raise window_row/full_row (or pass full_row=None for one dense row)")
@@ -136,42 +141,77 @@ def _pow2(n: int) -> int:
 
 def prepare_vision_inputs(pixel_values, image_grid_thw, *, spatial_merge_size: int = 2,
                           window_size: int = 112, patch_size: int = 14, bucket=None,
-                          window_row: int = 256, full_row="auto") -> VisionInputs:
-    """Pad `pixel_values` [N, C*kt*p*p] (the processor's output, all images concatenated) to a
-    bucket and build the index arrays the jitted vision tower needs (see `VisionInputs`).
+                          window_row: int = 256, full_row="auto", slot: int | None = None
+                          ) -> VisionInputs:
+    """Pad `pixel_values` [N, C*kt*p*p] (the processor's output, all images concatenated) and
+    build the index arrays the jitted vision tower needs (see `VisionInputs`).
 
-    Row layout (static shapes depend only on these choices and the padded patch count Np):
-    window blocks use rows of min(window_row, Np) patches, their count bounded from Np, so they
-    add no compile keys; full blocks use rows of `full_row` patches ("auto": the next power of
-    two of the largest frame; None: one dense row of Np) and a power-of-two row count."""
+    Layout: with `slot` (patches per image), image i owns permuted slots [i*slot, i*slot + n_i)
+    and the rest of its slot is padding, so Np = images * slot whatever the image sizes: the
+    shapes depend only on the image count (training's fixed-shape mode; an image larger than
+    its slot is an error). Without it the images' patches are contiguous and Np is their total
+    padded to `bucket`.
+    Row layout (static shapes depend only on these choices and Np): window blocks use rows of
+    min(window_row, Np) patches, their count bounded from Np, so they add no compile keys; full
+    blocks use one row of `slot` patches per image in slot mode, else rows of `full_row`
+    patches ("auto": the next power of two of the largest frame; None: one dense row of Np)
+    and a power-of-two row count."""
     pixel_values = np.asarray(pixel_values, np.float32)
     grids = _grid_list(image_grid_thw)
-    n = sum(t * h * w for t, h, w in grids)
+    sizes = [t * h * w for t, h, w in grids]
+    n = sum(sizes)
     if pixel_values.ndim != 2 or pixel_values.shape[0] != n:
         raise ValueError(f"pixel_values must have shape [sum(t*h*w)={n}, C*kt*p*p] for "
                          f"image_grid_thw={grids}, got {pixel_values.shape}")
     unit = spatial_merge_size ** 2
-    n_pad = bucket_size(n, bucket, unit)
+    for t, h, w in grids:
+        if h % spatial_merge_size or w % spatial_merge_size:
+            raise ValueError(f"grid {(t, h, w)} is not divisible by spatial_merge_size="
+                             f"{spatial_merge_size}; resize images with the processor's "
+                             "smart_resize")
+    if slot is not None:
+        if slot < unit or slot % unit:
+            raise ValueError(f"slot={slot} patches must be a positive multiple of "
+                             f"spatial_merge_size**2 = {unit}")
+        big = [(i, sz) for i, sz in enumerate(sizes) if sz > slot]
+        if big:
+            i, sz = big[0]
+            raise ValueError(f"image {i} (grid {grids[i]}) has {sz // unit} image tokens, more than "
+                             f"its slot of {slot // unit} (data.max_image_tokens); bound the "
+                             "processor's max_pixels by it (balcap_jax.build does)")
+        n_pad = max(len(grids), 1) * slot
+        starts = [i * slot for i in range(len(grids))]
+    else:
+        n_pad = bucket_size(n, bucket, unit)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist() if sizes else []
     m, m_pad = n // unit, n_pad // unit
 
-    widx, cu_win = window_index(grids, spatial_merge_size=spatial_merge_size,
-                                window_size=window_size, patch_size=patch_size)
-    order = (widx[:, None] * unit + np.arange(unit)).reshape(-1)
-    patch_order = np.concatenate([order, np.arange(n, n_pad)]).astype(np.int32)
-
-    pos = vision_position_ids(grids, spatial_merge_size)[order]
+    patch_order = np.full((n_pad,), n, np.int32)      # empty slots read a zero pixel row
     rotary_pos = np.zeros((n_pad, 2), np.int32)
-    rotary_pos[:n] = pos
-
     window_segments = np.full((n_pad,), PAD_SEGMENT, np.int32)
-    window_segments[:n] = np.repeat(np.arange(len(cu_win) - 1), np.diff(cu_win))
-    frame_lengths = [h * w for t, h, w in grids for _ in range(t)]
     full_segments = np.full((n_pad,), PAD_SEGMENT, np.int32)
-    full_segments[:n] = np.repeat(np.arange(len(frame_lengths)), frame_lengths)
-
-    merge_inverse = np.concatenate([np.argsort(widx), np.arange(m, m_pad)]).astype(np.int32)
+    merge_inverse = np.full((m_pad,), -1, np.int64)
+    windows, frames = [], []                          # (start slot, length) in slot order
+    pix, tok, n_win, n_frame = 0, 0, 0, 0
+    for (t, h, w), size, start in zip(grids, sizes, starts):
+        widx, cu_win = window_index([(t, h, w)], spatial_merge_size=spatial_merge_size,
+                                    window_size=window_size, patch_size=patch_size)
+        order = (widx[:, None] * unit + np.arange(unit)).reshape(-1)
+        here = np.arange(start, start + size)
+        patch_order[here] = pix + order
+        rotary_pos[here] = vision_position_ids([(t, h, w)], spatial_merge_size)[order]
+        lengths = np.diff(cu_win)
+        window_segments[here] = n_win + np.repeat(np.arange(len(lengths)), lengths)
+        windows += [(start + int(a), int(b)) for a, b in zip(cu_win[:-1], lengths)]
+        full_segments[here] = n_frame + np.repeat(np.arange(t), h * w)
+        frames += [(start + f * h * w, h * w) for f in range(t)]
+        merge_inverse[tok:tok + size // unit] = start // unit + np.argsort(widx)
+        pix, tok, n_win, n_frame = pix + size, tok + size // unit, n_win + len(lengths), n_frame + t
+    # padding tokens read the merged rows no image token reads (a permutation, as before)
+    merge_inverse[m:] = np.setdiff1d(np.arange(m_pad), merge_inverse[:m], assume_unique=True)
+    merge_inverse = merge_inverse.astype(np.int32)
     padded_pixels = np.zeros((n_pad, pixel_values.shape[1]), np.float32)
-    padded_pixels[:n] = pixel_values
+    padded_pixels[:n] = pixel_values     # row n (when n < n_pad) is the zero row padding reads
 
     # window rows: a window holds at most vws**2 merged units, which bounds the row count
     rw = min(int(window_row), n_pad)
@@ -182,24 +222,27 @@ def prepare_vision_inputs(pixel_values, image_grid_thw, *, spatial_merge_size: i
         raise ValueError(f"window_row={window_row} is shorter than a full window ({max_win} patches)")
     else:
         gw = n_pad // (rw - max_win + 1) + 1
-    window_rows, window_slots = pack_rows(np.diff(cu_win), rw, gw, n_pad)
+    window_rows, window_slots = pack_rows(windows, rw, gw, n_pad)
     # full-attention rows: whole frames
-    longest = max(frame_lengths, default=unit)
-    if full_row is None:
-        rf = n_pad
-    elif full_row == "auto":
-        rf = min(_pow2(longest), n_pad)
-    elif isinstance(full_row, (int, np.integer)) and full_row > 0:
-        rf = min(int(full_row), n_pad)
+    longest = max((f for _, f in frames), default=unit)
+    if slot is not None:
+        rf, gf = slot, max(len(grids), 1)
     else:
-        raise ValueError(f"full_row must be None, 'auto' or a positive int, got {full_row!r}")
-    packed, fill = 1, 0
-    for f in frame_lengths:
-        if fill + f > rf:
-            packed, fill = packed + 1, 0
-        fill += f
-    gf = 1 if rf == n_pad else _pow2(packed)
-    full_rows, full_slots = pack_rows(frame_lengths, rf, gf, n_pad)
+        if full_row is None:
+            rf = n_pad
+        elif full_row == "auto":
+            rf = min(_pow2(longest), n_pad)
+        elif isinstance(full_row, (int, np.integer)) and full_row > 0:
+            rf = min(int(full_row), n_pad)
+        else:
+            raise ValueError(f"full_row must be None, 'auto' or a positive int, got {full_row!r}")
+        packed, fill = 1, 0
+        for _, f in frames:
+            if fill + f > rf:
+                packed, fill = packed + 1, 0
+            fill += f
+        gf = 1 if rf == n_pad else _pow2(packed)
+    full_rows, full_slots = pack_rows(frames, rf, gf, n_pad)
     return VisionInputs(padded_pixels, patch_order, rotary_pos, window_segments, full_segments,
                         merge_inverse, np.arange(m_pad) < m, window_rows, window_slots,
                         full_rows, full_slots)

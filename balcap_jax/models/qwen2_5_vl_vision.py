@@ -78,6 +78,11 @@ class VisionConfig:
                     rope_parameters={"rope_type": "axial", "rope_theta": self.rope_theta})
 
 
+# float32 attention scores per head computed at once in a vision block (a chunk of rows holds
+# at most this many R x R entries per head, 4M: 256 MiB for 16 heads; a longer row is one chunk)
+ATTN_SCORES = 1 << 22
+
+
 class VisionBlock(nnx.Module):
     """x + attn(norm1(x)); x + mlp(norm2(x)). HF Qwen2_5_VLVisionBlock."""
 
@@ -96,12 +101,31 @@ class VisionBlock(nnx.Module):
         of slot indices (N = empty), block-diagonal by `segments` [N]; `slots` [N] maps each
         slot back to its flat row position (G*R = not in any row: output 0)."""
         g, r = rows.shape
-        take = lambda a, fill: jnp.take(a, rows, axis=0, mode="fill", fill_value=fill)
-        mask = layers.segment_mask(take(segments, -1))                       # [G, R, R]
-        h, _ = self.attn(take(self.norm1(x), 0), take(cos, 0), take(sin, 0), mask)
+        h = self._attend_rows(self.norm1(x), cos, sin, rows, segments)        # [G, R, D]
         h = jnp.take(h.reshape(g * r, -1), slots, axis=0, mode="fill", fill_value=0)
         x = x + h
         return x + self.mlp(self.norm2(x))
+
+    def _attend_rows(self, xn: Array, cos: Array, sin: Array, rows: Array, segments: Array):
+        """Attention over rows [G, R]. The scores are float32 [rows, heads, R, R]: for whole
+        images (R = thousands of patches) all rows at once would need tens of GB, so rows go
+        through in chunks of at most ATTN_SCORES // R**2 (lax.map, each chunk rematerialised
+        in the backward pass). Every row's result is the same either way."""
+        g, r = rows.shape
+        per = max(1, ATTN_SCORES // (r * r))
+
+        def run(attn, rws):
+            take = lambda a, fill: jnp.take(a, rws, axis=0, mode="fill", fill_value=fill)
+            mask = layers.segment_mask(take(segments, -1))                   # [g', R, R]
+            return attn(take(xn, 0), take(cos, 0), take(sin, 0), mask)[0]
+        if per >= g:
+            return run(self.attn, rows)
+        n = -(-g // per)
+        padded = jnp.concatenate([rows, jnp.full((n * per - g, r), xn.shape[0], rows.dtype)])
+        graph, state = nnx.split(self.attn)
+        out = jax.lax.map(jax.checkpoint(lambda rws: run(nnx.merge(graph, state), rws)),
+                          padded.reshape(n, per, r))
+        return out.reshape(n * per, r, -1)[:g]
 
 
 class PatchMerger(nnx.Module):
@@ -130,6 +154,7 @@ class VisionTower(nnx.Module):
                                        dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
+        self.remat = False   # keep only each block's input for the backward pass (training)
 
     def rotary(self, rotary_pos: Array) -> tuple[Array, Array]:
         inv = layers.vision_rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)
@@ -141,7 +166,13 @@ class VisionTower(nnx.Module):
         window = (vi.window_rows, vi.window_slots, vi.window_segments)
         full = (vi.full_rows, vi.full_slots, vi.full_segments)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, *(full if i in self.cfg.fullatt_block_indexes else window))
+            layout = full if i in self.cfg.fullatt_block_indexes else window
+            if self.remat:
+                graph, state = nnx.split(blk)
+                x = jax.checkpoint(lambda st, h, *a, g=graph: nnx.merge(g, st)(h, *a))(
+                    state, x, cos, sin, *layout)
+            else:
+                x = blk(x, cos, sin, *layout)
         return x
 
     def __call__(self, vi: VisionInputs) -> Array:

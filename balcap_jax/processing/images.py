@@ -158,9 +158,31 @@ class QwenImageProcessor:
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    def with_max_tokens(self, max_tokens: int) -> "QwenImageProcessor":
+        """This processor with max_pixels lowered so no image gets more than `max_tokens`
+        image tokens (min_pixels follows if it was above); 0 leaves it as it is."""
+        if max_tokens <= 0:
+            return self
+        cap = min(self.max_pixels, int(max_tokens) * self.factor ** 2)
+        return dataclasses.replace(self, max_pixels=cap, min_pixels=min(self.min_pixels, cap))
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image is resized to: transformers' `smart_resize`, then, only where that
+        still exceeds max_pixels (a side clamped up to one factor for a long thin image), the
+        longer side cut by whole factors until the area fits. transformers would keep the excess;
+        we never do, so an image never outgrows the fixed slot its max_pixels sizes."""
+        h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        f = self.factor
+        while h * w > self.max_pixels and max(h, w) > f:
+            if h >= w:
+                h -= f
+            else:
+                w -= f
+        return h, w
+
     def grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
         """(t, h, w) patch grid of an image of this size."""
-        h, w = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        h, w = self.resized(height, width)
         return 1, h // self.patch_size, w // self.patch_size
 
     def num_image_tokens(self, height: int, width: int) -> int:
@@ -172,7 +194,7 @@ class QwenImageProcessor:
         """One image -> (patches float32 [t*h*w, C*T*P*P], grid (t, h, w))."""
         rgb = to_rgb(image)
         width, height = rgb.size
-        rh, rw = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        rh, rw = self.resized(height, width)
         pixels = np.asarray(rgb.resize((rw, rh), resample=self.resample))  # [H, W, 3] uint8
         chw = self._lut[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]  # [3, H, W] f32
         p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size

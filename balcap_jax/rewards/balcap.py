@@ -381,7 +381,8 @@ def from_config(cfg: Any, *, mesh=None, rules=None) -> BalCapScorer:
       threshold, pointability, rewards (default: cfg.rl.rewards)
       cache_dir         reference-unit cache; "" = <workdir>/judge_cache
       in_process:       multimodal_path, text_path ("" = the multimodal judge for every role),
-                        dtype (default "bfloat16"), list_max_tokens, prefix_batch, item_batch
+                        dtype (default "bfloat16"), max_image_tokens (0 = data's),
+                        list_max_tokens, generate_batch, prefix_batch, item_batch
       remote:           base_url, model, text_base_url / text_model (default: the same
                         endpoint), api_key_env (default "OPENAI_API_KEY"), timeout,
                         max_retries, concurrency, top_logprobs
@@ -410,8 +411,10 @@ def from_config(cfg: Any, *, mesh=None, rules=None) -> BalCapScorer:
                                           **common, **lp)
     elif kind == "in_process":
         from balcap_jax.rewards.judges import load_backend
-        kw = {k: _get(j, k) for k in ("list_max_tokens", "prefix_batch", "item_batch")
-              if _get(j, k) is not None}
+        kw = {k: _get(j, k) for k in ("list_max_tokens", "generate_batch", "prefix_batch",
+                                      "item_batch") if _get(j, k) is not None}
+        kw["max_image_tokens"] = int(_get(j, "max_image_tokens", 0) or
+                                     _get(_get(cfg, "data"), "max_image_tokens", 0) or 0)
         dtype = _get(j, "dtype", "bfloat16")
         mm = load_backend(_get(j, "multimodal_path"), dtype=dtype, mesh=mesh, rules=rules, **kw)
         text = mm

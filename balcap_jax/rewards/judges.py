@@ -394,10 +394,12 @@ class InProcessBackend:
 
 
 def load_backend(path: str, *, name: str | None = None, dtype: Any = "bfloat16", mesh=None,
-                 rules=None, **kwargs: Any) -> InProcessBackend:
+                 rules=None, max_image_tokens: int = 0, **kwargs: Any) -> InProcessBackend:
     """An in-process judge from a local HF checkpoint directory (config.json, safetensors,
     tokenizer files; preprocessor_config.json for Qwen2.5-VL). `name` defaults to the
-    directory's base name; kwargs go to InProcessBackend."""
+    directory's base name; `max_image_tokens` (> 0) bounds the tokens of each image the judge
+    sees, so its memory is bounded (the checkpoints' own bound is 16384); kwargs go to
+    InProcessBackend."""
     import json
     import os
 
@@ -420,7 +422,7 @@ def load_backend(path: str, *, name: str | None = None, dtype: Any = "bfloat16",
         if os.path.exists(pre):
             with open(pre) as f:
                 image_processor = QwenImageProcessor.from_config(json.load(f))
-        processor = Qwen25VLProcessor(tokenizer, image_processor)
+        processor = Qwen25VLProcessor(tokenizer, image_processor.with_max_tokens(max_image_tokens))
     elif not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer in {path} has no chat template; a judge needs one")
     return InProcessBackend(model, tokenizer, processor=processor,

@@ -67,6 +67,41 @@ def test_mm_token_type_ids_optional_and_padding_invariant(trio, mixed):
     np.testing.assert_allclose(np.asarray(ours(**row))[0], full[0, -t0:], atol=ATOL)
 
 
+def test_images_padded_to_their_slot_keep_parity(trio):
+    """Fixed-shape mode (model.vision_slot, set from data.max_image_tokens): every image is
+    padded to a slot of 64 patches, whatever its size, so the vision shapes depend on the image
+    count alone. Images below the cap (4 to 64 patches, several aspect ratios, two in one row)
+    must keep parity with transformers, and equal the unpadded layout."""
+    hf, ours, _ = trio
+    rows = [[1, (1, 2, 2), 5, 6], [1, 7, (1, 4, 6), 8, (1, 8, 8), 9], [1, (1, 6, 10), 11],
+            [1, 12, (1, 2, 8), 13]]
+    batch = fx.make_batch(rows)
+    want = _hf_logits(hf, batch)
+    unpadded = np.asarray(ours(**batch))
+    try:
+        ours.vision_slot = 64
+        vi = ours.prepare_vision_inputs(batch["pixel_values"], batch["image_grid_thw"])
+        assert vi.pixel_values.shape[0] == 5 * 64          # five images, one slot each
+        got = np.asarray(ours(**batch))
+    finally:
+        ours.vision_slot = None
+    err = _max_err(got, want, batch["attention_mask"])
+    assert err < ATOL, err
+    assert _max_err(got, unpadded, batch["attention_mask"]) < 1e-5
+    assert np.std(want[batch["attention_mask"].astype(bool)]) > 0.5
+
+
+def test_an_image_over_its_slot_is_an_error(trio):
+    _, ours, _ = trio
+    batch = fx.make_batch([[1, (1, 8, 10), 5]])
+    try:
+        ours.vision_slot = 64
+        with pytest.raises(ValueError, match="max_image_tokens"):
+            ours(**batch)
+    finally:
+        ours.vision_slot = None
+
+
 def test_text_only_batch(trio):
     hf, ours, _ = trio
     batch = fx.make_batch([[1, 20, 21, 22, 23, 24], [1, 30, 31, 32, 33, 34]])

@@ -298,3 +298,35 @@ def test_prompt_segments_from_the_chat_template(tokenizer):
     # answer ids: single-token spellings only, digits padded with -1
     assert len(judge.yes_ids) >= 1 and len(judge.digit_ids) == 5
     assert all(len(d) == len(judge.digit_ids[0]) for d in judge.digit_ids)
+
+
+@pytest.mark.heavy
+def test_judges_on_devices_of_their_own(saved_text_judge, tmp_path):
+    """judges.devices=2: the policy's mesh takes the first 6 of the 8 devices, the judge's
+    weights live only on the last 2, and its answers equal a single-device judge's."""
+    from flax import nnx
+    from balcap_jax import build
+    from balcap_jax.config import base_config, validate
+    from balcap_jax.rewards.balcap import from_config
+    cfg = base_config()
+    cfg.workdir = str(tmp_path)
+    cfg.model.preset = "qwen2_5_vl_3b"
+    cfg.scorer.name = "judges"
+    cfg.judges.multimodal_path = saved_text_judge
+    cfg.judges.dtype = "float32"
+    cfg.judges.devices = 2
+    cfg.judges.prefix_batch, cfg.judges.item_batch = 2, 8
+    cfg.train.batch_size, cfg.train.micro_batch_size = 6, 6
+    sizes = validate(cfg, jax.device_count())
+    assert sizes == {"data": 1, "fsdp": 6, "tensor": 1}
+    mesh, rules = build.mesh_and_rules(cfg, sizes)
+    judge_mesh = build.judge_mesh(cfg, mesh)
+    own = set(jax.devices()[-2:])
+    assert set(judge_mesh.devices.flat) == own and not own & set(mesh.devices.flat)
+    scorer = from_config(cfg, mesh=judge_mesh, rules=rules)
+    leaves = jax.tree.leaves(nnx.state(scorer.backend.model))
+    assert leaves and all(set(x.sharding.device_set) <= own for x in leaves)
+    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=8)
+    qs = _text_queries()
+    np.testing.assert_allclose([a.value for a in scorer.backend.yes_no(qs)],
+                               [a.value for a in single.yes_no(qs)], atol=1e-5)
