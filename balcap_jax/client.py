@@ -19,8 +19,10 @@ reasons (a judge-side failure is NaN, never a made-up score).
 Retried with exponential backoff and jitter (honouring Retry-After): timeouts, connection errors,
 HTTP 408/409/429/5xx, and answers that are not the expected JSON (often a proxy's error page).
 Not retried: other 4xx (the request itself is wrong) and a reply without content.
-`timeout` is urllib's: it bounds the connection and each read, so a silent server fails after
-`timeout` seconds.
+`timeout` bounds each whole attempt (connecting, sending, the headers and the whole body), not
+each socket read: a watchdog shuts the attempt's socket at the deadline, so a server that drips
+one byte at a time fails as "timeout" too. A call therefore ends within
+timeout x (max_retries + 1) + max_retries x max_backoff seconds, whatever the server does.
 """
 from __future__ import annotations
 
@@ -90,6 +92,68 @@ def _content_text(content: Any) -> str | None:
     return None
 
 
+class _Deadline:
+    """Shuts the sockets of one attempt when its time is up (from a timer thread), so a read
+    blocked on a server that keeps sending a byte now and then fails at the deadline."""
+
+    def __init__(self, seconds: float):
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def register(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+
+
+def _opener(deadline: _Deadline):
+    """A urllib opener (proxies and TLS as urllib's own) whose connections register their
+    socket with `deadline`."""
+    class Conn(http.client.HTTPConnection):
+        def connect(self):
+            super().connect()
+            deadline.register(self.sock)
+
+    class TLSConn(http.client.HTTPSConnection):
+        def connect(self):
+            super().connect()
+            deadline.register(self.sock)
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(Conn, req)
+
+    class TLSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(TLSConn, req, context=self._context)
+
+    return urllib.request.build_opener(Handler, TLSHandler)
+
+
 class ChatClient:
     """See the module docstring. Thread-safe; one instance can serve many threads."""
 
@@ -117,8 +181,18 @@ class ChatClient:
     # --- one request ------------------------------------------------------------------------
     def _post(self, body: bytes) -> dict[str, Any]:
         req = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
+        with _Deadline(self.timeout) as deadline:
+            try:
+                return self._attempt(req, deadline)
+            except _Failure as f:
+                if deadline.expired and f.error != "timeout" and f.retryable:
+                    raise _Failure("timeout", f"no complete answer within {self.timeout}s "
+                                   f"({f.error}: {f.detail})", True) from None
+                raise
+
+    def _attempt(self, req, deadline: _Deadline) -> dict[str, Any]:
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _opener(deadline).open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             try:

@@ -76,6 +76,79 @@ def test_timeout_on_slow_answer():
     assert elapsed < 1.2
 
 
+class _DripServer:
+    """A raw HTTP server that answers every request one byte per `every` seconds: the headers
+    (`what="headers"`) or a JSON body that never ends (`what="body"`). Each byte arrives well
+    within a per-read timeout, so only a deadline on the whole request stops the client."""
+
+    def __init__(self, what: str, every: float = 0.1):
+        import socket as socket_lib
+        import threading
+        self.what, self.every, self.stop = what, every, threading.Event()
+        self.sock = socket_lib.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        import threading
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        body = b'{"choices": [{"message": {"content": "' + b"a" * 100_000
+        data = head + b"X-Slow: " + b"x" * 100_000 if self.what == "headers" else \
+            head + b"Content-Length: 200000\r\n\r\n" + body
+        try:
+            conn.recv(65536)
+            for i in range(len(data)):
+                if self.stop.is_set():
+                    break
+                conn.sendall(data[i:i + 1])
+                time.sleep(self.every)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("what", ["headers", "body"])
+def test_a_dripping_server_ends_within_the_stated_bound(what):
+    """timeout bounds each whole attempt: 2 attempts of 0.6 s + a 0.01 s backoff, whatever the
+    server does. (With a per-read timeout alone this call would take hours.) The call runs in
+    a thread so that a regression fails here instead of hanging the suite."""
+    import threading
+    out = {}
+    with _DripServer(what) as server:
+        c = ChatClient(server.base_url, "m", timeout=0.6, max_retries=1, backoff=0.01,
+                       max_backoff=0.01)
+        t = time.monotonic()
+        worker = threading.Thread(target=lambda: out.update(r=c.chat([user_message("x")])),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=15)
+        elapsed = time.monotonic() - t
+    assert not worker.is_alive(), "the call did not end within 15 s"
+    bound = 0.6 * (1 + 1) + 1 * 0.01
+    assert elapsed < bound + 0.5, elapsed
+    assert (out["r"].error, out["r"].attempts) == ("timeout", 2), out["r"]
+
+
 @pytest.mark.parametrize("body,reason", [
     (b"<html>502 Bad Gateway</html>", "bad_json"),
     ({"object": "error", "message": "overloaded"}, "bad_response"),

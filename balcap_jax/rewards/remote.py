@@ -13,8 +13,10 @@ Implements the backend protocol of balcap.py on balcap_jax/client.py's `ChatClie
   digits    -> E[digit] from top_logprobs likewise, else the digit in the text.
 Every failure is an `Answer(None, reason)`: the client's reasons ("timeout", "http_500",
 "connection", "bad_json", ...) or the parser's ("not_yes_no", "no_digit", ...). Requests are
-greedy (temperature 0). Nothing here can hang the run: the client bounds every request by
-`timeout` per attempt and `max_retries` attempts, and never raises.
+greedy (temperature 0). Nothing here can hang the run: the client bounds each whole request
+(headers and body, however slowly a server sends them) by `timeout` per attempt, so a call ends
+within timeout x (max_retries + 1) plus its backoffs, and never raises; a call that misses the
+deadline is a "timeout" judge-side failure (NaN).
 
 Images go as base64 data URLs (client.image_data_url), encoded once per image per call.
 """
