@@ -83,7 +83,9 @@ def run(cfg) -> dict:
             tree, meta, step = ckpt.restore(trainer.state.tree())
             trainer.load_tree(tree, meta)
             print(f"[balcap_jax] resumed from step {step} ({ckpt.directory})", flush=True)
-        writer = MetricsWriter(cfg.workdir) if jax.process_index() == 0 else None
+        # rows past the restored step (logged after the last checkpoint) are dropped
+        writer = MetricsWriter(cfg.workdir, resume_step=trainer.state.step) \
+            if jax.process_index() == 0 else None
         sigterm = checkpoint.SigtermFlag()
         row: dict = {}
         bar = tqdm(total=cfg.train.steps, initial=trainer.state.step, desc="balcap",
