@@ -41,12 +41,12 @@ def hf_config_of(cfg) -> dict:
 def _judge_hf_config(j, role: str) -> dict:
     """A judge's HF config dict for planning: its checkpoint's config.json, else the
     judges.<role>_preset shapes (so a pod can be planned before the checkpoints are there)."""
-    path = j.get(f"{role}_path", "")
+    path = j[f"{role}_path"]
     file = os.path.join(path, "config.json") if path else ""
     if file and os.path.exists(file):
         with open(file) as f:
             return json.load(f)
-    if j.get(f"{role}_preset", ""):
+    if j[f"{role}_preset"]:
         from balcap_jax.models.presets import preset
         return preset(j[f"{role}_preset"])
     raise FileNotFoundError(f"judges.{role}_path={path!r} has no config.json to plan the judge's "
@@ -55,14 +55,12 @@ def _judge_hf_config(j, role: str) -> dict:
 
 
 def _in_process_judges(cfg) -> bool:
-    j = cfg.get("judges", None)
-    return (j is not None and cfg.scorer.name == "judges"
-            and j.get("backend", "in_process") == "in_process")
+    return cfg.scorer.name == "judges" and cfg.judges.backend == "in_process"
 
 
 def judge_devices(cfg) -> int:
     """Devices set aside for in-process judges (0: they share the policy's devices)."""
-    return int(cfg.judges.get("devices", 0)) if _in_process_judges(cfg) else 0
+    return int(cfg.judges.devices) if _in_process_judges(cfg) else 0
 
 
 def _judge_plan_items(cfg, mesh_sizes: dict) -> list:
@@ -77,19 +75,17 @@ def _judge_plan_items(cfg, mesh_sizes: dict) -> list:
         shard = mesh_sizes["fsdp"] * mesh_sizes["tensor"]
         batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
         tensor = mesh_sizes["tensor"]
-    roles = ["multimodal"] + (["text"] if j.get("text_path", "") else [])
+    roles = ["multimodal"] + (["text"] if j.text_path else [])
     items = []
     for role in roles:
-        name = os.path.basename(os.path.normpath(j.get(f"{role}_path", "") or "")) or \
-            j.get(f"{role}_preset", role)
+        name = os.path.basename(os.path.normpath(j[f"{role}_path"] or "")) or \
+            j[f"{role}_preset"] or role
         items += mp.judge_items(
-            name, _judge_hf_config(j, role), dtype=j.get("dtype", "bfloat16"), shard=shard,
+            name, _judge_hf_config(j, role), dtype=j.dtype, shard=shard,
             batch_shards=batch_shards, tensor=tensor, caption_tokens=cfg.sampling.max_new_tokens,
-            image_tokens=int(j.get("max_image_tokens", 0) or cfg.data.get("max_image_tokens", 0)
-                             or 1024),
-            list_max_tokens=int(j.get("list_max_tokens", 512)),
-            generate_batch=int(j.get("generate_batch", 16)),
-            prefix_batch=int(j.get("prefix_batch", 16)), item_batch=int(j.get("item_batch", 64)),
+            image_tokens=int(j.max_image_tokens or cfg.data.max_image_tokens or 1024),
+            list_max_tokens=int(j.list_max_tokens), generate_batch=int(j.generate_batch),
+            prefix_batch=int(j.prefix_batch), item_batch=int(j.item_batch),
             text_roles=role == "text" or len(roles) == 1)
     return items
 
@@ -107,7 +103,7 @@ def memory_plan(cfg, mesh_sizes: dict, *, query_device: bool = True) -> mp.Memor
         rollouts_per_step=t.batch_size * s.num_samples, prompts_per_step=t.batch_size,
         prompt_len=max(buckets) if buckets else 1024, max_new_tokens=s.max_new_tokens,
         micro_batch=t.micro_batch_size, remat=t.remat, freeze_vision=t.freeze_vision,
-        reference_model=cfg.rl.beta > 0, image_tokens=d.get("max_image_tokens", 0) or 1024,
+        reference_model=cfg.rl.beta > 0, image_tokens=d.max_image_tokens or 1024,
         device_bytes=limit)
     judges = _judge_plan_items(cfg, mesh_sizes)
     if judge_devices(cfg):
@@ -123,8 +119,8 @@ def mesh_and_rules(cfg, mesh_sizes: dict):
     n = mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes["tensor"]
     mesh = make_mesh((mesh_sizes["data"], mesh_sizes["fsdp"], mesh_sizes["tensor"]),
                      jax.devices()[:n])
-    overrides = cfg.mesh.get("rules", None)
-    return mesh, Rules.create(overrides.to_dict() if overrides else None)
+    overrides = cfg.mesh.rules.to_dict()
+    return mesh, Rules.create(overrides or None)
 
 
 def judge_mesh(cfg, mesh):
@@ -160,7 +156,7 @@ def build_tokenizer(cfg, corpus=None):
     if name == "tiny":
         if corpus is None:
             raise ValueError("model.tokenizer='tiny' needs a corpus (the data's references)")
-        return tokenizers.train_tiny_bpe(corpus, vocab_size=cfg.model.get("tiny_vocab", 400))
+        return tokenizers.train_tiny_bpe(corpus, vocab_size=cfg.model.tiny_vocab)
     if not name:
         raise ValueError("set model.tokenizer ('qwen2.5', 'tiny' or a directory) or model.path")
     from transformers import AutoTokenizer
@@ -184,18 +180,18 @@ def _loader_and_eval(cfg, shard: tuple[int, int] | None = None):
     if d.source == "shapes":   # ShapesWorld through the same TFDS + grain path as real data
         from balcap_jax.data import shapes
         builder = shapes.build_shapes_dataset(
-            seed=d.get("world_seed", 0), num_train=d.num_train, num_eval=d.num_eval,
-            image_size=d.image_size, data_dir=d.get("data_dir", "") or
-            os.path.join(cfg.workdir, "tfds"))
+            seed=d.world_seed, num_train=d.num_train, num_eval=d.num_eval,
+            image_size=d.image_size, data_dir=d.data_dir or os.path.join(cfg.workdir, "tfds"))
         loader = shapes.make_shapes_loader(builder, batch_size=per_host, seed=cfg.seed,
                                            shard_index=shard, shard_count=shards)
         return loader, shapes.shapes_eval_examples(builder, d.num_eval)
     if d.source == "tfds":
         from balcap_jax.data import config as data_config
+        d = data_config.with_defaults(d)
+        d.data_dir = d.data_dir or os.path.join(cfg.workdir, "tfds")
         loader = data_config.make_loader(d, batch_size=per_host, seed=cfg.seed,
                                          shard_index=shard, shard_count=shards)
-        evals = data_config.eval_examples(d) if hasattr(data_config, "eval_examples") else []
-        return loader, evals
+        return loader, data_config.eval_examples(d)
     raise ValueError(f"data.source={d.source!r}: use 'synthetic', 'shapes' or 'tfds'")
 
 
@@ -203,14 +199,13 @@ def _llava_processor(cfg, tokenizer, hf_config: dict):
     from balcap_jax.models.llava import LlavaConfig
     from balcap_jax.processing import LlavaImageProcessor, LlavaProcessor
     mc = LlavaConfig.from_hf(hf_config)
-    ip = cfg.data.get("image_processor", None)
+    ip = cfg.data.image_processor.to_dict()
     if cfg.model.path and os.path.exists(os.path.join(cfg.model.path,
                                                       "preprocessor_config.json")):
         image_processor = LlavaImageProcessor.from_pretrained(cfg.model.path)
     else:   # the tower's own resolution unless the config says otherwise
         s = mc.vision.image_size
-        image_processor = LlavaImageProcessor(**dict(dict(size=s, crop_size=(s, s)),
-                                                     **(ip.to_dict() if ip else {})))
+        image_processor = LlavaImageProcessor(**dict(dict(size=s, crop_size=(s, s)), **ip))
     return LlavaProcessor(tokenizer, image_processor, patch_size=mc.vision.patch_size,
                           vision_feature_select_strategy=mc.vision_feature_select_strategy,
                           image_token=tokenizer.convert_ids_to_tokens(mc.image_token_id))
@@ -237,14 +232,13 @@ def _processor(cfg, tokenizer, hf_config: dict):
         return _llava_processor(cfg, tokenizer, hf_config)
     if hf_config.get("model_type") != "qwen2_5_vl":
         raise ValueError(f"no processor wired for model_type={hf_config.get('model_type')!r}")
-    ip = cfg.data.get("image_processor", None)
     if cfg.model.path and os.path.exists(os.path.join(cfg.model.path,
                                                       "preprocessor_config.json")):
         image_processor = QwenImageProcessor.from_pretrained(cfg.model.path)
     else:
         image_processor = QwenImageProcessor()
-    image_processor = bound_image_processor(image_processor, cfg.data.get("max_image_tokens", 0),
-                                            ip.to_dict() if ip else None)
+    image_processor = bound_image_processor(image_processor, cfg.data.max_image_tokens,
+                                            cfg.data.image_processor.to_dict())
     return Qwen25VLProcessor(tokenizer, image_processor)
 
 
@@ -252,19 +246,19 @@ def prompt_buckets(cfg) -> tuple[int, ...] | None:
     """The fixed prompt lengths of a run: data.prompt_buckets, else (data.max_prompt_tokens,);
     None (max_prompt_tokens 0) pads each batch to the power of two above its longest prompt."""
     d = cfg.data
-    buckets = tuple(int(b) for b in (d.get("prompt_buckets", None) or ()))
+    buckets = tuple(int(b) for b in d.prompt_buckets or ())
     if buckets:
         return tuple(sorted(buckets))
-    return (int(d.max_prompt_tokens),) if d.get("max_prompt_tokens", 0) > 0 else None
+    return (int(d.max_prompt_tokens),) if d.max_prompt_tokens > 0 else None
 
 
 def _check_prompt_fits(cfg, processor, buckets) -> None:
     """Fails before any compile when the configured instruction with the largest image does
     not fit the largest prompt bucket."""
-    if not buckets or cfg.data.get("max_image_tokens", 0) <= 0:
+    if not buckets or cfg.data.max_image_tokens <= 0:
         return
     from balcap_jax.processing import build_caption_prompt
-    prompts = [cfg.data.prompt] + list(cfg.data.get("prompts", None) or ())
+    prompts = [cfg.data.prompt] + list(cfg.data.prompts or ())
     text = max(len(processor.tokenizer(build_caption_prompt(p, processor.tokenizer),
                                        add_special_tokens=True)["input_ids"]) for p in prompts)
     need = text - 1 + int(cfg.data.max_image_tokens)   # the placeholder becomes the image tokens
@@ -283,7 +277,7 @@ def build_parts(cfg, mesh=None, rules=None):
     corpus = None
     if cfg.model.tokenizer == "tiny" and cfg.data.source == "shapes":
         from balcap_jax.data.shapes import SHAPES_PROMPT, tokenizer_corpus
-        corpus = list(tokenizer_corpus(seed=cfg.data.get("world_seed", 0))) + [SHAPES_PROMPT]
+        corpus = list(tokenizer_corpus(seed=cfg.data.world_seed)) + [SHAPES_PROMPT]
     elif cfg.model.tokenizer == "tiny":  # a BPE trained on what the run will see
         # read unsharded: every host must train the same tokenizer
         probe, _ = _loader_and_eval(cfg, shard=(0, 1))
@@ -307,7 +301,7 @@ def build_parts(cfg, mesh=None, rules=None):
     policy = build_policy(cfg, mesh, rules)
     if cfg.train.remat:
         policy.set_remat(True)
-    if cfg.data.get("max_image_tokens", 0) > 0 and hasattr(policy, "vision_slot"):
+    if cfg.data.max_image_tokens > 0 and hasattr(policy, "vision_slot"):
         # every image padded to a slot of max_image_tokens: the vision shapes are fixed
         policy.vision_slot = int(cfg.data.max_image_tokens) * \
             policy.vl_cfg.vision.spatial_merge_size ** 2

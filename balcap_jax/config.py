@@ -28,20 +28,44 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = ""          # random init of a hub shape (balcap_jax.models.presets)
     c.model.hf_config = ml_collections.ConfigDict()  # random init from an explicit config dict
     c.model.dtype = "float32"    # parameter dtype: float32 or bfloat16
-    c.model.tokenizer = ""       # "qwen2.5" (offline vocabulary), a path, or "" = model.path
+    c.model.tokenizer = ""       # "qwen2.5" (offline vocabulary), "tiny" (a BPE trained on
+                                 # the data's references), a path, or "" = model.path
+    c.model.tiny_vocab = 400     # vocabulary size of the "tiny" tokenizer
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.fsdp = -1             # -1: all remaining devices
     c.mesh.tensor = 1
     c.mesh.device_memory_gb = 0.0  # 0: ask the backend (CPU reports none: no check)
+    # logical axis -> mesh axes overrides (balcap_jax.sharding.Rules), e.g. {"mlp": "tensor"}
+    c.mesh.rules = ml_collections.ConfigDict()
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"  # synthetic | tfds (see balcap_jax.data)
-    c.data.prompt = PAPER_PROMPT
-    c.data.image_size = 56
-    c.data.num_train = 256
-    c.data.num_eval = 16
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "synthetic"       # synthetic (generated images) | shapes (ShapesWorld) | tfds
+    d.prompt = PAPER_PROMPT      # the caption instruction
+    d.prompts = ()               # several instructions: one chosen per example (seed, epoch, id)
+    d.use_data_prompt = False    # use a record's own instruction (ShareGPT4V human turn) if any
+    d.num_eval = 16              # held-out examples evaluated every train.eval_every steps
+    # synthetic / shapes: generated on the spot
+    d.image_size = 56            # pixels per side
+    d.num_train = 256            # training images
+    d.world_seed = 0             # ShapesWorld: the world (scenes, splits) is fixed by this seed
+    # tfds: annotation files + an image folder become a TFDS dataset (balcap_jax.data)
+    d.builder = "sharegpt4v"     # sharegpt4v | coco | captions (CSV/JSONL image,caption)
+    d.files = ""                 # annotation file(s), comma-separated
+    d.eval_files = ""            # a held-out file in the same format; "" = no eval set
+    d.image_root = ""            # relative image paths are joined to it ("" = the file's dir)
+    d.allow_outside_root = False  # read images named by absolute or ../ paths outside the root
+    d.split = "train"
+    d.data_dir = ""              # prepared datasets; "" = <workdir>/tfds
+    d.name = ""                  # dataset config name; "" = a hash of every input (files,
+                                 # settings, and the named images' sizes and mtimes)
+    d.max_side = 2048            # longer image side kept in the dataset (larger are resized)
+    d.max_pixels = 1 << 28       # images whose header claims more pixels are skipped
+    d.max_image_bytes = 1 << 28  # image files larger than this are skipped (256 MiB)
+    d.max_caption_chars = 20000  # longer references are cut at a sentence end (counted)
+    d.build_workers = 4          # threads decoding images while the dataset is prepared
+    d.read_threads = 4           # grain read threads while training
     # Fixed shapes (each new shape is a compile of the whole model): every prompt is padded to
     # a bucket and every image to a slot of max_image_tokens, so real images of any size reuse
     # the first step's programs.
@@ -97,6 +121,24 @@ def base_config() -> ml_collections.ConfigDict:
                                      # up to a power of two (>= 16), not to max_new_tokens
     c.train.eval_every = 50
     c.train.log_every = 1
+
+    # The supervised warm start and the vision stage of the ShapesWorld demo
+    # (balcap_jax.shapes_demo, configs/shapes.py); a plain RL run does not read them.
+    c.sft = sc = ml_collections.ConfigDict()
+    sc.batch_size = 32           # captions per supervised step
+    sc.lr = 5e-4                 # AdamW peak after a linear warm-up, then constant
+    sc.warmup_steps = 50
+    sc.weight_decay = 0.0
+    sc.max_steps = 2500          # the warm start stops earlier when the loss plateaus
+    sc.chunk = 100               # steps per plateau check
+    sc.plateau_tol = 0.01        # stop when a chunk's mean loss improves by less (relative)
+    sc.max_len = 80              # caption tokens incl. the stop; longer ones cut at a sentence
+    sc.vision_pretrain_steps = 0  # stage 0: the tower learns per-cell labels first (0 = off)
+    sc.vision_pretrain_lr = 1e-3
+    sc.freeze_vision = False     # keep the vision tower fixed during the warm start
+    c.demo = ml_collections.ConfigDict()
+    c.demo.curve_every = 10      # RL steps between the points of the plotted curves
+    c.demo.warm_from = ""        # a saved warm_start.npz: skip stages 0-1
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50
@@ -154,13 +196,11 @@ def checkpoint_run_config(*, workdir: str, path: str, preset: str) -> ml_collect
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
     c.data.source = "tfds"
-    # ShareGPT4V-style JSON/JSONL + image folder (balcap_jax.data; all fields documented there)
+    # ShareGPT4V-style JSON/JSONL + image folder (the data block of base_config)
     c.data.builder = "sharegpt4v"
     c.data.files = "data/sharegpt4v_recaptioned.jsonl"
     c.data.image_root = "data/images"
-    c.data.eval_files = ""           # a held-out file in the same format; "" = no eval set
     c.data.num_eval = 256
-    c.data.data_dir = ""             # "" = <workdir>/tfds
     c.data.max_image_tokens = 1024   # up to 1024 tokens (~0.8 MP) per image, each in its own slot
     c.data.max_prompt_tokens = 1152  # 1024 image tokens + the chat template and instruction
     # sampling (G = 8, 512 new tokens) and rl: SPEC.md's defaults, from base_config
@@ -184,6 +224,10 @@ _CHOICES = {
     "rl.aggregation": ("dapo", "grpo", "dr_grpo", "bnpo"),
     "train.schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
+    "data.source": ("synthetic", "shapes", "tfds"),
+    "data.builder": ("sharegpt4v", "coco", "captions"),
+    "judges.backend": ("in_process", "remote"),
+    "judges.dtype": ("float32", "bfloat16"),
 }
 
 
@@ -247,20 +291,41 @@ def validate(c, n_devices: int) -> dict:
         errors.append("sampling.num_samples must be >= 2: group-relative advantages of a "
                       "single sample are always 0")
     d = c.data
-    buckets = list(d.get("prompt_buckets", None) or ())
-    if min(int(d.get("max_prompt_tokens", 0)), int(d.get("max_image_tokens", 0))) < 0 or \
+    buckets = list(d.prompt_buckets or ())
+    if min(int(d.max_prompt_tokens), int(d.max_image_tokens)) < 0 or \
             any(int(b) < 1 for b in buckets):
         errors.append("data.max_prompt_tokens, data.max_image_tokens and data.prompt_buckets "
                       "must be positive (0 for the first two: not fixed)")
-    if d.source == "tfds" and (d.get("max_prompt_tokens", 0) <= 0 and not buckets or
-                               d.get("max_image_tokens", 0) <= 0):
+    if d.source == "tfds" and (d.max_prompt_tokens <= 0 and not buckets or
+                               d.max_image_tokens <= 0):
         errors.append("data.source='tfds' holds images of many sizes: set data.max_image_tokens "
                       "(tokens per image, e.g. 1024) and data.max_prompt_tokens (e.g. 1152) so "
                       "every batch has the same shapes; otherwise new image sizes recompile")
-    if 0 < d.get("max_prompt_tokens", 0) < d.get("max_image_tokens", 0):
+    if 0 < d.max_prompt_tokens < d.max_image_tokens:
         errors.append(f"data.max_prompt_tokens={d.max_prompt_tokens} is smaller than "
                       f"data.max_image_tokens={d.max_image_tokens}: an image's tokens are part "
                       "of its prompt")
+    j = c.judges
+    for f, low in (("judges.timeout", 1e-9), ("judges.max_retries", 0),
+                   ("judges.concurrency", 1), ("judges.top_logprobs", 1),
+                   ("judges.list_max_tokens", 1), ("judges.generate_batch", 1),
+                   ("judges.prefix_batch", 1), ("judges.item_batch", 1),
+                   ("judges.max_image_tokens", 0), ("judges.devices", 0)):
+        if _get(c, f) < low:
+            errors.append(f"{f}={_get(c, f)} must be >= {low:g}")
+    if not 1 <= j.top_logprobs <= 20:
+        errors.append(f"judges.top_logprobs={j.top_logprobs} must be in 1..20 (the OpenAI "
+                      "API's range)")
+    if c.scorer.name == "judges":
+        if j.backend == "remote" and not (j.base_url and j.model):
+            errors.append("judges.backend='remote' needs judges.base_url (e.g. "
+                          "http://localhost:8000/v1) and judges.model (the served name)")
+        if j.backend == "remote" and j.base_url and \
+                not j.base_url.startswith(("http://", "https://")):
+            errors.append(f"judges.base_url={j.base_url!r} must start with http:// or https://")
+        if j.backend == "in_process" and not j.multimodal_path:
+            errors.append("judges.backend='in_process' needs judges.multimodal_path (a local "
+                          "checkpoint directory); or judges.backend='remote'")
     if c.sampling.temperature < 0:
         errors.append(f"sampling.temperature must be >= 0, got {c.sampling.temperature}")
     from balcap_jax.rewards.base import SCORERS

@@ -62,7 +62,7 @@ def run(cfg) -> dict:
     from balcap_jax.sharding import use_sharding
 
     maybe_initialize_distributed()
-    if cfg.get("compile_cache_dir"):  # a re-run (or a Colab restart) skips recompiling
+    if cfg.compile_cache_dir:  # a re-run (or a Colab restart) skips recompiling
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache_dir))
     mesh_sizes = config_lib.validate(cfg, jax.device_count())
     plan = build.memory_plan(cfg, mesh_sizes)

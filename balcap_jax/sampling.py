@@ -32,6 +32,11 @@ Conventions
 - Log-probabilities are log_softmax(logits / T) at the chosen token (T = 1 for greedy), i.e.
   under the temperature-scaled distribution before top-k/top-p filtering: the same quantity
   `token_logprobs` recomputes and the loss uses.
+- A policy's vision special tokens (`model.vision_token_ids`: Qwen2.5-VL's image pad, video pad,
+  vision start and end; LLaVA's <image>) are never sampled, in rollouts, evaluation or a
+  judge's decompositions: a caption holding one would be trained on and then silently dropped
+  from the text the judges see. Their logits are set to -inf before sampling (the
+  log-probabilities above are over the rest of the vocabulary).
 - Prompt lengths are left-padded to a bucket (next power of two, or the smallest of a given list),
   so a training run compiles a bounded number of times; `compile_count()` counts traces. New
   compilations come only from a new prompt bucket, batch size, vision patch bucket, number of
@@ -371,12 +376,18 @@ def _emit(carry: _Carry, tok, lp, eos, cfg: _Config) -> _Carry:
                           last=jnp.where(done, 0, tok).astype(jnp.int32))  # stays a valid id
 
 
-def _sample(logits, keys, step, cfg: _Config):
+def _sample(logits, keys, step, cfg: _Config, suppress):
+    logits = logits.astype(jnp.float32).at[:, suppress].set(-jnp.inf)   # never sampled
     return sample_logits(logits, _step_keys(keys, step), temperature=cfg.temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p)
 
 
-def _prefill(graphdef, state, prompt: Prompt, rng, eos, cfg: _Config):
+def suppressed_ids(model) -> np.ndarray:
+    """int32 [k]: the model's vision special tokens (model.vision_token_ids), never sampled."""
+    return np.asarray(tuple(getattr(model, "vision_token_ids", ()) or ()), np.int32)
+
+
+def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     b, t = prompt.mask.shape
@@ -397,11 +408,12 @@ def _prefill(graphdef, state, prompt: Prompt, rng, eos, cfg: _Config):
                    tokens=jnp.full((n, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
                    logprobs=jnp.zeros((n, cfg.max_new_tokens), jnp.float32),
                    done=jnp.zeros((n,), bool), last=jnp.zeros((n,), jnp.int32), cache=cache)
-    tok, lp = _sample(logits, keys, 0, cfg)
+    tok, lp = _sample(logits, keys, 0, cfg, suppress)
     return _emit(carry, tok, lp, eos, cfg), kv_mask, deltas, keys
 
 
-def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, keys, eos, cfg: _Config, mrope: bool):
+def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, keys, eos, suppress, cfg: _Config,
+            mrope: bool):
     """The while_loop; returns (Samples, final carry). The carry is donated and returned so its
     buffers (the KV cache above all) are updated in place rather than copied."""
     _TRACES["decode"] += 1
@@ -416,7 +428,7 @@ def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, keys, eos, cfg: _Co
         x = model.embed(c.last[:, None])
         hidden, cache = model.forward_embeds(x, _decode_positions(slot, deltas, mrope), kv_mask,
                                              c.cache, slot)
-        tok, lp = _sample(model.logits(hidden)[:, 0], keys, c.step, cfg)
+        tok, lp = _sample(model.logits(hidden)[:, 0], keys, c.step, cfg, suppress)
         return _emit(c._replace(cache=cache), tok, lp, eos, cfg)
 
     carry = jax.lax.while_loop(cond, body, carry)
@@ -453,10 +465,12 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
     eos = np.asarray(eos, np.int32)  # traced: changing the stop ids does not recompile
     prompt = prepare_prompt(model, inputs, prompt_buckets=prompt_buckets, pad_id=pad_id)
     prompt = _place(model, prompt, _prompt_batch_axis)
+    suppress = suppressed_ids(model)
     graphdef, state = nnx.split(model)
-    carry, kv_mask, deltas, keys = _jit("prefill")(graphdef, state, prompt, rng, eos, cfg)
-    samples, _ = _jit("decode")(graphdef, state, carry, kv_mask, deltas, keys, eos, cfg,
-                         np.ndim(prompt.positions) == 3)
+    carry, kv_mask, deltas, keys = _jit("prefill")(graphdef, state, prompt, rng, eos, suppress,
+                                                   cfg)
+    samples, _ = _jit("decode")(graphdef, state, carry, kv_mask, deltas, keys, eos, suppress,
+                                cfg, np.ndim(prompt.positions) == 3)
     return samples
 
 
@@ -486,7 +500,9 @@ def token_logprobs_fn(model, batch: dict, *, temperature: float = 1.0) -> jax.Ar
     log_softmax(logits / T) (T = 1 when temperature == 0), 0 where batch["mask"] == 0.
 
     One causal forward over prompt + completion without a cache; differentiable w.r.t. the
-    model's parameters (use inside nnx.grad / jax.grad on nnx.merge(graphdef, params)).
+    model's parameters (use inside nnx.grad / jax.grad on nnx.merge(graphdef, params)). The
+    softmax leaves out the model's vision special tokens, as the sampler does, so these are
+    the log-probabilities of the distribution the rollouts were drawn from.
     """
     prompt: Prompt = batch["prompt"]
     comp, mask = batch["completions"], batch["mask"]
@@ -502,10 +518,13 @@ def token_logprobs_fn(model, batch: dict, *, temperature: float = 1.0) -> jax.Ar
     kv_mask = jnp.concatenate([prompt.mask, (mask > 0)], axis=1).astype(jnp.int32)
     hidden, _ = model.forward_embeds(x, positions, kv_mask, None, jnp.int32(0))
     hidden = hidden[:, t - 1:t + length - 1]               # the states that predict the completion
+    suppress = tuple(int(i) for i in suppressed_ids(model))
     if hasattr(model, "token_logprobs"):   # chunked: never float32 [B, L, V] logits at once
-        logp = model.token_logprobs(hidden, comp, temperature=temp)
+        logp = model.token_logprobs(hidden, comp, temperature=temp, suppress=suppress)
     else:
         logits = model.logits(hidden).astype(jnp.float32) / temp
+        if suppress:
+            logits = logits.at[..., np.asarray(suppress)].set(-jnp.inf)
         logp = (jnp.take_along_axis(logits, comp[..., None], axis=-1)[..., 0]
                 - jax.nn.logsumexp(logits, -1))
     return jnp.where(mask > 0, logp, 0.0)

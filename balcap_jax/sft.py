@@ -31,12 +31,12 @@ __all__ = ["SFT", "caption_tokens", "sft_batch", "make_sft_optimizer"]
 def make_sft_optimizer(sc, params=None) -> optax.GradientTransformation:
     """AdamW with a linear warm-up to `sc.lr`, then constant; global-norm clipping at 1. With
     `sc.freeze_vision` the vision tower is not updated (needs `params` to find it)."""
-    warm = max(int(sc.get("warmup_steps", 0)), 1)
+    warm = max(int(sc.warmup_steps), 1)
     lr = optax.join_schedules([optax.linear_schedule(0.0, sc.lr, warm),
                                optax.constant_schedule(sc.lr)], [warm])
     opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(lr, weight_decay=sc.get("weight_decay", 0.0)))
-    if sc.get("freeze_vision", False):
+                      optax.adamw(lr, weight_decay=sc.weight_decay))
+    if sc.freeze_vision:
         if params is None:
             raise ValueError("make_sft_optimizer with sft.freeze_vision=True needs params")
         from balcap_jax.train import freeze_vision_tower
@@ -96,7 +96,7 @@ class SFT:
         self.opt = make_sft_optimizer(sc, params)
         self.params = params
         frozen = None
-        if sc.get("freeze_vision", False):
+        if sc.freeze_vision:
             from balcap_jax.train import _is_vision_path
             frozen = _is_vision_path
         self.master = precision.init_master(params, frozen)

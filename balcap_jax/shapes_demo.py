@@ -65,8 +65,8 @@ def _builder(cfg):
     from balcap_jax.data import shapes
     d = cfg.data
     return shapes.build_shapes_dataset(
-        seed=d.get("world_seed", 0), num_train=d.num_train, num_eval=d.num_eval,
-        image_size=d.image_size, data_dir=d.get("data_dir", "") or
+        seed=d.world_seed, num_train=d.num_train, num_eval=d.num_eval,
+        image_size=d.image_size, data_dir=d.data_dir or
         os.path.join(cfg.workdir, "tfds"))
 
 
@@ -107,11 +107,11 @@ def vision_stage(sft, cfg, parts, *, progress=True) -> dict | None:
     from balcap_jax.data.shapes_world import CELL_LABEL_CLASSES
     from balcap_jax.vision_pretrain import pretrain_vision
     sc, t0 = cfg.sft, time.perf_counter()
-    if int(sc.get("vision_pretrain_steps", 0)) <= 0:
+    if int(sc.vision_pretrain_steps) <= 0:
         return None
     sft.params, losses = pretrain_vision(
         sft.model(), sft.params, _vision_batches(cfg, parts), CELL_LABEL_CLASSES,
-        steps=int(sc.vision_pretrain_steps), lr=float(sc.get("vision_pretrain_lr", 1e-3)),
+        steps=int(sc.vision_pretrain_steps), lr=float(sc.vision_pretrain_lr),
         seed=int(cfg.seed), log=(lambda m: print(m, flush=True)) if progress else None)
     return {"steps": len(losses), "seconds": time.perf_counter() - t0, "losses": losses,
             "final_loss": float(np.mean(losses[-20:]))}
@@ -244,7 +244,7 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
     from balcap_jax.demo_plot import plot_curves
 
     t_start = time.perf_counter()
-    if cfg.get("compile_cache_dir"):
+    if cfg.compile_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache_dir))
     mesh_sizes = config_lib.validate(cfg, jax.device_count())
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -258,7 +258,7 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         data = _SftData(cfg, seed_offset=1)
         t_built = time.perf_counter()
 
-        warm_from = cfg.get("demo", {}).get("warm_from", "")
+        warm_from = cfg.demo.warm_from
         vision = None
         if warm_from:   # a saved warm start: RL, the control and the evaluations only
             sft.params = load_params(warm_from, sft.params)

@@ -345,7 +345,7 @@ class Trainer:
         """Judge prompt versions and judge names, once per run, beside config.json (strings:
         metrics.jsonl holds floats only)."""
         meta = getattr(scorer, "metadata", None)
-        if callable(meta) and cfg.get("workdir") and jax.process_index() == 0:
+        if callable(meta) and cfg.workdir and jax.process_index() == 0:
             os.makedirs(cfg.workdir, exist_ok=True)
             with open(os.path.join(cfg.workdir, "scorer_metadata.json"), "w") as f:
                 json.dump(meta(), f, indent=1, sort_keys=True)

@@ -37,7 +37,6 @@ per grid cell (9 image tokens instead of 64, steps ~2.5x cheaper), and the super
 5e-4 (at 2e-3 the colour loss of a single-object probe stayed at chance for 150 steps, then
 spiked).
 """
-import ml_collections
 
 from balcap_jax.config import base_config
 from balcap_jax.models.presets import tiny_qwen2_5_vl
@@ -88,14 +87,9 @@ def get_config():
     c.checkpoint.every = 10_000
     c.scorer.name = "shapes"
 
-    c.sft = ml_collections.ConfigDict()
-    c.sft.batch_size = 32
-    c.sft.lr = 5e-4               # at 2e-3 colour stayed at chance longer, then the loss spiked
-    c.sft.warmup_steps = 50
-    c.sft.max_steps = 2500         # the warm start stops earlier when the loss plateaus
-    c.sft.chunk = 100              # steps per plateau check
-    c.sft.plateau_tol = 0.01       # stop when a chunk's mean loss improves by less (relative)
-    c.sft.max_len = 80            # caption tokens incl. the stop; longer ones cut at a sentence
+    # the sft block's defaults (base_config) are ShapesWorld's: 32 captions a step, lr 5e-4
+    # (at 2e-3 colour stayed at chance longer, then the loss spiked), 50 warm-up steps, at most
+    # 2500 steps with a plateau check every 100, captions of at most 80 tokens
     # Stage 0 (balcap_jax.vision_pretrain): the vision tower learns per-cell shape / colour /
     # size labels first and is then frozen for the warm start and RL, like a real MLLM's
     # pretrained encoder (without it the warm start states shape right ~36% of the time).
@@ -103,8 +97,5 @@ def get_config():
     c.sft.vision_pretrain_lr = 1e-3
     c.sft.freeze_vision = True
 
-    c.demo = ml_collections.ConfigDict()
-    c.demo.curve_every = 10        # RL steps between the points of the plotted curves
-    c.demo.warm_from = ""          # a saved warm_start.npz: skip the warm start (module doc of
-                                   # balcap_jax.shapes_demo)
+    # demo: curves every 10 RL steps; demo.warm_from (a saved warm_start.npz) skips stages 0-1
     return c

@@ -270,17 +270,23 @@ TIE_GAP = 1e-4   # compare tokens only before the first step whose HF top-2 logi
 LP_ATOL = 1e-4   # float32 log-probabilities
 
 
-def _hf_greedy(hf, inputs, steps, eos, pad):
-    """transformers' greedy generate -> (tokens [B, steps] padded with pad, raw logits [B, S, V])."""
+def _hf_greedy(hf, inputs, steps, eos, pad, suppress=()):
+    """transformers' greedy generate -> (tokens [B, steps] padded with pad, logits [B, S, V]).
+    `suppress`: ids transformers' suppress_tokens processor masks, as our sampler masks a
+    policy's vision tokens (their logits come back as -inf)."""
     import torch
     kw = {k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items()}
+    extra = {"suppress_tokens": list(suppress)} if suppress else {}
     with torch.no_grad():
         out = hf.generate(**kw, max_new_tokens=steps, do_sample=False, eos_token_id=eos,
-                          pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+                          pad_token_id=pad, output_logits=True, return_dict_in_generate=True,
+                          **extra)
     t = inputs["input_ids"].shape[1]
     toks = out.sequences[:, t:].numpy()
     toks = np.pad(toks, ((0, 0), (0, steps - toks.shape[1])), constant_values=pad)
     logits = torch.stack(out.logits, 1).float().numpy()
+    if suppress:
+        logits[..., list(suppress)] = -np.inf
     return toks, logits
 
 
@@ -346,7 +352,9 @@ def test_greedy_equals_transformers_qwen2_5_vl(vl_pair):
     hf, ours, _ = vl_pair
     inputs = _vl_batch()   # includes mm_token_type_ids: v5 needs it for 3-D M-RoPE positions
     steps, eos = 10, [2]
-    hf_toks, hf_logits = _hf_greedy(hf, inputs, steps, eos, pad=0)
+    # transformers masks the vision tokens our sampler never samples (suppress_tokens)
+    hf_toks, hf_logits = _hf_greedy(hf, inputs, steps, eos, pad=0,
+                                    suppress=ours.vision_token_ids)
     s = sampling.generate(ours, inputs, max_new_tokens=steps, temperature=0, eos_token_ids=eos,
                           rng=jax.random.key(0), pad_id=0)
     compared, err = _compare_greedy(s, hf_toks, hf_logits, eos)
@@ -424,3 +432,51 @@ def test_vl_sharded_on_8_devices_equals_unsharded(vl_pair):
     assert len(b.tokens.sharding.device_set) == 8
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LP_ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# vision special tokens are never sampled
+# ---------------------------------------------------------------------------------------------
+
+VISION_IDS = (5, 6, 7, 8)
+
+
+class VisionBiasedLM(FakeLM):
+    """A policy whose head strongly prefers four "vision" tokens (+8 on their logits)."""
+
+    def __init__(self, masked: bool):
+        super().__init__()
+        self.masked = masked
+
+    @property
+    def vision_token_ids(self):
+        return VISION_IDS if self.masked else ()
+
+    def logits(self, hidden):
+        bias = jnp.zeros(self.head.shape[-1]).at[np.asarray(VISION_IDS)].set(8.0)
+        return super().logits(hidden) + bias
+
+
+def test_vision_tokens_are_never_sampled_and_logprobs_agree():
+    """Unmasked, the biased policy samples its vision tokens most of the time; with
+    vision_token_ids set, neither sampling nor greedy decoding ever emits one, and the loss's
+    log-probabilities are those of the distribution sampled from (the same mask)."""
+    inputs = _prompts(lengths=(5, 3, 7, 6))
+    kw = dict(max_new_tokens=12, num_samples=4, temperature=1.0, eos_token_ids=[-1],
+              rng=jax.random.key(0))
+    free = sampling.generate(VisionBiasedLM(masked=False), inputs, **kw)
+    assert np.isin(np.asarray(free.tokens), VISION_IDS).mean() > 0.5
+    model = VisionBiasedLM(masked=True)
+    for temperature in (1.0, 0.0):
+        s = sampling.generate(model, inputs, **{**kw, "temperature": temperature})
+        assert not np.isin(np.asarray(s.tokens), VISION_IDS).any()
+        rows = {k: np.repeat(v, 4, axis=0) for k, v in inputs.items()}
+        lp = sampling.token_logprobs(model, rows, s.tokens, s.mask, temperature=temperature)
+        np.testing.assert_allclose(lp, s.logprobs, atol=1e-5)
+
+
+def test_policies_name_their_vision_tokens(vl_pair):
+    """Qwen2.5-VL: image pad, video pad, vision start, vision end (from its config)."""
+    from tests.models import qwen_vl_fixtures as F
+    _, ours, _ = vl_pair
+    assert ours.vision_token_ids == (F.IMG, F.VID, F.VSTART, F.VEND)

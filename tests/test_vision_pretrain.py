@@ -101,11 +101,12 @@ def test_pretrain_vision_names_bad_labels(shapes_policy):
 
 def test_sft_freeze_vision_updates_only_the_language_model(shapes_policy):
     """sft.freeze_vision: after supervised steps the tower is bit-identical, the rest moved."""
-    import ml_collections
     from balcap_jax.sft import make_sft_optimizer
     import optax
     _, _, params, _, _ = shapes_policy
-    sc = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, freeze_vision=True))
+    from balcap_jax.config import base_config
+    sc = base_config().sft
+    sc.update(lr=1e-2, warmup_steps=1, freeze_vision=True)
     opt = make_sft_optimizer(sc, params)
     state = opt.init(params)
     grads = jax.tree.map(jnp.ones_like, params)

@@ -2,9 +2,11 @@
 
 One builder class per input format (see records.py): `sharegpt4v_captions`, `coco_caption_files`,
 `caption_files`. They are configured at run time with a `CaptionFilesConfig` (files per split,
-image root, image limits), whose name is a hash of those settings and of the annotation files'
-sizes and modification times: the same inputs reuse the prepared dataset, changed inputs get a
-new directory instead of a stale one.
+image root, image limits), whose name is a hash of those settings, of the annotation files'
+sizes and modification times, and of the name, size and modification time of every image the
+records name (or that it is missing): the same inputs reuse the prepared dataset; an edited
+annotation file, an image added, replaced or removed get a new directory instead of a stale one.
+An explicit `name` (data.name) skips the image scan and is reused as long as it exists.
 
 Each example: `image` (RGB, longer side <= max_side), `image_id`, `references` (list of str),
 `prompt` (the record's own instruction or ""), `source` (file:line, for tracing a bad caption).
@@ -44,6 +46,9 @@ class CaptionFilesConfig(tfds.core.BuilderConfig):
     image_root: str = ""
     max_side: int = images_lib.DEFAULT_MAX_SIDE
     max_pixels: int = images_lib.DEFAULT_MAX_PIXELS
+    max_image_bytes: int = images_lib.DEFAULT_MAX_BYTES
+    max_caption_chars: int = records_lib.DEFAULT_MAX_CAPTION_CHARS
+    allow_outside_root: bool = False
     num_workers: int = 4  # threads decoding/resizing images while building
 
 
@@ -105,7 +110,7 @@ class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         cfg = self.builder_config
         try:
             return images_lib.load_image(record.image, max_side=cfg.max_side,
-                                         max_pixels=cfg.max_pixels)
+                                         max_pixels=cfg.max_pixels, max_bytes=cfg.max_image_bytes)
         except images_lib.BadImage as e:
             return e
         except Exception as e:  # noqa: BLE001 - an unforeseen PIL failure must not stop a build
@@ -116,7 +121,8 @@ class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         cfg = self.builder_config
         summary = records_lib.Summary()
         self.summaries[split] = summary
-        records = records_lib.read_records(self.FORMAT, files, cfg.image_root or None, summary)
+        records = records_lib.read_records(self.FORMAT, files, cfg.image_root or None, summary,
+                                           **_record_options(cfg))
         for record, loaded in zip(records, _ordered_map(self._load, records, cfg.num_workers)):
             if isinstance(loaded, images_lib.BadImage):
                 summary.skip(loaded.reason, f"{record.where}: {loaded.detail}")
@@ -168,6 +174,31 @@ def _split_files(files: str | Sequence[str] | Mapping[str, str | Sequence[str]],
     return out
 
 
+def _record_options(cfg) -> dict:
+    return dict(allow_outside=cfg.allow_outside_root, max_caption_chars=cfg.max_caption_chars)
+
+
+def _image_fingerprint(fmt: str, splits, root: str, options: dict, workers: int) -> bytes:
+    """Name, size and mtime of every image the records name ("-" when missing), in record
+    order: adding a missing image, or replacing one, changes the dataset's name."""
+    paths = []
+    for _, fs in splits:
+        records = records_lib.read_records(fmt, fs, root or None, records_lib.Summary(),
+                                           **options)
+        paths += [r.image for r in records]
+
+    def one(path: str) -> str:
+        try:
+            st = os.stat(path)
+            return f"{path}\0{st.st_size}:{st.st_mtime_ns}"
+        except (OSError, ValueError):
+            return f"{path}\0-"
+    h = hashlib.sha1()
+    for line in _ordered_map(one, paths, max(workers, 16)):
+        h.update(line.encode("utf-8", "surrogatepass") + b"\n")
+    return h.digest()
+
+
 def resolve_data_dir(data_dir: str | None) -> str:
     """The given data dir, or `workdir/tfds` under the current directory."""
     return os.path.abspath(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
@@ -175,34 +206,49 @@ def resolve_data_dir(data_dir: str | None) -> str:
 
 def make_config(fmt: str, files, *, split: str = "train", image_root: str | None = None,
                 max_side: int = images_lib.DEFAULT_MAX_SIDE,
-                max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, num_workers: int = 4,
+                max_pixels: int = images_lib.DEFAULT_MAX_PIXELS,
+                max_image_bytes: int = images_lib.DEFAULT_MAX_BYTES,
+                max_caption_chars: int = records_lib.DEFAULT_MAX_CAPTION_CHARS,
+                allow_outside_root: bool = False, num_workers: int = 4,
                 name: str | None = None) -> CaptionFilesConfig:
-    """A config whose default name hashes every input that changes the built dataset."""
+    """A config whose default name hashes every input that changes the built dataset: the
+    settings, the annotation files and the images they name (module docstring)."""
     if fmt not in BUILDERS:
         raise ValueError(f"unknown caption format {fmt!r}; use one of {sorted(BUILDERS)}")
     per_split = _split_files(files, split)
     splits = tuple((s, tuple(os.path.abspath(f) for f in fs))
                    for s, fs in sorted(per_split.items()))
     root = os.path.abspath(os.path.expanduser(image_root)) if image_root else ""
+    config = CaptionFilesConfig(
+        name=name or "unnamed", splits=splits, image_root=root, max_side=max_side,
+        max_pixels=max_pixels, max_image_bytes=max_image_bytes,
+        max_caption_chars=max_caption_chars, allow_outside_root=bool(allow_outside_root),
+        num_workers=num_workers, description=f"{fmt} files: {dict(splits)}, image_root={root!r}")
     if not name:
-        h = hashlib.sha1(repr((fmt, splits, root, max_side, max_pixels)).encode())
+        h = hashlib.sha1(repr((fmt, splits, root, max_side, max_pixels, max_image_bytes,
+                               max_caption_chars, bool(allow_outside_root))).encode())
         for _, fs in splits:
             for f in fs:
                 st = os.stat(f)
                 h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        name = f"h{h.hexdigest()[:12]}"
-    return CaptionFilesConfig(name=name, splits=splits, image_root=root, max_side=max_side,
-                              max_pixels=max_pixels, num_workers=num_workers,
-                              description=f"{fmt} files: {dict(splits)}, image_root={root!r}")
+        h.update(_image_fingerprint(fmt, splits, root, _record_options(config), num_workers))
+        config.name = f"h{h.hexdigest()[:12]}"
+    return config
 
 
 def build_dataset(fmt: str, files, *, split: str = "train", image_root: str | None = None,
                   data_dir: str | None = None, max_side: int = images_lib.DEFAULT_MAX_SIDE,
-                  max_pixels: int = images_lib.DEFAULT_MAX_PIXELS, num_workers: int = 4,
+                  max_pixels: int = images_lib.DEFAULT_MAX_PIXELS,
+                  max_image_bytes: int = images_lib.DEFAULT_MAX_BYTES,
+                  max_caption_chars: int = records_lib.DEFAULT_MAX_CAPTION_CHARS,
+                  allow_outside_root: bool = False, num_workers: int = 4,
                   name: str | None = None) -> tuple[_CaptionBuilder, dict[str, Any]]:
     """Prepares the dataset (or reuses a prepared one); returns (builder, summary per split)."""
     config = make_config(fmt, files, split=split, image_root=image_root, max_side=max_side,
-                         max_pixels=max_pixels, num_workers=num_workers, name=name)
+                         max_pixels=max_pixels, max_image_bytes=max_image_bytes,
+                         max_caption_chars=max_caption_chars,
+                         allow_outside_root=allow_outside_root, num_workers=num_workers,
+                         name=name)
     data_dir = resolve_data_dir(data_dir)
     builder = BUILDERS[fmt](config=config, data_dir=data_dir, file_format="array_record")
     summary_path = os.path.join(builder.data_dir, SUMMARY_FILE)
@@ -224,6 +270,11 @@ def build_dataset(fmt: str, files, *, split: str = "train", image_root: str | No
                                          f"{v['examples']}" for k, v in empty.items())
                              + ". Check the files and image_root") from e
         summary = {s: builder.summaries[s].to_dict() for s in builder.summaries}
+        summary["_reuse"] = (
+            f"this dataset ({config.name}) is reused while its annotation files, the images "
+            "they name (names, sizes, modification times) and the build settings are unchanged"
+            + (" (an explicit data.name: reused whatever changes; delete this directory or "
+               "pick another name to rebuild)" if name else "; any change builds a new one"))
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1, sort_keys=True)
         log.info("build summary written to %s", summary_path)

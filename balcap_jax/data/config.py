@@ -1,9 +1,9 @@
 """The data section of an experiment config, and the loader made from it.
 
-    cfg.data = default_data_config()
-    cfg.data.files = "/data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json"
-    cfg.data.image_root = "/data/sharegpt4v/images"
-    loader = make_loader(cfg.data, batch_size=cfg.batch_size, seed=cfg.seed)
+    data = default_data_config()
+    data.files = "/data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json"
+    data.image_root = "/data/sharegpt4v/images"
+    loader = make_loader(data, batch_size=8, seed=0)
 
 `builder`: "sharegpt4v" | "coco" | "captions" (CSV/JSONL `image,caption`). `files`: one path or
 several joined by commas. The dataset is prepared once under `data_dir` (default
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from balcap_jax.data import builders, images
+from balcap_jax.data import builders
 from balcap_jax.data.loader import CaptionLoader
 
 # The paper's caption instruction is not published; this is our default.
@@ -24,25 +24,10 @@ CAPTION_PROMPT = "Describe this image in detail."
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.builder = "sharegpt4v"
-    c.files = ""                 # annotation file(s), comma-separated
-    c.image_root = ""            # relative image paths are joined to it (default: the file's dir)
-    c.split = "train"
-    c.data_dir = ""              # "" -> workdir/tfds
-    c.name = ""                  # dataset config name; "" -> a hash of the inputs
-    c.prompt = CAPTION_PROMPT
-    c.prompts = ()               # if given, one is chosen per example from (seed, epoch, id)
-    c.use_data_prompt = False    # use the file's own instruction (ShareGPT4V human turn) if any
-    c.seed = 0                   # shuffle seed
-    c.batch_size = 8
-    c.max_side = images.DEFAULT_MAX_SIDE
-    c.max_pixels = images.DEFAULT_MAX_PIXELS
-    c.build_workers = 4          # image-decoding threads while preparing the dataset
-    c.read_threads = 4           # grain read threads while training
-    c.eval_files = ""            # held-out annotation file(s), same format; "" -> no eval set
-    c.num_eval = 16              # eval_examples() returns the first num_eval by image id
-    return c
+    """The data block of the run config (`balcap_jax.config.base_config().data`): the one
+    place its fields and defaults are declared."""
+    from balcap_jax.config import base_config
+    return base_config().data
 
 
 def with_defaults(cfg) -> ml_collections.ConfigDict:
@@ -56,23 +41,27 @@ def with_defaults(cfg) -> ml_collections.ConfigDict:
     return full
 
 
+def _options(cfg) -> dict:
+    """The builder settings of a data block (they key the prepared dataset)."""
+    return dict(image_root=cfg.image_root or None, max_side=cfg.max_side,
+                max_pixels=cfg.max_pixels, max_image_bytes=cfg.max_image_bytes,
+                max_caption_chars=cfg.max_caption_chars,
+                allow_outside_root=cfg.allow_outside_root, num_workers=cfg.build_workers)
+
+
 def _build(cfg: ml_collections.ConfigDict, *, is_builder_host: bool):
-    kwargs = dict(split=cfg.split, image_root=cfg.image_root or None,
-                  data_dir=cfg.data_dir or None, max_side=cfg.max_side,
-                  max_pixels=cfg.max_pixels, num_workers=cfg.build_workers,
-                  name=cfg.name or None)
     if is_builder_host:
-        return builders.build_dataset(cfg.builder, cfg.files, **kwargs)[0]
+        return builders.build_dataset(cfg.builder, cfg.files, split=cfg.split,
+                                      data_dir=cfg.data_dir or None, name=cfg.name or None,
+                                      **_options(cfg))[0]
     return builders.BUILDERS[cfg.builder](
-        config=builders.make_config(cfg.builder, cfg.files, **{
-            k: kwargs[k] for k in ("split", "image_root", "max_side", "max_pixels", "name")},
-            num_workers=cfg.build_workers),
-        data_dir=builders.resolve_data_dir(kwargs["data_dir"]), file_format="array_record")
+        config=builders.make_config(cfg.builder, cfg.files, split=cfg.split,
+                                    name=cfg.name or None, **_options(cfg)),
+        data_dir=builders.resolve_data_dir(cfg.data_dir or None), file_format="array_record")
 
 
-def make_loader(cfg: ml_collections.ConfigDict, *, batch_size: int | None = None,
-                seed: int | None = None, shard_index: int | None = None,
-                shard_count: int | None = None) -> CaptionLoader:
+def make_loader(cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int = 0,
+                shard_index: int | None = None, shard_count: int | None = None) -> CaptionLoader:
     """Prepares (or reuses) the dataset of `cfg` and returns this host's CaptionLoader.
 
     With several JAX processes, process 0 builds while the others wait at a barrier (the data
@@ -98,8 +87,7 @@ def make_loader(cfg: ml_collections.ConfigDict, *, batch_size: int | None = None
             raise RuntimeError(f"dataset {builder.data_dir} was built by process 0 but is not "
                                "visible here: data_dir must be on a file system all hosts share")
     source = builders.open_source(builder, cfg.split)
-    return CaptionLoader(source, batch_size=cfg.batch_size if batch_size is None else batch_size,
-                         seed=cfg.seed if seed is None else seed, prompt=cfg.prompt,
+    return CaptionLoader(source, batch_size=batch_size, seed=seed, prompt=cfg.prompt,
                          prompts=tuple(cfg.prompts), use_data_prompt=cfg.use_data_prompt,
                          shard_index=shard_index, shard_count=shard_count,
                          read_threads=cfg.read_threads)
@@ -111,10 +99,8 @@ def eval_examples(cfg) -> list[dict]:
     cfg = with_defaults(cfg)
     if not cfg.eval_files or cfg.num_eval <= 0:
         return []
-    builder, _ = builders.build_dataset(
-        cfg.builder, cfg.eval_files, split="eval", image_root=cfg.image_root or None,
-        data_dir=cfg.data_dir or None, max_side=cfg.max_side, max_pixels=cfg.max_pixels,
-        num_workers=cfg.build_workers)
+    builder, _ = builders.build_dataset(cfg.builder, cfg.eval_files, split="eval",
+                                        data_dir=cfg.data_dir or None, **_options(cfg))
     source = builders.open_source(builder, "eval")
     loader = CaptionLoader(source, batch_size=1, seed=0, prompt=cfg.prompt,
                            prompts=tuple(cfg.prompts)[:1], shard_index=0, shard_count=1)

@@ -12,9 +12,13 @@ Choices (documented because they change pixels):
   min-max stretched to 0..255 (their range has no fixed meaning).
 - CMYK is converted with PIL's formula (ICC profiles are ignored).
 - Images whose longer side exceeds `max_side` are downscaled to it, keeping the aspect ratio.
-- PIL's decompression-bomb limit is replaced by our own `max_pixels` (checked from the header,
-  before decoding); anything above it is skipped, anything below it loads (JPEGs decode straight
-  at reduced size).
+- PIL's decompression-bomb limit is replaced by our own `max_pixels`, checked from the header
+  before decoding: the header is parsed by PIL's format plugins directly, so PIL's process-wide
+  `Image.MAX_IMAGE_PIXELS` is never read or changed (builds decode on several threads, and the
+  caller's own PIL settings stay theirs). Anything above it is skipped, anything below it loads
+  (JPEGs decode straight at reduced size).
+- Only regular files are read (a named pipe or a device would block the build), at most
+  `max_bytes` of them.
 - Images that needed no change keep their original JPEG/PNG bytes; changed ones are re-encoded
   as JPEG (quality 95, no chroma subsampling).
 """
@@ -23,13 +27,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import warnings
+import stat
+import struct
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_SIDE = 2048
 DEFAULT_MAX_PIXELS = 1 << 28  # 268M pixels (16384 x 16384); PIL's own default warns at 89M
+DEFAULT_MAX_BYTES = 1 << 28   # 256 MiB per image file
 _JPEG_QUALITY = 95
 _WHITE = (255, 255, 255)
 
@@ -39,6 +45,12 @@ EMPTY = "empty_image"
 TRUNCATED = "truncated_image"
 UNDECODABLE = "undecodable_image"
 TOO_MANY_PIXELS = "too_many_pixels"
+NOT_A_FILE = "not_a_regular_file"
+BAD_PATH = "bad_image_path"
+OUTSIDE_ROOT = "image_outside_root"
+FILE_TOO_LARGE = "file_too_large"
+
+Image.init()   # register every format plugin once, before builder threads open headers
 
 
 class BadImage(Exception):
@@ -63,26 +75,59 @@ class LoadedImage:
 
 
 def _open(data: bytes, path: str) -> Image.Image:
-    # Our max_pixels check replaces PIL's bomb check, which would warn or raise before we can
-    # look at the size; header parsing does not decode pixels, so this is cheap.
-    old = Image.MAX_IMAGE_PIXELS
+    """Parses the header with the first format plugin that accepts the bytes, as Image.open
+    does but without its decompression-bomb check (which reads a process-wide limit); our own
+    max_pixels check follows. Nothing is decoded yet."""
+    prefix, fp = data[:16], io.BytesIO(data)
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        ok = not accept or accept(prefix)
+        if not ok or isinstance(ok, str):
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, path)
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue              # not this format after all: try the next plugin
+        except Exception as e:  # noqa: BLE001 - any parser failure means the header is unusable
+            reason = TRUNCATED if "truncat" in str(e).lower() else UNDECODABLE
+            raise BadImage(reason, f"{path}: {type(e).__name__}: {e}") from None
+    raise BadImage(UNDECODABLE, f"{path}: not a recognised image format")
+
+
+def _read(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes. Opened non-blocking and checked on
+    the open descriptor, so a named pipe (or a file swapped for one) cannot block the build."""
+    if "\0" in path:
+        raise BadImage(BAD_PATH, f"{path!r}: the path holds a NUL byte")
     try:
-        Image.MAX_IMAGE_PIXELS = None
-        return Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise BadImage(UNDECODABLE, f"{path}: not a recognised image format") from None
-    except Exception as e:  # noqa: BLE001 - any parser failure means the header is unusable
-        reason = TRUNCATED if "truncat" in str(e).lower() else UNDECODABLE
-        raise BadImage(reason, f"{path}: {type(e).__name__}: {e}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise BadImage(MISSING, f"{path}: file not found (check image_root)") from None
+    except IsADirectoryError:
+        raise BadImage(MISSING, f"{path}: is a directory, not an image file") from None
+    except OSError as e:
+        raise BadImage(MISSING, f"{path}: cannot read ({e})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise BadImage(MISSING, f"{path}: is a directory, not an image file")
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImage(NOT_A_FILE, f"{path}: not a regular file (a pipe, socket or device)")
+        if st.st_size > max_bytes:
+            raise BadImage(FILE_TOO_LARGE, f"{path}: {st.st_size} bytes is over "
+                           f"max_image_bytes={max_bytes}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BadImage(FILE_TOO_LARGE, f"{path}: grew past max_image_bytes={max_bytes}")
+    return data
 
 
 def _decode(img: Image.Image, path: str) -> None:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
+        img.load()
+    except Image.DecompressionBombError as e:   # a frame (GIF, ICO) larger than its header
+        raise BadImage(TOO_MANY_PIXELS, f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         msg = str(e).lower()
         reason = TRUNCATED if ("truncat" in msg or "broken data stream" in msg
@@ -115,19 +160,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: str, *, max_side: int = DEFAULT_MAX_SIDE,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+               max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> LoadedImage:
     """Reads `path` into RGB JPEG/PNG bytes with longer side <= max_side; raises BadImage."""
-    if max_side < 1 or max_pixels < 1:
-        raise ValueError(f"max_side={max_side} and max_pixels={max_pixels} must be positive")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise BadImage(MISSING, f"{path}: file not found (check image_root)") from None
-    except IsADirectoryError:
-        raise BadImage(MISSING, f"{path}: is a directory, not an image file") from None
-    except OSError as e:
-        raise BadImage(MISSING, f"{path}: cannot read ({e})") from None
+    if max_side < 1 or max_pixels < 1 or max_bytes < 1:
+        raise ValueError(f"max_side={max_side}, max_pixels={max_pixels} and "
+                         f"max_bytes={max_bytes} must be positive")
+    data = _read(path, max_bytes)
     if not data:
         raise BadImage(EMPTY, f"{path}: zero-byte file")
 
@@ -170,3 +209,12 @@ def resolve_path(path: str, image_root: str | None) -> str:
     if os.path.isabs(path) or not image_root:
         return path
     return os.path.join(os.path.expanduser(image_root), path)
+
+
+def inside_root(path: str, image_root: str) -> bool:
+    """Whether `path` (as resolve_path returns it) lies under image_root, lexically: `..` and
+    absolute paths elsewhere do not; a symlinked folder inside the root does (the layout of the
+    user's own disk is theirs to choose)."""
+    root = os.path.normpath(os.path.abspath(os.path.expanduser(image_root)))
+    full = os.path.normpath(os.path.abspath(path))
+    return full == root or full.startswith(root.rstrip(os.sep) + os.sep)

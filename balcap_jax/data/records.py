@@ -26,7 +26,7 @@ import logging
 import os
 from typing import Any, Callable, Iterable, Iterator
 
-from balcap_jax.data.images import resolve_path
+from balcap_jax.data.images import BAD_PATH, OUTSIDE_ROOT, inside_root, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ ORPHAN_ANNOTATION = "orphan_annotation"
 # Fixes (the record is kept).
 MERGED_DUPLICATE_ID = "merged_duplicate_id"
 DROPPED_EMPTY_REFERENCE = "dropped_empty_reference"
+CUT_LONG_REFERENCE = "cut_long_reference"
+DEFAULT_MAX_CAPTION_CHARS = 20000
 
 _MODEL_ROLES = ("gpt", "assistant", "model")
 _HUMAN_ROLES = ("human", "user")
@@ -54,6 +56,7 @@ class Record:
     references: list[str]
     prompt: str = ""        # the record's own instruction, if the format has one
     where: str = ""         # "file:line" for messages
+    root: str = ""          # the image root the path was resolved against
 
 
 class Summary:
@@ -199,7 +202,8 @@ def read_sharegpt4v(files: Iterable[str], image_root: str | None,
                 continue
             ident = item.get("id")
             ident = str(ident) if ident not in (None, "") else image.strip()
-            out.append(Record(resolve_path(image.strip(), root), ident, refs, prompt, where))
+            out.append(Record(resolve_path(image.strip(), root), ident, refs, prompt, where,
+                              root))
     return out
 
 
@@ -251,7 +255,7 @@ def read_coco(files: Iterable[str], image_root: str | None, summary: Summary) ->
             if not refs:
                 summary.skip(EMPTY_REFERENCE, where)
                 continue
-            out.append(Record(resolve_path(name, root), ident, refs, "", where))
+            out.append(Record(resolve_path(name, root), ident, refs, "", where, root))
     return out
 
 
@@ -297,7 +301,7 @@ def read_plain(files: Iterable[str], image_root: str | None, summary: Summary) -
                 continue
             ident = str(ident) if ident not in (None, "") else image.strip()
             out.append(Record(resolve_path(image.strip(), root), ident, refs,
-                              _clean(item.get("prompt")), where))
+                              _clean(item.get("prompt")), where, root))
     return out
 
 
@@ -322,9 +326,46 @@ READERS: dict[str, Callable[[Iterable[str], str | None, Summary], list[Record]]]
     "sharegpt4v": read_sharegpt4v, "coco": read_coco, "captions": read_plain}
 
 
+def cut_reference(text: str, max_chars: int) -> str:
+    """`text` cut to at most max_chars: at the last sentence end that keeps at least half of
+    it, else at the last space, else hard."""
+    if len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    end = max(head.rfind(". "), head.rfind(".\n"), head.rfind("! "), head.rfind("? "))
+    if end >= max_chars // 2:
+        return head[:end + 1]
+    space = head.rfind(" ")
+    return (head[:space] if space >= max_chars // 2 else head).rstrip()
+
+
+def _checked(records: Iterable[Record], summary: Summary, *, allow_outside: bool,
+             max_caption_chars: int) -> Iterator[Record]:
+    """Skips records whose image path is unusable (a NUL byte; outside its image root unless
+    allowed) and cuts over-long references (counted as a fix)."""
+    for r in records:
+        if "\0" in r.image:
+            summary.skip(BAD_PATH, f"{r.where}: the image path holds a NUL byte")
+            continue
+        if not allow_outside and r.root and not inside_root(r.image, r.root):
+            summary.skip(OUTSIDE_ROOT, f"{r.where}: {r.image} is outside the image root "
+                         f"{r.root} (data.allow_outside_root=True reads it)")
+            continue
+        refs = []
+        for ref in r.references:
+            if len(ref) > max_caption_chars:
+                summary.fix(CUT_LONG_REFERENCE, f"{r.where}: {len(ref)} characters")
+                ref = cut_reference(ref, max_caption_chars)
+            refs.append(ref)
+        yield dataclasses.replace(r, references=refs)
+
+
 def read_records(fmt: str, files: Iterable[str], image_root: str | None,
-                 summary: Summary) -> list[Record]:
-    """All records of `files` in format `fmt`, deduplicated by id."""
+                 summary: Summary, *, allow_outside: bool = False,
+                 max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> list[Record]:
+    """All records of `files` in format `fmt`, checked (paths inside the image root, or the
+    annotation file's folder, unless `allow_outside`; references cut at max_caption_chars) and
+    deduplicated by id."""
     if fmt not in READERS:
         raise ValueError(f"unknown caption format {fmt!r}; use one of {sorted(READERS)}")
     files = list(files)
@@ -333,4 +374,6 @@ def read_records(fmt: str, files: Iterable[str], image_root: str | None,
     for f in files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"annotation file {f!r} does not exist")
-    return deduplicate(READERS[fmt](files, image_root, summary), summary)
+    records = READERS[fmt](files, image_root, summary)
+    return deduplicate(_checked(records, summary, allow_outside=allow_outside,
+                                max_caption_chars=max_caption_chars), summary)

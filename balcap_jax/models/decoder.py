@@ -163,8 +163,10 @@ def _layer_forward(graphdef, state, x, cos, sin, mask):
 
 
 def token_logprobs_from_hidden(hidden: Array, lm_head_weight: Array, targets: Array, *,
-                               temperature: float = 1.0, chunk_size: int = 256) -> Array:
-    """log p(targets) under softmax(hidden @ W / temperature), float32 [B, T], chunked over T."""
+                               temperature: float = 1.0, chunk_size: int = 256,
+                               suppress: tuple[int, ...] = ()) -> Array:
+    """log p(targets) under softmax(hidden @ W / temperature), float32 [B, T], chunked over T;
+    the `suppress` ids are left out of the softmax (ids the sampler never draws)."""
     b, t, d = hidden.shape
     if lm_head_weight.shape[0] != d:
         raise ValueError(f"lm_head_weight must be [D={d}, V], got {lm_head_weight.shape}")
@@ -182,6 +184,8 @@ def token_logprobs_from_hidden(hidden: Array, lm_head_weight: Array, targets: Ar
         hc, tc = args
         logits = jnp.einsum("bcd,dv->bcv", hc, w.astype(hc.dtype),
                             preferred_element_type=jnp.float32) / temperature
+        if suppress:
+            logits = logits.at[..., np.asarray(suppress)].set(-jnp.inf)
         tgt = jnp.take_along_axis(logits, tc[..., None].astype(jnp.int32), axis=-1)[..., 0]
         return tgt - jax.nn.logsumexp(logits, axis=-1)
 
@@ -252,10 +256,11 @@ class CausalLM(nnx.Module):
             return shd.constrain(out, ("batch", "seq", "act_vocab"))
 
     def token_logprobs(self, hidden: Array, targets: Array, *, temperature: float = 1.0,
-                       chunk_size: int = 256) -> Array:
+                       chunk_size: int = 256, suppress: tuple[int, ...] = ()) -> Array:
         with shd.use_sharding(self.mesh, self.rules):
             return token_logprobs_from_hidden(hidden, self.lm_head_weight(), targets,
-                                              temperature=temperature, chunk_size=chunk_size)
+                                              temperature=temperature, chunk_size=chunk_size,
+                                              suppress=tuple(suppress))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         cfg = self.cfg

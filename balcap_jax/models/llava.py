@@ -175,6 +175,11 @@ class Llava(CausalLM):
             cfg.vision.hidden_size * len(cfg.vision_feature_layer), cfg.text.hidden_size,
             act=cfg.projector_hidden_act, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
 
+    @property
+    def vision_token_ids(self) -> tuple[int, ...]:
+        """<image>: part of the vision input, never of a caption (never sampled)."""
+        return (self.llava_cfg.image_token_id,)
+
     # --- host side ------------------------------------------------------------------------
     def check_image_tokens(self, input_ids, num_images: int) -> None:
         c = self.llava_cfg

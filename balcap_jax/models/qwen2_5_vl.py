@@ -144,6 +144,14 @@ class Qwen2_5_VL(CausalLM):
         # to its own slot, so the vision shapes depend on the image count only
         self.vision_slot = vision_slot
 
+    @property
+    def vision_token_ids(self) -> tuple[int, ...]:
+        """Special tokens that belong to the vision input, never to a caption (the sampler
+        never samples them)."""
+        c = self.vl_cfg
+        return (c.image_token_id, c.video_token_id, c.vision_start_token_id,
+                c.vision_end_token_id)
+
     def set_remat(self, on: bool = True) -> None:
         """Rematerialise the decoder layers and the vision blocks in the training loss."""
         super().set_remat(on)

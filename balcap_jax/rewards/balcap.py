@@ -369,59 +369,62 @@ class BalCapScorer:
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if cfg is None:
         return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
-def from_config(cfg: Any, *, mesh=None, rules=None) -> BalCapScorer:
-    """The BalCapScorer a run config asks for, from its `judges` block:
+def judges_config(cfg: Any):
+    """The run config's `judges` block (a ConfigDict or a dict of some of its fields) over
+    base_config().judges, where every field is declared; an unknown field is an error."""
+    from balcap_jax.config import base_config
+    given = _get(cfg, "judges")
+    if given is None:
+        raise ValueError("config has no `judges` block; see balcap_jax/config.py base_config() "
+                         "for its fields")
+    j = base_config().judges
+    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+    unknown = sorted(set(given) - set(j))
+    if unknown:
+        raise ValueError(f"judges.{unknown[0]} is not a judges field; known: {sorted(j)}")
+    with j.ignore_type():
+        j.update(given)
+    return j
 
-      backend           "in_process" (default) or "remote"
-      threshold, pointability, rewards (default: cfg.rl.rewards)
-      cache_dir         reference-unit cache; "" = <workdir>/judge_cache
-      in_process:       multimodal_path, text_path ("" = the multimodal judge for every role),
-                        dtype (default "bfloat16"), max_image_tokens (0 = data's),
-                        list_max_tokens, generate_batch, prefix_batch, item_batch
-      remote:           base_url, model, text_base_url / text_model (default: the same
-                        endpoint), api_key_env (default "OPENAI_API_KEY"), timeout,
-                        max_retries, concurrency, top_logprobs
-    """
-    j = _get(cfg, "judges")
-    if j is None:
-        raise ValueError("config has no `judges` block; see balcap_jax/rewards/balcap.py "
-                         "from_config for its fields")
-    cache_dir = _get(j, "cache_dir", "") or os.path.join(_get(cfg, "workdir", "."), "judge_cache")
+
+def from_config(cfg: Any, *, mesh=None, rules=None) -> BalCapScorer:
+    """The BalCapScorer a run config asks for, from its `judges` block (every field and its
+    default: balcap_jax/config.py base_config()): backend "in_process" (multimodal_path,
+    text_path; "" text_path = the multimodal judge for every role) or "remote" (base_url, model,
+    text_base_url / text_model, api_key_env, timeout, max_retries, concurrency, top_logprobs)."""
+    j = judges_config(cfg)
+    cache_dir = j.cache_dir or os.path.join(_get(cfg, "workdir", "."), "judge_cache")
     rewards = tuple(r for r in (_get(_get(cfg, "rl"), "rewards") or REWARDS) if r in REWARDS)
-    kind = _get(j, "backend", "in_process")
-    if kind == "remote":
+    if j.backend == "remote":
         from balcap_jax.rewards.remote import RemoteBackend
-        key = os.environ.get(_get(j, "api_key_env", "OPENAI_API_KEY") or "")
-        common = dict(api_key=key or None, timeout=float(_get(j, "timeout", 60.0)),
-                      max_retries=int(_get(j, "max_retries", 2)),
-                      concurrency=int(_get(j, "concurrency", 16)))
-        if not _get(j, "base_url") or not _get(j, "model"):
+        key = os.environ.get(j.api_key_env or "")
+        common = dict(api_key=key or None, timeout=float(j.timeout),
+                      max_retries=int(j.max_retries), concurrency=int(j.concurrency),
+                      top_logprobs=int(j.top_logprobs))
+        if not j.base_url or not j.model:
             raise ValueError("judges.backend='remote' needs judges.base_url and judges.model")
-        lp = dict(top_logprobs=int(_get(j, "top_logprobs", 10)))
-        mm = RemoteBackend.from_url(_get(j, "base_url"), _get(j, "model"), **common, **lp)
-        text = mm
-        if _get(j, "text_base_url") or _get(j, "text_model"):
-            text = RemoteBackend.from_url(_get(j, "text_base_url") or _get(j, "base_url"),
-                                          _get(j, "text_model") or _get(j, "model"),
-                                          **common, **lp)
-    elif kind == "in_process":
+        mm = text = RemoteBackend.from_url(j.base_url, j.model, **common)
+        if j.text_base_url or j.text_model:
+            text = RemoteBackend.from_url(j.text_base_url or j.base_url, j.text_model or j.model,
+                                          **common)
+    elif j.backend == "in_process":
         from balcap_jax.rewards.judges import load_backend
-        kw = {k: _get(j, k) for k in ("list_max_tokens", "generate_batch", "prefix_batch",
-                                      "item_batch") if _get(j, k) is not None}
-        kw["max_image_tokens"] = int(_get(j, "max_image_tokens", 0) or
-                                     _get(_get(cfg, "data"), "max_image_tokens", 0) or 0)
-        dtype = _get(j, "dtype", "bfloat16")
-        mm = load_backend(_get(j, "multimodal_path"), dtype=dtype, mesh=mesh, rules=rules, **kw)
-        text = mm
-        if _get(j, "text_path"):
-            text = load_backend(_get(j, "text_path"), dtype=dtype, mesh=mesh, rules=rules, **kw)
+        if not j.multimodal_path:
+            raise ValueError("judges.backend='in_process' needs judges.multimodal_path (a local "
+                             "checkpoint directory), or use judges.backend='remote'")
+        data = _get(cfg, "data")
+        kw = dict(list_max_tokens=int(j.list_max_tokens), generate_batch=int(j.generate_batch),
+                  prefix_batch=int(j.prefix_batch), item_batch=int(j.item_batch),
+                  max_image_tokens=int(j.max_image_tokens or _get(data, "max_image_tokens", 0)
+                                       or 0))
+        mm = text = load_backend(j.multimodal_path, dtype=j.dtype, mesh=mesh, rules=rules, **kw)
+        if j.text_path:
+            text = load_backend(j.text_path, dtype=j.dtype, mesh=mesh, rules=rules, **kw)
     else:
-        raise ValueError(f"judges.backend={kind!r}: use 'in_process' or 'remote'")
-    return BalCapScorer(mm, text_backend=text, threshold=bool(_get(j, "threshold", False)),
-                        pointability=bool(_get(j, "pointability", True)),
-                        rewards=rewards or REWARDS, cache_dir=cache_dir)
+        raise ValueError(f"judges.backend={j.backend!r}: use 'in_process' or 'remote'")
+    return BalCapScorer(mm, text_backend=text, threshold=bool(j.threshold),
+                        pointability=bool(j.pointability), rewards=rewards or REWARDS,
+                        cache_dir=cache_dir)

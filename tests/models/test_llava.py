@@ -126,6 +126,12 @@ def test_text_only_and_image_token_mismatch(trio, mixed):
         ours(**dict(mixed, pixel_values=mixed["pixel_values"][:2]))
 
 
+def test_image_token_is_never_sampled(trio):
+    """The sampler masks a policy's vision_token_ids: for LLaVA, <image>."""
+    _, _, ours, _ = trio
+    assert ours.vision_token_ids == (fx.IMG,)
+
+
 def test_config_round_trip(trio):
     _, _, ours, path = trio
     with open(os.path.join(path, "config.json")) as f:
@@ -255,10 +261,10 @@ def test_greedy_generate_equals_transformers(trio, mixed):
     _, hf, ours, _ = trio
     steps, eos = 8, 2
     batch = {k: v for k, v in mixed.items() if k != "position_ids"}
-    with torch.no_grad():
+    with torch.no_grad():   # suppress_tokens: <image> is never sampled (as our sampler)
         out = hf.generate(**fx.torch_inputs(batch), max_new_tokens=steps, do_sample=False,
                           eos_token_id=eos, pad_token_id=0, output_scores=True,
-                          return_dict_in_generate=True)
+                          return_dict_in_generate=True, suppress_tokens=[fx.IMG])
     want = out.sequences[:, batch["input_ids"].shape[1]:].numpy()
     scores = torch.stack(out.scores, 1).numpy()                    # [B, steps, V]
     top2 = np.sort(scores, -1)[..., -2:]
@@ -291,7 +297,9 @@ def test_token_logprobs_match_hf(trio, mixed):
     full_mask = np.concatenate([mixed["attention_mask"], np.ones_like(comp)], 1)
     full = dict(mixed, input_ids=np.concatenate([mixed["input_ids"], comp], 1),
                 attention_mask=full_mask, position_ids=np.clip(np.cumsum(full_mask, 1) - 1, 0, None))
-    lp = torch.log_softmax(torch.from_numpy(_hf_logits(hf, full)), -1).numpy()
+    logits = _hf_logits(hf, full)
+    logits[..., fx.IMG] = -np.inf      # <image> is left out of the policy's distribution
+    lp = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
     want = np.take_along_axis(lp[:, t - 1:-1], comp[..., None], -1)[..., 0] * mask
     batch = {k: v for k, v in mixed.items() if k != "position_ids"}
     got = sampling.token_logprobs(ours, batch, comp, mask)

@@ -49,6 +49,38 @@ def test_bad_config_names_field_and_fix(edit, match):
         validate(c, 2)
 
 
+def _judged(**judges):
+    c = _ok()
+    c.scorer.name = "judges"
+    c.judges.multimodal_path = "/ckpt/judge"
+    c.judges.update(judges)
+    return c
+
+
+@pytest.mark.parametrize("judges, match", [
+    (dict(backend="cloud"), r"judges.backend='cloud' is not one of"),
+    (dict(backend="remote"), r"judges.backend='remote' needs judges.base_url"),
+    (dict(backend="remote", base_url="localhost:8000", model="m"), r"must start with http"),
+    (dict(timeout=0.0), r"judges.timeout=0.0 must be >= "),
+    (dict(max_retries=-1), r"judges.max_retries=-1 must be >= 0"),
+    (dict(concurrency=0), r"judges.concurrency=0 must be >= 1"),
+    (dict(top_logprobs=50), r"judges.top_logprobs=50 must be in 1..20"),
+    (dict(multimodal_path=""), r"needs judges.multimodal_path"),
+    (dict(devices=2), r"judges.devices=2 must leave the policy"),
+    (dict(dtype="int8"), r"judges.dtype='int8' is not one of"),
+])
+def test_bad_judges_fields_name_field_and_fix(judges, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(_judged(**judges), 2)
+
+
+def test_judges_fields_validate():
+    validate(_judged(), 2)
+    validate(_judged(backend="remote", base_url="http://127.0.0.1:8000/v1", model="m",
+                     multimodal_path=""), 2)
+    assert validate(_judged(devices=1), 2) == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
 def test_mesh_resolution():
     c = base_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, -1, 2
