@@ -1,24 +1,22 @@
-"""Builds a run's parts from its config: mesh, policy, tokenizer, processor, data, scorer.
-
-Kept apart from train.py so the loop stays readable and tests can hand the Trainer parts of
-their own (a tiny model, a scripted scorer) without going through a config.
+"""Builds a run's parts from its config: mesh, memory plan, policy, tokenizer, processor, data
+and scorer. The only module where the config becomes objects: the trainer, the scorers and the
+data loaders take objects, so tests can hand them parts of their own (a tiny model, a scripted
+scorer) without going through a config.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Any
 
 import jax
-import numpy as np
 
 from balcap_jax import memory_plan as mp
 from balcap_jax.sharding import Rules, make_mesh
 
 __all__ = ["hf_config_of", "memory_plan", "mesh_and_rules", "judge_mesh", "judge_devices",
            "prompt_buckets", "bound_image_processor", "build_policy", "build_tokenizer",
-           "build_parts", "build_trainer", "export"]
+           "build_scorer", "build_parts", "build_trainer", "export"]
 
 
 def hf_config_of(cfg) -> dict:
@@ -178,7 +176,7 @@ def _loader_and_eval(cfg, shard: tuple[int, int] | None = None):
                  for i in range(d.num_eval)]
         return loader, evals
     if d.source == "shapes":   # ShapesWorld through the same TFDS + grain path as real data
-        from balcap_jax.data import shapes
+        from balcap_jax import shapes
         builder = shapes.build_shapes_dataset(
             seed=d.world_seed, num_train=d.num_train, num_eval=d.num_eval,
             image_size=d.image_size, data_dir=d.data_dir or os.path.join(cfg.workdir, "tfds"))
@@ -227,7 +225,7 @@ def bound_image_processor(image_processor, max_image_tokens: int, overrides: dic
 
 
 def _processor(cfg, tokenizer, hf_config: dict):
-    from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
+    from balcap_jax.processing import Qwen25VLProcessor, QwenImageProcessor
     if hf_config.get("model_type") == "llava":
         return _llava_processor(cfg, tokenizer, hf_config)
     if hf_config.get("model_type") != "qwen2_5_vl":
@@ -269,14 +267,71 @@ def _check_prompt_fits(cfg, processor, buckets) -> None:
                          f">= {need} (or lower data.max_image_tokens)")
 
 
+def build_scorer(cfg, tokenizer, *, mesh=None, rules=None):
+    """The scorer named by `scorer.name`: the scripted token-frequency reward, ShapesWorld's
+    exact scorer, or BalCapRL's judges (on `mesh`: the policy's, or their own devices)."""
+    name = cfg.scorer.name
+    if name == "token_frequency":
+        from balcap_jax.rewards.scripted import TokenFrequencyScorer
+        ids = []
+        for tok in cfg.scorer.tokens:
+            enc = tokenizer.encode(tok, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"scorer.tokens entry {tok!r} is {len(enc)} tokens for this "
+                                 "tokenizer; use strings that are exactly one token each")
+            ids += enc
+        return TokenFrequencyScorer(ids, names=tuple(cfg.rl.rewards))
+    if name == "shapes":
+        from balcap_jax.shapes.scorer import ShapesScorer
+        return ShapesScorer()
+    if name == "judges":
+        return _judges_scorer(cfg, mesh=mesh, rules=rules)
+    raise ValueError(f"unknown scorer.name={name!r}")
+
+
+def _judges_scorer(cfg, *, mesh=None, rules=None):
+    """BalCapScorer from the `judges` block: in-process judges (local checkpoints) or an
+    OpenAI-compatible endpoint; every field and default in config.base_config()."""
+    from balcap_jax.rewards.balcap import REWARDS, BalCapScorer
+    j = cfg.judges
+    cache_dir = j.cache_dir or os.path.join(cfg.workdir, "judge_cache")
+    rewards = tuple(r for r in cfg.rl.rewards if r in REWARDS) or REWARDS
+    if j.backend == "remote":
+        from balcap_jax.rewards.remote import RemoteBackend
+        if not j.base_url or not j.model:
+            raise ValueError("judges.backend='remote' needs judges.base_url and judges.model")
+        key = os.environ.get(j.api_key_env or "")
+        common = dict(api_key=key or None, timeout=float(j.timeout),
+                      max_retries=int(j.max_retries), concurrency=int(j.concurrency),
+                      top_logprobs=int(j.top_logprobs))
+        mm = text = RemoteBackend.from_url(j.base_url, j.model, **common)
+        if j.text_base_url or j.text_model:
+            text = RemoteBackend.from_url(j.text_base_url or j.base_url, j.text_model or j.model,
+                                          **common)
+    elif j.backend == "in_process":
+        from balcap_jax.rewards.judges import load_backend
+        if not j.multimodal_path:
+            raise ValueError("judges.backend='in_process' needs judges.multimodal_path (a local "
+                             "checkpoint directory), or use judges.backend='remote'")
+        kw = dict(list_max_tokens=int(j.list_max_tokens), generate_batch=int(j.generate_batch),
+                  prefix_batch=int(j.prefix_batch), item_batch=int(j.item_batch),
+                  max_image_tokens=int(j.max_image_tokens or cfg.data.max_image_tokens))
+        mm = text = load_backend(j.multimodal_path, dtype=j.dtype, mesh=mesh, rules=rules, **kw)
+        if j.text_path:
+            text = load_backend(j.text_path, dtype=j.dtype, mesh=mesh, rules=rules, **kw)
+    else:
+        raise ValueError(f"judges.backend={j.backend!r}: use 'in_process' or 'remote'")
+    return BalCapScorer(mm, text_backend=text, threshold=bool(j.threshold),
+                        pointability=bool(j.pointability), rewards=rewards, cache_dir=cache_dir)
+
+
 def build_parts(cfg, mesh=None, rules=None):
-    from balcap_jax.rewards.base import make_scorer
     from balcap_jax.train import RunParts
     loader, evals = _loader_and_eval(cfg)
     hf_config = hf_config_of(cfg)
     corpus = None
     if cfg.model.tokenizer == "tiny" and cfg.data.source == "shapes":
-        from balcap_jax.data.shapes import SHAPES_PROMPT, tokenizer_corpus
+        from balcap_jax.shapes import SHAPES_PROMPT, tokenizer_corpus
         corpus = list(tokenizer_corpus(seed=cfg.data.world_seed)) + [SHAPES_PROMPT]
     elif cfg.model.tokenizer == "tiny":  # a BPE trained on what the run will see
         # read unsharded: every host must train the same tokenizer
@@ -289,12 +344,8 @@ def build_parts(cfg, mesh=None, rules=None):
     if len(tokenizer) > vocab:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{vocab}; raise the model's vocab_size or pick a matching tokenizer")
-    # Qwen's two stop tokens where the vocabulary has them (a Llama vocabulary maps them to
-    # <unk>), plus the tokenizer's own eos (</s> for LLaVA)
-    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    eos_ids = [i for i in eos_ids if i is not None and i != tokenizer.unk_token_id]
-    eos_ids += [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    eos = tuple(dict.fromkeys(int(t) for t in eos_ids))
+    from balcap_jax.tokenizers import stop_token_ids
+    eos = stop_token_ids(tokenizer)
     processor = _processor(cfg, tokenizer, hf_config)
     buckets = prompt_buckets(cfg)
     _check_prompt_fits(cfg, processor, buckets)
@@ -306,8 +357,8 @@ def build_parts(cfg, mesh=None, rules=None):
         policy.vision_slot = int(cfg.data.max_image_tokens) * \
             policy.vl_cfg.vision.spatial_merge_size ** 2
     return RunParts(model=policy, tokenizer=tokenizer, processor=processor,
-                    scorer=make_scorer(cfg, tokenizer, mesh=None if mesh is None else
-                                       judge_mesh(cfg, mesh), rules=rules), loader=loader,
+                    scorer=build_scorer(cfg, tokenizer, mesh=None if mesh is None else
+                                        judge_mesh(cfg, mesh), rules=rules), loader=loader,
                     eval_examples=evals, eos_token_ids=eos, pad_id=int(tokenizer.pad_token_id),
                     prompt_buckets=buckets)
 

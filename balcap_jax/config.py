@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.scorer.name = "token_frequency"
     c.scorer.tokens = [" a"]    # token_frequency: the target tokens (one token each)
 
-    # BalCapRL's judges (scorer.name = "judges"; balcap_jax/rewards/balcap.py from_config)
+    # BalCapRL's judges (scorer.name = "judges"; built by balcap_jax.build.build_scorer)
     c.judges = j = ml_collections.ConfigDict()
     j.backend = "in_process"     # in_process (our jitted models) | remote (OpenAI-compatible)
     j.threshold = False          # read each yes/no as 0/1 at p = 0.5 instead of p itself
@@ -228,6 +228,7 @@ _CHOICES = {
     "data.builder": ("sharegpt4v", "coco", "captions"),
     "judges.backend": ("in_process", "remote"),
     "judges.dtype": ("float32", "bfloat16"),
+    "scorer.name": ("token_frequency", "shapes", "judges"),   # built by build.build_scorer
 }
 
 
@@ -328,10 +329,6 @@ def validate(c, n_devices: int) -> dict:
                           "checkpoint directory); or judges.backend='remote'")
     if c.sampling.temperature < 0:
         errors.append(f"sampling.temperature must be >= 0, got {c.sampling.temperature}")
-    from balcap_jax.rewards.base import SCORERS
-    if c.scorer.name not in SCORERS:
-        errors.append(f"scorer.name={c.scorer.name!r} is not available in this checkout; "
-                      f"choose one of {sorted(SCORERS)}")
     if not c.model.path and not c.model.preset and not c.model.hf_config:
         errors.append("model: set model.path (a local HF checkpoint directory), or "
                       "model.preset / model.hf_config for a random init")

@@ -21,16 +21,38 @@ global mesh spans all hosts' devices, and ``train.batch_size`` is the global bat
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import jax
 import numpy as np
 
-__all__ = ["is_multiprocess", "global_array", "to_host", "allgather_rows", "gather_inputs",
-           "host_slice", "mean_over_hosts", "allgather_json"]
+from balcap_jax.padding import to_numpy
+
+__all__ = ["initialize_from_env", "is_multiprocess", "global_array", "to_host", "allgather_rows",
+           "gather_inputs", "host_slice", "mean_over_hosts", "allgather_json"]
 
 # per-token arrays of a processor batch: padded on the left (the processor's side) to one length
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+def initialize_from_env() -> None:
+    """jax.distributed.initialize when the environment asks for it (several processes).
+
+    Set BALCAP_COORDINATOR=host:port, BALCAP_NUM_PROCESSES and BALCAP_PROCESS_ID, or run on a
+    TPU pod / SLURM / Kubernetes where JAX detects the cluster itself (BALCAP_DISTRIBUTED=1).
+    """
+    coord = os.environ.get("BALCAP_COORDINATOR")
+    if jax.distributed.is_initialized():   # by the caller, or by an earlier run() in-process
+        return
+    if coord:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu" or jax.config.jax_platforms == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coord,
+                                   num_processes=int(os.environ["BALCAP_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["BALCAP_PROCESS_ID"]))
+    elif os.environ.get("BALCAP_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
 
 
 def is_multiprocess() -> bool:
@@ -83,10 +105,7 @@ def gather_inputs(inputs: dict) -> tuple[dict, tuple[int, int]]:
     """A processor batch of this host's prompts -> the global batch (all hosts' prompts in
     process order) and (offset, count) of this host's prompts in it. Per-token arrays are
     left-padded to the longest host first (attention_mask 0 marks the padding)."""
-    def np_(v):
-        return np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-
-    inputs = {k: np_(v) for k, v in inputs.items() if v is not None}
+    inputs = {k: to_numpy(v) for k, v in inputs.items() if v is not None}
     n = len(inputs["input_ids"])
     if not is_multiprocess():
         return inputs, (0, n)

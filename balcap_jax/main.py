@@ -32,49 +32,17 @@ _PLAN_ONLY = flags.DEFINE_bool(
 log = logging.getLogger("balcap_jax")
 
 
-def maybe_initialize_distributed() -> None:
-    """jax.distributed.initialize when the environment asks for it (several processes).
-
-    Set BALCAP_COORDINATOR=host:port, BALCAP_NUM_PROCESSES and BALCAP_PROCESS_ID, or run on a
-    TPU pod / SLURM / Kubernetes where JAX detects the cluster itself (BALCAP_DISTRIBUTED=1).
-    """
-    import jax
-    coord = os.environ.get("BALCAP_COORDINATOR")
-    if jax.distributed.is_initialized():   # by the caller, or by an earlier run() in-process
-        return
-    if coord:
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu" or jax.config.jax_platforms == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coord,
-                                   num_processes=int(os.environ["BALCAP_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["BALCAP_PROCESS_ID"]))
-    elif os.environ.get("BALCAP_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
-
-
 def run(cfg) -> dict:
     """Runs (or resumes) training as configured; returns the last metrics row."""
     import jax
     from tqdm.auto import tqdm
 
-    from balcap_jax import build, checkpoint, config as config_lib
+    from balcap_jax import build, checkpoint
     from balcap_jax.metrics import MetricsWriter
+    from balcap_jax.run import postfix, start, train_steps
     from balcap_jax.sharding import use_sharding
 
-    maybe_initialize_distributed()
-    if cfg.compile_cache_dir:  # a re-run (or a Colab restart) skips recompiling
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache_dir))
-    mesh_sizes = config_lib.validate(cfg, jax.device_count())
-    plan = build.memory_plan(cfg, mesh_sizes)
-    if jax.process_index() == 0:
-        print(f"[balcap_jax] mesh {mesh_sizes}; memory plan per device:\n{plan.table()}",
-              flush=True)
-    plan.check()
-
-    os.makedirs(cfg.workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        checkpoint.save_config(cfg.workdir, cfg)
-    mesh, rules = build.mesh_and_rules(cfg, mesh_sizes)
+    mesh, rules = start(cfg)
     with use_sharding(mesh, rules):
         trainer = build.build_trainer(cfg, mesh, rules)
         ckpt = checkpoint.Checkpointer(cfg.workdir, every=cfg.checkpoint.every,
@@ -91,9 +59,7 @@ def run(cfg) -> dict:
         bar = tqdm(total=cfg.train.steps, initial=trainer.state.step, desc="balcap",
                    dynamic_ncols=True, disable=jax.process_index() != 0)
         try:
-            while trainer.state.step < cfg.train.steps and not _stop(sigterm):
-                metrics = trainer.train_step(next(trainer.p.loader))
-                step = trainer.state.step
+            for step, metrics in train_steps(trainer, cfg.train.steps, lambda: _stop(sigterm)):
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                     ev, records = trainer.evaluate()
                     metrics.update(ev)
@@ -102,7 +68,7 @@ def run(cfg) -> dict:
                 if writer and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                     row = writer.write(step, metrics)
                 bar.update(1)
-                bar.set_postfix(_postfix(metrics, cfg.rl.rewards))
+                bar.set_postfix(postfix(metrics, cfg.rl.rewards))
                 ckpt.save(step, trainer.state.tree(), trainer.meta())
         finally:
             bar.close()
@@ -136,7 +102,8 @@ def _stop(sigterm) -> bool:
 
 def plan(cfg) -> str:
     """The memory plan of ``cfg`` on its configured mesh, without touching any device."""
-    from balcap_jax import build, config as config_lib
+    from balcap_jax import build
+    from balcap_jax import config as config_lib
     sizes = {k: int(cfg.mesh[k]) for k in ("data", "fsdp", "tensor")}
     if min(sizes.values()) < 1:
         raise config_lib.ConfigError(f"--plan_only needs an explicit mesh, got {sizes}; set "
@@ -150,12 +117,6 @@ def plan(cfg) -> str:
         return text + "\nfits"
     except MemoryError as e:
         return text + "\nDOES NOT FIT: " + str(e).split("\n")[0]
-
-
-def _postfix(m: dict, rewards) -> dict:
-    out = {r[:4]: f"{m.get(f'reward/{r}', float('nan')):.3f}" for r in rewards}
-    out["len"] = f"{m.get('length/caption_words', float('nan')):.1f}"
-    return out
 
 
 def main(argv):

@@ -22,8 +22,7 @@ __all__ = ["MetricsWriter", "to_float", "truncate_jsonl"]
 
 
 def to_float(x: Any) -> float:
-    v = float(np.asarray(x))
-    return v
+    return float(np.asarray(x))
 
 
 def truncate_jsonl(path: str, last_step: int) -> int:
@@ -85,7 +84,8 @@ class MetricsWriter:
 
     def write_completions(self, step: int, records: list[dict]) -> None:
         for r in records:
-            self._completions.write(json.dumps({"step": int(step), **r}, default=_json_default) + "\n")
+            self._completions.write(json.dumps({"step": int(step), **r}, default=_json_default)
+                                    + "\n")
         self._completions.flush()
 
     def close(self) -> None:

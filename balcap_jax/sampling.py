@@ -44,8 +44,8 @@ Conventions
   parameters (a re-merged model) and other stop ids reuse the executables.
 
 Public: generate, Samples, token_logprobs, token_logprobs_fn (pure, for jax.grad),
-prepare_logprob_batch / prepare_prompt (host side), place_batch, sample_logits, row_keys, bucket_length,
-left_align, compile_count.
+prepare_logprob_batch / prepare_prompt (host side), place_batch, sample_logits, row_keys,
+bucket_length, left_align, compile_count.
 """
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from balcap_jax.padding import bucket_length, to_numpy
 
 _TRACES: collections.Counter = collections.Counter()
 
@@ -102,7 +104,8 @@ def _inverse_cdf(w: jax.Array, u: jax.Array, block: int = 128) -> jax.Array:
         cb = jnp.cumsum(jnp.sum(wb, axis=-1), axis=-1)                       # [N, V/block]
         target = u * cb[:, -1]
         bi = jnp.minimum(jnp.sum(cb <= target[:, None], axis=-1), v // block - 1)
-        before = jnp.where(bi > 0, jnp.take_along_axis(cb, jnp.maximum(bi - 1, 0)[:, None], 1)[:, 0], 0.)
+        before = jnp.where(bi > 0,
+                           jnp.take_along_axis(cb, jnp.maximum(bi - 1, 0)[:, None], 1)[:, 0], 0.)
         inner = jnp.take_along_axis(wb, bi[:, None, None], axis=1)[:, 0]     # [N, block]
         ci = jnp.cumsum(inner, axis=-1)
         idx = bi * block + jnp.sum(ci <= (target - before)[:, None], axis=-1)
@@ -183,38 +186,20 @@ def _step_keys(keys: jax.Array, step) -> jax.Array:
 # Host-side prompt preparation: left-align, bucket, positions
 # ----------------------------------------------------------------------------------------------
 
-def bucket_length(n: int, buckets: Sequence[int] | None = None, minimum: int = 8) -> int:
-    """Padded prompt length: the next power of two (>= minimum) or the smallest listed bucket."""
-    if buckets is None:
-        return max(minimum, 1 << max(n - 1, 0).bit_length())
-    fitting = [b for b in sorted(buckets) if b >= n]
-    if not fitting:
-        raise ValueError(f"prompt length {n} exceeds the largest prompt bucket {max(buckets)}; "
-                         "add a larger bucket (data.max_prompt_tokens / data.prompt_buckets in "
-                         "a run config, prompt_buckets= here) or shorten the prompts")
-    return fitting[0]
-
-
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensors from an HF processor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def left_align(inputs: dict, length: int, pad_id: int = 0) -> dict:
     """input_ids / attention_mask / mm_token_type_ids re-packed to [B, length], every row's valid
     tokens (attention_mask == 1) at the right end. Accepts left or right padded inputs."""
     if "input_ids" not in inputs:
         raise ValueError(f"inputs needs 'input_ids' (got keys {sorted(inputs)})")
-    ids = _to_numpy(inputs["input_ids"])
+    ids = to_numpy(inputs["input_ids"])
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
-    mask = _to_numpy(inputs.get("attention_mask", np.ones_like(ids))).astype(bool)
+    mask = to_numpy(inputs.get("attention_mask", np.ones_like(ids))).astype(bool)
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     per_token = {"input_ids": (ids, pad_id), "attention_mask": (mask, 0)}
     if inputs.get("mm_token_type_ids") is not None:
-        per_token["mm_token_type_ids"] = (_to_numpy(inputs["mm_token_type_ids"]), 0)
+        per_token["mm_token_type_ids"] = (to_numpy(inputs["mm_token_type_ids"]), 0)
     n_valid = mask.sum(1)
     if n_valid.max(initial=0) > length:
         raise ValueError(f"prompt of {n_valid.max()} tokens does not fit length {length}")
@@ -318,7 +303,7 @@ def prepare_prompt(model, inputs: dict, *, prompt_buckets: Sequence[int] | None 
                    pad_id: int = 0) -> Prompt:
     """Host side: left-align and bucket the prompt, then let the model's adapter build the
     embedding inputs and positions. Returns numpy arrays."""
-    mask = _to_numpy(inputs.get("attention_mask", np.ones_like(_to_numpy(inputs["input_ids"]))))
+    mask = to_numpy(inputs.get("attention_mask", np.ones_like(to_numpy(inputs["input_ids"]))))
     length = bucket_length(int(mask.sum(1).max()), prompt_buckets)
     aligned = left_align(inputs, length, pad_id)
     return _adapter(model).prepare(model, aligned, inputs)
@@ -459,7 +444,8 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    eos = (int(eos_token_ids),) if np.ndim(eos_token_ids) == 0 else tuple(int(e) for e in eos_token_ids)
+    eos = ((int(eos_token_ids),) if np.ndim(eos_token_ids) == 0
+           else tuple(int(e) for e in eos_token_ids))
     cfg = _Config(int(max_new_tokens), int(num_samples), float(temperature), int(top_k),
                   float(top_p), int(pad_id))
     eos = np.asarray(eos, np.int32)  # traced: changing the stop ids does not recompile
@@ -482,8 +468,8 @@ def prepare_logprob_batch(model, inputs: dict, completions, mask, *,
                           prompt_buckets: Sequence[int] | None = None, pad_id: int = 0) -> dict:
     """Host side: the bucketed prompt plus completions [B,L] int and mask [B,L] (1 = scored),
     as a dict of numpy arrays for `token_logprobs_fn`."""
-    completions = _to_numpy(completions).astype(np.int32)
-    mask = _to_numpy(mask)
+    completions = to_numpy(completions).astype(np.int32)
+    mask = to_numpy(mask)
     if completions.ndim != 2 or mask.shape != completions.shape:
         raise ValueError(f"completions [B, L] and mask [B, L] must agree, got {completions.shape} "
                          f"and {mask.shape}")
@@ -491,7 +477,8 @@ def prepare_logprob_batch(model, inputs: dict, completions, mask, *,
     if prompt.mask.shape[0] != completions.shape[0]:
         raise ValueError(f"{prompt.mask.shape[0]} prompts but {completions.shape[0]} completions; "
                          "repeat each prompt G times (prompt-major) to score G samples")
-    return {"prompt": prompt, "completions": np.where(mask > 0, completions, pad_id).astype(np.int32),
+    return {"prompt": prompt,
+            "completions": np.where(mask > 0, completions, pad_id).astype(np.int32),
             "mask": mask.astype(np.float32)}
 
 

@@ -6,8 +6,8 @@ Pipeline (one process, one model):
   0. vision pretraining (`sft.vision_pretrain_steps`): the tower learns per-cell shape, colour
      and size labels, then stays frozen (`sft.freeze_vision`, `train.freeze_vision`) as a real
      MLLM's pretrained encoder would;
-  1. warm start: supervised cross-entropy (balcap_jax.sft) on the world's deliberately imperfect
-     captions (`sft_caption_for`, a fresh draw every step) until the loss plateaus;
+  1. warm start: supervised cross-entropy (balcap_jax.train.sft) on the world's deliberately
+     imperfect captions (`sft_caption_for`, a fresh draw every step) until the loss plateaus;
   2. `before`: greedy held-out evaluation of the warm start;
   3. RL: BalCapRL steps (balcap_jax.train.Trainer: c-GDPO, length masking) from the warm start;
   4. `after`: the same evaluation;
@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,8 @@ import numpy as np
 
 log = logging.getLogger("balcap_jax")
 
-__all__ = ["run_demo", "demo_parts", "vision_stage", "warm_start", "rl_phase", "sft_for_seconds", "summarise",
-           "save_params", "load_params"]
+__all__ = ["run_demo", "demo_parts", "vision_stage", "warm_start", "rl_phase", "sft_for_seconds",
+           "summarise", "save_params", "load_params"]
 
 _SYSTEM_BLOCK = ("{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
                  "You are a helpful assistant.<|im_end|>\n{% endif %}")
@@ -62,7 +62,7 @@ def demo_parts(cfg, mesh=None, rules=None):
 
 
 def _builder(cfg):
-    from balcap_jax.data import shapes
+    from balcap_jax import shapes
     d = cfg.data
     return shapes.build_shapes_dataset(
         seed=d.world_seed, num_train=d.num_train, num_eval=d.num_eval,
@@ -74,13 +74,13 @@ class _SftData:
     """Training images with a fresh warm-start caption per visit (draw = 1 + step)."""
 
     def __init__(self, cfg, seed_offset: int):
-        from balcap_jax.data import shapes
+        from balcap_jax import shapes
         self.loader = shapes.make_shapes_loader(_builder(cfg), batch_size=cfg.sft.batch_size,
                                                 seed=cfg.seed + seed_offset)
         self.draw = 0
 
     def __next__(self):
-        from balcap_jax.data.shapes import sft_caption_for
+        from balcap_jax.shapes import sft_caption_for
         self.draw += 1
         ex = next(self.loader)
         return ex, [sft_caption_for(e["image_id"], self.draw) for e in ex]
@@ -89,8 +89,8 @@ class _SftData:
 def _vision_batches(cfg, parts, batch_size: int = 64):
     """(pixel_values, image_grid_thw, per-cell labels) of training images for the vision
     pretraining stage; labels from each image's scene graph (regenerated from its id)."""
-    from balcap_jax.data import shapes
-    from balcap_jax.data.shapes_world import cell_labels, scene_from_id
+    from balcap_jax import shapes
+    from balcap_jax.shapes.world import cell_labels, scene_from_id
     loader = shapes.make_shapes_loader(_builder(cfg), batch_size=batch_size, seed=cfg.seed + 2)
     for ex in loader:
         px = parts.processor.image_processor([e["image"] for e in ex])
@@ -101,11 +101,11 @@ def _vision_batches(cfg, parts, batch_size: int = 64):
 
 def vision_stage(sft, cfg, parts, *, progress=True) -> dict | None:
     """Pretrains the policy's vision tower on per-cell shape / colour / size labels for
-    `cfg.sft.vision_pretrain_steps` steps (balcap_jax.vision_pretrain): the stand-in for a real
-    MLLM's pretrained encoder, without which the tiny tower never learns shape. None (and
+    `cfg.sft.vision_pretrain_steps` steps (balcap_jax.shapes.vision_pretrain): the stand-in for a
+    real MLLM's pretrained encoder, without which the tiny tower never learns shape. None (and
     nothing done) when that is 0."""
-    from balcap_jax.data.shapes_world import CELL_LABEL_CLASSES
-    from balcap_jax.vision_pretrain import pretrain_vision
+    from balcap_jax.shapes.vision_pretrain import pretrain_vision
+    from balcap_jax.shapes.world import CELL_LABEL_CLASSES
     sc, t0 = cfg.sft, time.perf_counter()
     if int(sc.vision_pretrain_steps) <= 0:
         return None
@@ -188,22 +188,18 @@ _CURVE_KEYS = ("reward/precision", "reward/recall", "reward/linguistic", "length
 
 
 def rl_phase(trainer, steps: int, *, progress=True, writer=None) -> dict:
-    """`steps` BalCapRL steps; per-step rewards (precision, recall, linguistic as scored, the
-    linguistic one after length masking) and caption length."""
+    """`steps` BalCapRL steps (main.train_steps); per-step rewards (precision, recall,
+    linguistic as scored, the linguistic one after length masking) and caption length."""
+    from balcap_jax.run import postfix, train_steps
     rows, t0 = [], time.perf_counter()
     bar = _bar(steps, "BalCapRL", progress)
     try:
-        for _ in range(int(steps)):
-            m = trainer.train_step(next(trainer.p.loader))
-            row = {k: float(m[k]) for k in _CURVE_KEYS if k in m}
-            rows.append(row)
+        for step, m in train_steps(trainer, trainer.state.step + int(steps)):
+            rows.append({k: float(m[k]) for k in _CURVE_KEYS if k in m})
             if writer:
-                writer.write(trainer.state.step, m)
+                writer.write(step, m)
             bar.update(1)
-            bar.set_postfix(P=f"{row.get('reward/precision', np.nan):.3f}",
-                            R=f"{row.get('reward/recall', np.nan):.3f}",
-                            L=f"{row.get('reward/linguistic', np.nan):.3f}",
-                            len=f"{row.get('length/caption_words', np.nan):.1f}")
+            bar.set_postfix(postfix(m, trainer.cfg.rl.rewards))
     finally:
         bar.close()
     return {"steps": len(rows), "rows": rows, "seconds": time.perf_counter() - t0}
@@ -218,7 +214,7 @@ def summarise(ev: dict) -> dict:
 
 def _evaluate(trainer, params, name: str, progress=True) -> tuple[dict, list, dict]:
     """(held-out summary, every caption's record, the attribute report of those captions)."""
-    from balcap_jax.eval.shapes_attributes import attribute_report
+    from balcap_jax.shapes.attributes import attribute_report
     trainer.state.params = jax.tree.map(jnp.copy, params)
     t = time.perf_counter()
     examples = trainer.p.eval_examples   # records come back in this order, each with its scene
@@ -236,21 +232,16 @@ def _evaluate(trainer, params, name: str, progress=True) -> tuple[dict, list, di
 
 def run_demo(cfg, *, progress: bool = True) -> dict:
     """The whole pipeline (module doc); returns the summary written to workdir/summary.json."""
-    from balcap_jax import build, config as config_lib
+    from balcap_jax import build
     from balcap_jax.metrics import MetricsWriter
-    from balcap_jax.sft import SFT
+    from balcap_jax.run import start
+    from balcap_jax.shapes.plot import plot_curves
     from balcap_jax.sharding import use_sharding
     from balcap_jax.train import Trainer
-    from balcap_jax.demo_plot import plot_curves
+    from balcap_jax.train.sft import SFT
 
     t_start = time.perf_counter()
-    if cfg.compile_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache_dir))
-    mesh_sizes = config_lib.validate(cfg, jax.device_count())
-    os.makedirs(cfg.workdir, exist_ok=True)
-    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json(indent=1))
-    mesh, rules = build.mesh_and_rules(cfg, mesh_sizes)
+    mesh, rules = start(cfg, memory_plan=False)
     with use_sharding(mesh, rules):
         parts = demo_parts(cfg, mesh, rules)
         trainer = Trainer(cfg, parts)
@@ -334,7 +325,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import app
     from ml_collections import config_flags
     _CONFIG = config_flags.DEFINE_config_file("config", "configs/shapes.py",
                                               "Path to a config file (configs/shapes.py).")

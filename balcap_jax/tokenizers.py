@@ -41,6 +41,19 @@ TINY_SPECIAL_TOKENS = (
 _QWEN_CACHE_NAME = "qwen25_tokenizer_v1"
 
 
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end a caption: Qwen's <|im_end|> and <|endoftext|> where the vocabulary has
+    them (a Llama vocabulary maps them to <unk>), then the tokenizer's own eos (</s> for
+    LLaVA). The first is the one a supervised caption ends with."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    ids = [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+    ids += [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if not ids:
+        raise ValueError("the tokenizer has no stop token (<|im_end|>, <|endoftext|> or an eos "
+                         "token); set tokenizer.eos_token")
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
 def default_cache_dir() -> str:
     """`$BALCAP_JAX_CACHE` if set, else `~/.cache/balcap_jax`."""
     return os.environ.get("BALCAP_JAX_CACHE") or os.path.join(
@@ -106,7 +119,8 @@ def qwen25_tokenizer(cache_dir: str | None = None):
             return _wrap_qwen(Tokenizer.from_file(tok_file))
         except Exception as e:  # corrupt cache: say where, then rebuild
             import warnings
-            warnings.warn(f"ignoring unreadable tokenizer cache {tok_file} ({e}); rebuilding")
+            warnings.warn(f"ignoring unreadable tokenizer cache {tok_file} ({e}); rebuilding",
+                          stacklevel=2)
             shutil.rmtree(target, ignore_errors=True)
     backend = _build_qwen25_backend()
     os.makedirs(root, exist_ok=True)

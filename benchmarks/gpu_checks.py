@@ -70,7 +70,6 @@ def hf_config(tiny: bool) -> dict:
 
 
 def check_forward(model, counts, cfgd, tiny):
-    from balcap_jax.models.qwen2_5_vl import encode_images_jit
     b, t, side = (2, 64, 56) if tiny else (8, 1024, 448)
     grid = side // 14
     n_img = grid * grid // 4
@@ -110,15 +109,16 @@ def check_forward(model, counts, cfgd, tiny):
              + 2 * layers * b * t * t * heads * hd)  # causal: half of 4*T^2*H*hd per layer
     _, peak, _ = peaks()
     log(check="forward", batch=b, tokens=t, image=f"{side}x{side}", compile_s=round(compile_s, 1),
-        seconds=round(best, 4), tokens_per_s=round(b * t / best), tflops=round(flops / best / 1e12, 1),
-        mfu=round(flops / best / peak, 3), peak_mem_gib=round(peak_mem(), 1))
+        seconds=round(best, 4), tokens_per_s=round(b * t / best),
+        tflops=round(flops / best / 1e12, 1), mfu=round(flops / best / peak, 3),
+        peak_mem_gib=round(peak_mem(), 1))
 
 
 def check_train(model, counts, cfgd, tiny, deadline):
     from balcap_jax.config import base_config
     from balcap_jax.data.synthetic import SyntheticCaptions, synthetic_example
-    from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
-    from balcap_jax.rewards.base import TokenFrequencyScorer
+    from balcap_jax.processing import Qwen25VLProcessor, QwenImageProcessor
+    from balcap_jax.rewards.scripted import TokenFrequencyScorer
     from balcap_jax.tokenizers import train_tiny_bpe
     from balcap_jax.train import RunParts, Trainer
     b, g, new, micro, side = (4, 2, 16, 4, 56) if tiny else (64, 8, 512, 32, 224)

@@ -33,7 +33,8 @@ decomposition times; the agreement of in-process vs remote p(yes) read at the fi
 token (text-only questions: same inputs, so float error; image questions: the image goes over
 HTTP as JPEG, so pixels differ a little; a question whose greedy first token is blank has no
 first-token answer remotely and is left out), and of the precision rewards with the remote
-judge's usual 4-token answers (its reader skips a blank first token, ours never does); a summary with the ratios and peak RSS of this process (JAX judge + client) and of the server.
+judge's usual 4-token answers (its reader skips a blank first token, ours never does); a
+summary with the ratios and peak RSS of this process (JAX judge + client) and of the server.
 
 GPU check (--preset NAME): the in-process judge alone, a random-init model of the named hub
 shapes (e.g. Qwen2.5-VL-7B) in --dtype (bfloat16), Qwen2.5's tokenizer, --image square images;
@@ -169,7 +170,7 @@ class ModelServer:
         torch.set_num_threads(threads)
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
+        from balcap_jax.processing import Qwen25VLProcessor, QwenImageProcessor
         self.torch = torch
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
         self.tok = AutoTokenizer.from_pretrained(path)     # as judges.load_backend reads it
@@ -452,8 +453,8 @@ def _bench(args, ckpt: str, port: int, t0: float) -> None:
     p_in = results["in_process_shared_prefix"]["precision"]
     p_rm = results["remote_transformers"]["precision"]
     ok = np.isfinite(p_in) & np.isfinite(p_rm)
-    agree["precision_max_abs_diff_4_token_answers"] = (round(float(np.max(np.abs(p_in - p_rm)[ok])), 6)
-                                       if ok.any() else None)
+    agree["precision_max_abs_diff_4_token_answers"] = (
+        round(float(np.max(np.abs(p_in - p_rm)[ok])), 6) if ok.any() else None)
     _line({"agreement_in_process_vs_remote": agree})
 
     if args.decompose_tokens:
@@ -491,7 +492,7 @@ def gpu_check(args) -> None:
 
     from balcap_jax.models.presets import preset
     from balcap_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-    from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
+    from balcap_jax.processing import Qwen25VLProcessor, QwenImageProcessor
     from balcap_jax.rewards.judges import InProcessBackend
     from balcap_jax.tokenizers import qwen25_tokenizer
     t0 = time.perf_counter()

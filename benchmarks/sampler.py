@@ -63,7 +63,8 @@ def make_batch(batch: int, seed: int = 0) -> dict:
         ids[i, t - len(s):], mask[i, t - len(s):] = s, 1
     n_patch = GRID[0] * GRID[1] * GRID[2]
     return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMG).astype(np.int64),
-                pixel_values=r.standard_normal((batch * n_patch, 3 * 2 * 14 * 14)).astype(np.float32),
+                pixel_values=(r.standard_normal((batch * n_patch, 3 * 2 * 14 * 14))
+                              .astype(np.float32)),
                 image_grid_thw=np.array([GRID] * batch, np.int64))
 
 
@@ -100,6 +101,7 @@ def run_hf(path: str, batch: dict, new: int, repeats: int) -> dict:
 
 def run_ours(path: str, batch: dict, new: int, repeats: int, breakdown: bool) -> dict:
     import jax
+
     from balcap_jax import sampling
     from balcap_jax.models import from_pretrained
     model = from_pretrained(path)
@@ -167,7 +169,8 @@ def main() -> None:
                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not lines:
-                raise SystemExit(f"{side} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                raise SystemExit(f"{side} side failed:\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-3000:]}")
             results[side] = json.loads(lines[-1][len("RESULT "):])
 
     hf, ours = results["hf"], results["ours"]

@@ -49,9 +49,9 @@ class NoPointabilityScorer:
         self.inner = inner
 
     def __call__(self, images, captions, references, **context):
-        from balcap_jax.data.shapes_world import as_scene
-        from balcap_jax.rewards.base import ScoreResult
-        from balcap_jax.rewards.shapes import _scene_from_id, score_caption
+        from balcap_jax.rewards.types import ScoreResult
+        from balcap_jax.shapes.scorer import _scene_from_id, score_caption
+        from balcap_jax.shapes.world import as_scene
         result = self.inner(images, captions, references, **context)
         if context.get("scenes") is not None:
             scenes = [as_scene(s) for s in context["scenes"]]
@@ -93,11 +93,12 @@ def run_seed(cfg, variants, *, progress: bool, warm_from: str = "",
     import jax
     import jax.numpy as jnp
 
-    from balcap_jax import build, config as config_lib, shapes_demo as demo
-    from balcap_jax.data import shapes
-    from balcap_jax.sft import SFT
+    from balcap_jax import build, shapes
+    from balcap_jax import config as config_lib
+    from balcap_jax import shapes_demo as demo
     from balcap_jax.sharding import use_sharding
     from balcap_jax.train import Trainer
+    from balcap_jax.train.sft import SFT
 
     if cfg.get("compile_cache_dir"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache_dir))
@@ -161,7 +162,8 @@ def main(argv=None):
     ap.add_argument("--num-eval", type=int, default=None, help="held-out images")
     ap.add_argument("--workdir", default="workdir/shapes_ablation")
     ap.add_argument("--warm-from", default="", help="a demo's warm_start.npz to start from instead "
-                    "of training one; {seed} is replaced (e.g. workdir/demo_s{seed}/warm_start.npz)")
+                    "of training one; {seed} is replaced "
+                    "(e.g. workdir/demo_s{seed}/warm_start.npz)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     from ml_collections import config_flags
@@ -188,7 +190,8 @@ def main(argv=None):
         results[seed] = run_seed(c, args.variants, progress=not args.quiet,
                                  warm_from=args.warm_from.format(seed=seed), on_result=save)
     text = table(results)
-    print(f"\nShapesWorld ablation: seeds {args.seeds}, {cfg.train.steps if not args.steps else args.steps}"
+    print(f"\nShapesWorld ablation: seeds {args.seeds}, "
+          f"{cfg.train.steps if not args.steps else args.steps}"
           f" RL steps, {len(next(iter(results.values())))} rows, {time.time() - t0:.0f} s\n"
           + text, flush=True)
     os.makedirs(args.workdir, exist_ok=True)

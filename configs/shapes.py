@@ -5,37 +5,10 @@ BalCapRL (c-GDPO over exact precision / recall / linguistic rewards, length mask
     bash launch/demo.sh                      # the whole pipeline (balcap_jax.shapes_demo)
     python -m balcap_jax.shapes_demo --config=configs/shapes.py --config.seed=1
 
-The `sft` block drives the warm start (balcap_jax.sft) and the supervised control; `demo`
-sizes the phases. Everything else is the ordinary RL config (balcap_jax.config).
-
 The pipeline: vision pretraining (`sft.vision_pretrain_steps`; the tower is then frozen), the
-warm start, BalCapRL, the supervised control. Measured with these settings (200 held-out
-images, greedy, b-CapScore; 2 quiet cores; each seed run once, after all choices below):
-
-    seed  warm start          after 150 RL steps   SFT control (RL's wall time)
-    0     71.9 (1400 steps)   82.4 (+10.6)         71.4 (346 steps; RL +11.1)
-    1     69.0 (1400 steps)   79.2 (+10.2)         69.8 (357 steps; RL +9.4)
-    2     68.4 (1300 steps)   81.3 (+12.9)         70.0 (437 steps; RL +11.3)
-    3     68.8 (1500 steps)   82.4 (+13.6)         71.1 (387 steps; RL +11.3)
-    4     73.2 (1500 steps)   85.3 (+12.1)         72.5 (362 steps; RL +12.8)
-    5     68.7 (1600 steps)   84.9 (+16.2)         74.0 (378 steps; RL +10.9)
-    mean  70.0                82.6 (+12.6)         71.4 (RL +11.1)
-
-Under RL precision rose by 0.149-0.193 on every seed, recall by 0.070-0.185, linguistic by
-0.019-0.056. A run takes 596-691 s (seed 0: vision 37 s, warm start 384 s, RL 96 s,
-control 96 s). Runs are deterministic on one machine; the
-control's step count depends on the load.
-
-The RL schedule (150 steps, cosine from 1.5e-4) was picked on seeds 0-2 of the pipeline
-without the vision stage, among five: constant 1e-4 for 100 steps gave a mean +8.6, cosine
-from 1.5e-4 over 100 steps +9.1 (README); at a constant 2e-4 seed 0 fell. Without the vision
-stage (`sft.vision_pretrain_steps=0`, both freezes off) the same six seeds' warm starts scored
-55.7-63.6 and RL gained +9.7 on average (+7.9 over the control): the tower never learned shape
-(README). What made the warm start see the objects at all (ShapesWorld v1 and the first v2
-settings scored 44.5-51.2): the processor shrinks the 112 px image to 42 px, one 14 px patch
-per grid cell (9 image tokens instead of 64, steps ~2.5x cheaper), and the supervised lr is
-5e-4 (at 2e-3 the colour loss of a single-object probe stayed at chance for 150 steps, then
-spiked).
+warm start (the `sft` block), BalCapRL (the ordinary RL blocks), and a supervised control given
+the RL phase's wall time. The settings below, and how each was chosen, are in the README's
+ShapesWorld section, with the measured results of six seeds.
 """
 
 from balcap_jax.config import base_config
@@ -90,7 +63,7 @@ def get_config():
     # the sft block's defaults (base_config) are ShapesWorld's: 32 captions a step, lr 5e-4
     # (at 2e-3 colour stayed at chance longer, then the loss spiked), 50 warm-up steps, at most
     # 2500 steps with a plateau check every 100, captions of at most 80 tokens
-    # Stage 0 (balcap_jax.vision_pretrain): the vision tower learns per-cell shape / colour /
+    # Stage 0 (balcap_jax.shapes.vision_pretrain): the vision tower learns per-cell shape / colour /
     # size labels first and is then frozen for the warm start and RL, like a real MLLM's
     # pretrained encoder (without it the warm start states shape right ~36% of the time).
     c.sft.vision_pretrain_steps = 300

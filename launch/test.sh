@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Set up .venv (if needed) and run the test suite. This is the README's test command.
+# Set up .venv (if needed), lint, and run the test suite. This is the README's test command.
 #   bash launch/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the linter first: a new violation fails the run (rules and line length in pyproject.toml)
+.venv/bin/ruff check balcap_jax tests benchmarks configs
 set +e
 .venv/bin/python -m pytest --durations=15 "$@"
 rc=$?

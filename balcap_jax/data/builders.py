@@ -67,13 +67,8 @@ def _ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int) -
             yield pending.popleft().result()
 
 
-class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Shared body; subclasses set FORMAT (a records.READERS key)."""
-
-    FORMAT = ""
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "image, image_id, references, prompt, source"}
-    BUILDER_CONFIG_CLASS = CaptionFilesConfig
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A TFDS builder defined outside a TFDS package (ours: caption files and ShapesWorld)."""
 
     # TFDS 4.9's default code_path touches `importlib_resources`, a backport it only installs for
     # Python < 3.9, when the builder lives in a package; the plain file path is all it needs.
@@ -81,6 +76,24 @@ class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(inspect.getfile(cls))
+
+
+def caption_features(image_shape: tuple, **extra: Any) -> tfds.features.FeaturesDict:
+    """An example of a caption dataset: image, image_id, references, prompt, plus `extra`."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=image_shape),
+        "image_id": tfds.features.Text(),
+        "references": tfds.features.Sequence(tfds.features.Text()),
+        "prompt": tfds.features.Text(), **extra})
+
+
+class _CaptionBuilder(LocalBuilder, skip_registration=True):
+    """Shared body; subclasses set FORMAT (a records.READERS key)."""
+
+    FORMAT = ""
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "image, image_id, references, prompt, source"}
+    BUILDER_CONFIG_CLASS = CaptionFilesConfig
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -91,13 +104,7 @@ class _CaptionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Image captions read from local {self.FORMAT} files.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3)),
-                "image_id": tfds.features.Text(),
-                "references": tfds.features.Sequence(tfds.features.Text()),
-                "prompt": tfds.features.Text(),
-                "source": tfds.features.Text(),
-            }))
+            features=caption_features((None, None, 3), source=tfds.features.Text()))
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config

@@ -31,7 +31,7 @@ import stat
 import struct
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 DEFAULT_MAX_SIDE = 2048
 DEFAULT_MAX_PIXELS = 1 << 28  # 268M pixels (16384 x 16384); PIL's own default warns at 89M

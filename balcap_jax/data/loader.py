@@ -180,7 +180,3 @@ class CaptionLoader:
         batch = next(self._iter)
         self._position += len(batch)
         return batch
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self.examples_per_epoch / self.batch_size

@@ -174,6 +174,7 @@ def model_captioner(model, processor, prompt: str = CAPTION_PROMPT, *, eos_token
     def run(jobs: Iterable[CaptionJob]) -> Iterator[Caption]:
         import jax
         import numpy as np
+
         from balcap_jax.processing import build_caption_prompt
         gen = generate
         if gen is None:
@@ -206,7 +207,7 @@ def load_local_captioner(path: str, *, tokenizer: str = "", dtype: str = "bfloat
                          **kwargs: Any) -> Captioner:
     """A Qwen2.5-VL checkpoint directory -> model_captioner (models.from_pretrained)."""
     from balcap_jax import models
-    from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor
+    from balcap_jax.processing import Qwen25VLProcessor, QwenImageProcessor
     with open(os.path.join(path, "config.json")) as f:
         model_type = json.load(f).get("model_type")
     if model_type != "qwen2_5_vl":
@@ -221,10 +222,10 @@ def load_local_captioner(path: str, *, tokenizer: str = "", dtype: str = "bfloat
     ip = (QwenImageProcessor.from_pretrained(path)
           if os.path.exists(os.path.join(path, "preprocessor_config.json"))
           else QwenImageProcessor())
-    eos = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    eos = [int(e) for e in eos if e is not None and e != tok.unk_token_id]
+    from balcap_jax.tokenizers import stop_token_ids
     model = models.from_pretrained(path, dtype=dtype)
-    return model_captioner(model, Qwen25VLProcessor(tok, ip), eos_token_ids=eos, **kwargs)
+    return model_captioner(model, Qwen25VLProcessor(tok, ip), eos_token_ids=stop_token_ids(tok),
+                           **kwargs)
 
 
 # --- command line ------------------------------------------------------------------------------

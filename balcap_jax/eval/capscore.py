@@ -31,7 +31,8 @@ def _parts(precision, recall, linguistic):
         bad = ~np.isnan(a) & ((a < -_RANGE_TOL) | (a > 1 + _RANGE_TOL))
         if bad.any():
             raise ValueError(f"{name} must lie in [0, 1] (NaN marks a judge failure); got "
-                             f"{a[bad][:5].tolist()} at image(s) {np.flatnonzero(bad)[:5].tolist()}.")
+                             f"{a[bad][:5].tolist()} at image(s) "
+                             f"{np.flatnonzero(bad)[:5].tolist()}.")
         arrays[name] = np.clip(a, 0.0, 1.0)
     shapes = {k: v.shape for k, v in arrays.items()}
     if len(set(shapes.values())) != 1:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from flax import nnx, struct
 
 from balcap_jax import sharding as shd
 from balcap_jax.models import layers as L
+from balcap_jax.padding import next_pow2
 
 Array = jax.Array
 
@@ -138,7 +139,8 @@ class Decoder(nnx.Module):
             raise ValueError(f"with a cache kv_mask must be [B, S]={(b, cache.max_len)}, "
                              f"got {kv_mask.shape}")
         if cache is None and kv_mask.shape != (b, t):
-            raise ValueError(f"without a cache kv_mask must be [B, T]={(b, t)}, got {kv_mask.shape}")
+            raise ValueError(f"without a cache kv_mask must be [B, T]={(b, t)}, "
+                             f"got {kv_mask.shape}")
         cos, sin = self.rotary(positions)
         mask = L.causal_mask(kv_mask, t, cache_index)
         x = shd.constrain(x, ("batch", "seq", "act_embed"))
@@ -199,7 +201,7 @@ def default_positions(attention_mask: Array) -> Array:
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << (int(n) - 1).bit_length())
+    return next_pow2(n, minimum)
 
 
 @functools.partial(jax.jit, static_argnums=0)

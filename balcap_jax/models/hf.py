@@ -29,11 +29,12 @@ so vision-language models (qwen2_5_vl, llava) reuse them under their own prefixe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -110,20 +111,21 @@ class KeyRule:
     aliases: tuple[str, ...] = ()
 
     @staticmethod
-    def _regex(template: str, sep: str) -> re.Pattern:
+    @functools.cache
+    def _regex(template: str) -> re.Pattern:
         parts = re.split(r"(\{\w+\})", template)
         out = "".join(f"(?P<{p[1:-1]}>\\d+)" if p.startswith("{") else re.escape(p) for p in parts)
         return re.compile(out + "$")
 
     def match_hf(self, key: str) -> str | None:
         for t in (self.hf, *self.aliases):
-            m = self._regex(t, ".").match(key)
+            m = self._regex(t).match(key)
             if m:
                 return self.ours.format(**m.groupdict())
         return None
 
     def match_ours(self, path: str) -> str | None:
-        m = self._regex(self.ours, "/").match(path)
+        m = self._regex(self.ours).match(path)
         return self.hf.format(**m.groupdict()) if m else None
 
 
@@ -174,7 +176,8 @@ def rope_from_hf(d: dict, default_theta: float = 10000.0) -> dict:
     if rope_type == "llama3":
         rp.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
     if rope_type not in ("default", "linear", "llama3"):
-        raise NotImplementedError(f"rope_type {rope_type!r} not supported (default, linear, llama3)")
+        raise NotImplementedError(f"rope_type {rope_type!r} not supported "
+                                  "(default, linear, llama3)")
     return dict(rope_theta=float(theta), rope_type=rope_type,
                 rope_params=tuple(sorted(rp.items())),
                 mrope_section=None if section is None else tuple(int(s) for s in section))

@@ -16,7 +16,8 @@ Rotary (cos/sin are float32, last dim = head_dim, rotate_half layout as in HF):
 - `mrope_cos_sin(positions[3,B,T], inv_freq, mrope_section) -> [B,T,hd]`: Qwen2.5-VL M-RoPE as
   v5 `Qwen2_5_VLRotaryEmbedding`: freqs per t/h/w, split dim/2 by section, chunk i from axis i%3,
   then duplicated (cat(f, f)). sum(mrope_section) must equal head_dim/2.
-- `vision_rope_inv_freq(head_dim, theta=10000.)`, `vision_rope_cos_sin(hw[N,2], inv_freq) -> [N,hd]`:
+- `vision_rope_inv_freq(head_dim, theta=10000.)`,
+  `vision_rope_cos_sin(hw[N,2], inv_freq) -> [N,hd]`:
   HF `Qwen2_5_VLVisionRotaryEmbedding` (axial: cat(h*f, w*f) duplicated).
 - `apply_rotary(x[..., T, H, hd], cos[..., T, hd], sin)`: x*cos + rotate_half(x)*sin computed in
   float32 (as HF's vision path; for float32 models identical to the text path), cast back.
@@ -151,7 +152,8 @@ def fused_proj(x: Array, projs: Sequence[Proj]) -> list[Array]:
     if x.shape[x.ndim - n:] != first.in_shape:
         raise ValueError(f"Proj expects trailing dims {first.in_shape}, got input {x.shape}")
     k = jnp.concatenate([p.kernel[...] for p in projs], axis=n)
-    y = jnp.tensordot(x, k.astype(x.dtype), axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
+    y = jnp.tensordot(x, k.astype(x.dtype),
+                      axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
     if first.bias is not None:
         y = y + jnp.concatenate([p.bias[...] for p in projs], axis=0).astype(y.dtype)
     axis = y.ndim - len(first.out_shape)
@@ -186,9 +188,11 @@ class GatedMLP(nnx.Module):
                  dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.act = act
         activation(act)
-        self.gate_proj = Proj(dim, hidden, names=("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
+        self.gate_proj = Proj(dim, hidden, names=("embed", "mlp"), bias=bias, dtype=dtype,
+                              rngs=rngs)
         self.up_proj = Proj(dim, hidden, names=("embed", "mlp"), bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Proj(hidden, dim, names=("mlp", "embed"), bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Proj(hidden, dim, names=("mlp", "embed"), bias=bias, dtype=dtype,
+                              rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
         gate, up = fused_proj(x, (self.gate_proj, self.up_proj))

@@ -40,11 +40,11 @@ import numpy as np
 from flax import nnx
 
 from balcap_jax import sharding as shd
-from balcap_jax.models import hf
-from balcap_jax.models import layers
+from balcap_jax.models import hf, layers
 from balcap_jax.models.decoder import CausalLM, DecoderConfig, default_positions
-from balcap_jax.models.multimodal import scatter_image_embeds
 from balcap_jax.models.llava_vision import ClipVisionConfig, ClipVisionTower
+from balcap_jax.models.multimodal import scatter_image_embeds
+from balcap_jax.padding import next_pow2
 
 Array = jax.Array
 MODEL_TYPE = "llava"
@@ -157,7 +157,7 @@ def prompt_logits_jit(graphdef, state, input_ids, attention_mask, positions, pix
 
 
 def _image_bucket(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+    return next_pow2(n)
 
 
 class Llava(CausalLM):
@@ -254,7 +254,7 @@ class Llava(CausalLM):
         if pv is not None:
             pv = np.pad(pv, ((0, _image_bucket(len(pv)) - len(pv)),) + ((0, 0),) * 3)
         b, t = ids.shape
-        tb = max(16, 1 << (t - 1).bit_length())   # right padding is invisible to a causal model
+        tb = next_pow2(t, 16)   # right padding is invisible to a causal model
         pad = ((0, 0), (0, tb - t))
         graphdef, state = nnx.split(self)
         out = prompt_logits_jit(graphdef, state, jnp.asarray(np.pad(ids, pad), jnp.int32),
@@ -314,13 +314,11 @@ def key_rules(cfg: LlavaConfig) -> list[hf.KeyRule]:
     return rules + vision_key_rules(cfg.vision)
 
 
-def _ignore(cfg_unused=None) -> tuple[str, ...]:
-    # tied checkpoints may still carry an lm_head; old CLIP/Llama checkpoints carry buffers
-    return (r"(language_model\.)?lm_head\.weight$", r".*position_ids$",
-            r".*rotary_emb\.inv_freq$")
+# tied checkpoints may still carry an lm_head; old CLIP/Llama checkpoints carry buffers
+_IGNORE = (r"(language_model\.)?lm_head\.weight$", r".*position_ids$", r".*rotary_emb\.inv_freq$")
 
 
 hf.register(hf.ModelSpec(
     model_type=MODEL_TYPE, parse_config=LlavaConfig.from_hf,
     build=lambda cfg, dtype, rngs: Llava(cfg, dtype=dtype, rngs=rngs),
-    key_rules=key_rules, to_hf_config=lambda cfg, dtype: cfg.to_hf(dtype), ignore=_ignore()))
+    key_rules=key_rules, to_hf_config=lambda cfg, dtype: cfg.to_hf(dtype), ignore=_IGNORE))

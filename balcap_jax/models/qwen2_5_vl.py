@@ -40,6 +40,7 @@ from balcap_jax.models import qwen2_5_vl_index as qi
 from balcap_jax.models.decoder import CausalLM, DecoderConfig
 from balcap_jax.models.multimodal import scatter_image_embeds
 from balcap_jax.models.qwen2_5_vl_vision import VisionConfig, VisionTower
+from balcap_jax.padding import next_pow2
 
 Array = jax.Array
 MODEL_TYPE = "qwen2_5_vl"
@@ -158,7 +159,8 @@ class Qwen2_5_VL(CausalLM):
         self.visual.remat = bool(on)
 
     # --- host side ------------------------------------------------------------------------
-    def prepare_vision_inputs(self, pixel_values, image_grid_thw, bucket="default") -> qi.VisionInputs:
+    def prepare_vision_inputs(self, pixel_values, image_grid_thw,
+                              bucket="default") -> qi.VisionInputs:
         v = self.vl_cfg.vision
         return qi.prepare_vision_inputs(
             pixel_values, image_grid_thw, spatial_merge_size=v.spatial_merge_size,
@@ -179,7 +181,8 @@ class Qwen2_5_VL(CausalLM):
         n_img = (sum(qi.image_token_counts(image_grid_thw, self.vl_cfg.vision.spatial_merge_size))
                  if image_grid_thw is not None else 0)
         if n_tok != n_img:
-            raise ValueError(f"input_ids hold {n_tok} image tokens (id {self.vl_cfg.image_token_id}) "
+            raise ValueError(f"input_ids hold {n_tok} image tokens "
+                             f"(id {self.vl_cfg.image_token_id}) "
                              f"but image_grid_thw gives {n_img} image embeddings; build prompts "
                              "with the Qwen2.5-VL processor (one <|image_pad|> per merged patch)")
 
@@ -196,7 +199,8 @@ class Qwen2_5_VL(CausalLM):
         positions, deltas = self.rope_index(ids, mask, grid, mm)
         embed_inputs = {"input_ids": ids.astype(np.int32)}
         if grid is not None:
-            embed_inputs["vision"] = self.prepare_vision_inputs(np.asarray(inputs["pixel_values"]), grid)
+            embed_inputs["vision"] = self.prepare_vision_inputs(
+                np.asarray(inputs["pixel_values"]), grid)
         return embed_inputs, positions, deltas
 
     # --- jit-friendly ---------------------------------------------------------------------
@@ -241,7 +245,7 @@ class Qwen2_5_VL(CausalLM):
             vi = self.prepare_vision_inputs(np.asarray(pixel_values, np.float32), grid)
             image_embeds = encode_images_jit(graphdef, state, vi)
         b, t = ids.shape
-        tb = max(16, 1 << (t - 1).bit_length())   # right padding is invisible to a causal model
+        tb = next_pow2(t, 16)   # right padding is invisible to a causal model
         ids_p = np.pad(ids, ((0, 0), (0, tb - t)))
         mask_p = np.pad(mask, ((0, 0), (0, tb - t)))
         pos_p = np.pad(positions, ((0, 0), (0, 0), (0, tb - t)))

@@ -19,19 +19,24 @@ from typing import NamedTuple
 
 import numpy as np
 
+from balcap_jax.padding import next_pow2
+
 PAD_SEGMENT = -1  # segment id of bucket-padding patches: never equal to a real window/frame id
 
 
 class VisionInputs(NamedTuple):
     """Padded, bucketed inputs of `encode_images` (a pytree; every leaf has a bucket-sized shape).
 
-    Np = padded patch count (a multiple of merge_unit = spatial_merge_size**2), Mp = Np // merge_unit.
+    Np = padded patch count (a multiple of merge_unit = spatial_merge_size**2),
+    Mp = Np // merge_unit.
     """
-    pixel_values: np.ndarray      # [Np, C*kt*p*p] float32, rows in the processor's order, zero padded
+    pixel_values: np.ndarray      # [Np, C*kt*p*p] float32, rows in the processor's order,
+                                  # zero padded
     patch_order: np.ndarray       # [Np] int32: row of pixel_values at each window-permuted slot
     rotary_pos: np.ndarray        # [Np, 2] int32 (h, w) patch coordinates, window-permuted order
     window_segments: np.ndarray   # [Np] int32 window id per permuted slot (PAD_SEGMENT for padding)
-    full_segments: np.ndarray     # [Np] int32 image-frame id per permuted slot (PAD_SEGMENT for padding)
+    full_segments: np.ndarray     # [Np] int32 image-frame id per permuted slot
+                                  # (PAD_SEGMENT for padding)
     merge_inverse: np.ndarray     # [Mp] int32: merged row (permuted order) of each output token
     token_valid: np.ndarray       # [Mp] bool: output token is a real image token
     window_rows: np.ndarray       # [Gw, Rw] int32 permuted slots packed per row (Np = empty)
@@ -43,7 +48,8 @@ class VisionInputs(NamedTuple):
 def _grid_list(image_grid_thw) -> list[tuple[int, int, int]]:
     grid = np.asarray(image_grid_thw)
     if grid.ndim != 2 or grid.shape[1] != 3:
-        raise ValueError(f"image_grid_thw must have shape [num_images, 3] (t, h, w), got {grid.shape}")
+        raise ValueError(f"image_grid_thw must have shape [num_images, 3] (t, h, w), "
+                         f"got {grid.shape}")
     return [tuple(int(v) for v in row) for row in grid]
 
 
@@ -82,7 +88,8 @@ def window_index(image_grid_thw, *, spatial_merge_size: int, window_size: int,
         nh, nw = -(-gh // vws), -(-gw // vws)
         padded = np.full((t, nh * vws, nw * vws), -1, np.int64)
         padded[:, :gh, :gw] = np.arange(t * gh * gw).reshape(t, gh, gw)
-        windows = padded.reshape(t, nh, vws, nw, vws).transpose(0, 1, 3, 2, 4).reshape(t * nh * nw, -1)
+        windows = (padded.reshape(t, nh, vws, nw, vws).transpose(0, 1, 3, 2, 4)
+                   .reshape(t * nh * nw, -1))
         lengths = (windows >= 0).sum(-1)
         flat = windows.reshape(-1)
         index.append(flat[flat >= 0] + offset)
@@ -98,7 +105,7 @@ def bucket_size(n: int, bucket, multiple: int) -> int:
     if bucket is None:
         size = n
     elif bucket == "pow2":
-        size = 1 << max(int(n - 1).bit_length(), 0) if n > 0 else multiple
+        size = next_pow2(n) if n > 0 else multiple
     elif isinstance(bucket, (int, np.integer)) and bucket > 0:
         size = -(-n // int(bucket)) * int(bucket)
     else:
@@ -122,7 +129,8 @@ def pack_rows(segments, row_len: int, num_rows: int, total: int) -> tuple[np.nda
         else:
             n = int(seg)
         if n > row_len:
-            raise ValueError(f"an attention segment of {n} patches does not fit a row of {row_len}; "
+            raise ValueError(f"an attention segment of {n} patches does not fit a row of "
+                             f"{row_len}; "
                              "raise window_row/full_row (or pass full_row=None for one dense row)")
         if fill + n > row_len:
             r, fill = r + 1, 0
@@ -135,8 +143,7 @@ def pack_rows(segments, row_len: int, num_rows: int, total: int) -> tuple[np.nda
     return rows, slots
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+_pow2 = next_pow2
 
 
 def prepare_vision_inputs(pixel_values, image_grid_thw, *, spatial_merge_size: int = 2,
@@ -176,7 +183,8 @@ def prepare_vision_inputs(pixel_values, image_grid_thw, *, spatial_merge_size: i
         big = [(i, sz) for i, sz in enumerate(sizes) if sz > slot]
         if big:
             i, sz = big[0]
-            raise ValueError(f"image {i} (grid {grids[i]}) has {sz // unit} image tokens, more than "
+            raise ValueError(f"image {i} (grid {grids[i]}) has {sz // unit} image tokens, "
+                             "more than "
                              f"its slot of {slot // unit} (data.max_image_tokens); bound the "
                              "processor's max_pixels by it (balcap_jax.build does)")
         n_pad = max(len(grids), 1) * slot
@@ -219,7 +227,8 @@ def prepare_vision_inputs(pixel_values, image_grid_thw, *, spatial_merge_size: i
     if rw == n_pad:
         gw = 1
     elif max_win > rw:
-        raise ValueError(f"window_row={window_row} is shorter than a full window ({max_win} patches)")
+        raise ValueError(f"window_row={window_row} is shorter than a full window "
+                         f"({max_win} patches)")
     else:
         gw = n_pad // (rw - max_win + 1) + 1
     window_rows, window_slots = pack_rows(windows, rw, gw, n_pad)
@@ -253,7 +262,8 @@ def image_token_counts(image_grid_thw, spatial_merge_size: int) -> list[int]:
 
 
 def rope_index(input_ids, attention_mask=None, image_grid_thw=None, *, image_token_id: int,
-               spatial_merge_size: int = 2, mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:
+               spatial_merge_size: int = 2,
+               mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """M-RoPE positions [3, B, T] int32 (equal to HF get_rope_index; padding positions 0) and
     deltas [B] int32 such that the token at cache index i after a row's last prompt token has
     position i + delta on all three axes (for left-padded prompts: delta = max_pos + 1 - T).
@@ -266,10 +276,12 @@ def rope_index(input_ids, attention_mask=None, image_grid_thw=None, *, image_tok
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
     b, t_len = input_ids.shape
-    mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    mask = (np.ones_like(input_ids, bool) if attention_mask is None
+            else np.asarray(attention_mask).astype(bool))
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
-    is_image = (input_ids == image_token_id) if mm_token_type_ids is None else (np.asarray(mm_token_type_ids) == 1)
+    is_image = ((input_ids == image_token_id) if mm_token_type_ids is None
+                else (np.asarray(mm_token_type_ids) == 1))
     grids = _grid_list(image_grid_thw) if image_grid_thw is not None and len(image_grid_thw) else []
     m = spatial_merge_size
     positions = np.zeros((3, b, t_len), np.int64)
@@ -295,11 +307,13 @@ def rope_index(input_ids, attention_mask=None, image_grid_thw=None, *, image_tok
                     gt, gh, gw = grids[next_image]
                     next_image += 1
                     lt, lh, lw = gt, gh // m, gw // m
-                    tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
+                    tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw),
+                                             indexing="ij")
                     chunk = np.stack([tt, hh, ww]).reshape(3, -1) + cur
                     if k + chunk.shape[1] > j:
-                        raise ValueError(f"row {row}: image {next_image - 1} with grid {(gt, gh, gw)} "
-                                         f"needs {chunk.shape[1]} image tokens, the prompt has {j - k}")
+                        raise ValueError(f"row {row}: image {next_image - 1} with grid "
+                                         f"{(gt, gh, gw)} needs {chunk.shape[1]} image tokens, "
+                                         f"the prompt has {j - k}")
                     chunks.append(chunk)
                     cur += max(gh, gw) // m
                     k += chunk.shape[1]
@@ -311,6 +325,6 @@ def rope_index(input_ids, attention_mask=None, image_grid_thw=None, *, image_tok
         else:
             deltas[row] = 0
     if next_image != len(grids):
-        raise ValueError(f"image_grid_thw has {len(grids)} images but the prompts hold {next_image} "
-                         "image-token runs")
+        raise ValueError(f"image_grid_thw has {len(grids)} images but the prompts hold "
+                         f"{next_image} image-token runs")
     return positions.astype(np.int32), deltas.astype(np.int32)

@@ -6,8 +6,9 @@ over 2x2 merged patches). Blocks in `fullatt_block_indexes` attend within each i
 others within each window; both are block-diagonal masks built from segment ids computed on the
 host (`qwen2_5_vl_index.prepare_vision_inputs`), in HF's window-permuted patch order, which is
 undone after the merger. Attention is computed on packed rows (whole windows / frames per row),
-so its cost grows with rows x row_len^2, not with the square of all patches in the batch. Several images of different grids go through one call; bucket padding
-patches carry segment -1 and never touch real patches.
+so its cost grows with rows x row_len^2, not with the square of all patches in the batch.
+Several images of different grids go through one call; bucket padding patches carry segment -1
+and never touch real patches.
 
 The tower runs in the model dtype like HF (norms and the softmax in float32 inside the layers).
 """
@@ -52,7 +53,8 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "VisionConfig":
-        """From an HF `vision_config` dict, v4 (`in_chans`) or v5 (`in_channels`, `rope_parameters`)."""
+        """From an HF `vision_config` dict, v4 (`in_chans`) or v5 (`in_channels`,
+        `rope_parameters`)."""
         rope = d.get("rope_parameters") or {}
         return cls(
             depth=int(d["depth"]), hidden_size=int(d["hidden_size"]),
@@ -135,7 +137,8 @@ class PatchMerger(nnx.Module):
         self.unit = cfg.spatial_merge_size ** 2
         wide = cfg.hidden_size * self.unit
         self.ln_q = layers.RMSNorm(cfg.hidden_size, eps=1e-6, dtype=dtype, rngs=rngs)
-        self.fc1 = layers.Proj(wide, wide, names=("mlp_in", "mlp"), bias=True, dtype=dtype, rngs=rngs)
+        self.fc1 = layers.Proj(wide, wide, names=("mlp_in", "mlp"), bias=True, dtype=dtype,
+                               rngs=rngs)
         self.fc2 = layers.Proj(wide, cfg.out_hidden_size, names=("mlp", "embed"), bias=True,
                                dtype=dtype, rngs=rngs)
 

@@ -41,55 +41,23 @@ epochs never decompose a reference again. Judge failures are not cached.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from balcap_jax.rewards import prompts as P
-from balcap_jax.rewards.base import ScoreResult
 from balcap_jax.rewards.parsing import digit_score
+from balcap_jax.rewards.types import Answer, JudgeBackend, Query, ScoreResult
 
-__all__ = ["Query", "Answer", "JudgeBackend", "BalCapScorer", "ReferenceUnitCache", "REWARDS",
-           "from_config"]
+__all__ = ["BalCapScorer", "ReferenceUnitCache", "REWARDS", "Query", "Answer", "JudgeBackend"]
 
 REWARDS = ("precision", "recall", "linguistic")
-
-
-@dataclasses.dataclass(frozen=True)
-class Query:
-    """One judge question: [image] shared + item (see prompts.py). Queries with the same image
-    object and shared text may share an encoded prefix."""
-    shared: str
-    item: str
-    image: Any = None
-
-    @property
-    def text(self) -> str:
-        return self.shared + self.item
-
-
-class Answer(NamedTuple):
-    value: Any
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class JudgeBackend(Protocol):
-    name: str
-
-    def decompose(self, queries: Sequence[Query]) -> list[Answer]: ...
-    def yes_no(self, queries: Sequence[Query]) -> list[Answer]: ...
-    def digits(self, queries: Sequence[Query]) -> list[Answer]: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,71 +328,3 @@ class BalCapScorer:
         diag.update(nan)
         diag.update({f"time_s/{role}": t for role, t in times.items()})
         return ScoreResult(rewards, dict(diag))
-
-
-# ----------------------------------------------------------------------------------------------
-# From the run config
-# ----------------------------------------------------------------------------------------------
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
-def judges_config(cfg: Any):
-    """The run config's `judges` block (a ConfigDict or a dict of some of its fields) over
-    base_config().judges, where every field is declared; an unknown field is an error."""
-    from balcap_jax.config import base_config
-    given = _get(cfg, "judges")
-    if given is None:
-        raise ValueError("config has no `judges` block; see balcap_jax/config.py base_config() "
-                         "for its fields")
-    j = base_config().judges
-    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-    unknown = sorted(set(given) - set(j))
-    if unknown:
-        raise ValueError(f"judges.{unknown[0]} is not a judges field; known: {sorted(j)}")
-    with j.ignore_type():
-        j.update(given)
-    return j
-
-
-def from_config(cfg: Any, *, mesh=None, rules=None) -> BalCapScorer:
-    """The BalCapScorer a run config asks for, from its `judges` block (every field and its
-    default: balcap_jax/config.py base_config()): backend "in_process" (multimodal_path,
-    text_path; "" text_path = the multimodal judge for every role) or "remote" (base_url, model,
-    text_base_url / text_model, api_key_env, timeout, max_retries, concurrency, top_logprobs)."""
-    j = judges_config(cfg)
-    cache_dir = j.cache_dir or os.path.join(_get(cfg, "workdir", "."), "judge_cache")
-    rewards = tuple(r for r in (_get(_get(cfg, "rl"), "rewards") or REWARDS) if r in REWARDS)
-    if j.backend == "remote":
-        from balcap_jax.rewards.remote import RemoteBackend
-        key = os.environ.get(j.api_key_env or "")
-        common = dict(api_key=key or None, timeout=float(j.timeout),
-                      max_retries=int(j.max_retries), concurrency=int(j.concurrency),
-                      top_logprobs=int(j.top_logprobs))
-        if not j.base_url or not j.model:
-            raise ValueError("judges.backend='remote' needs judges.base_url and judges.model")
-        mm = text = RemoteBackend.from_url(j.base_url, j.model, **common)
-        if j.text_base_url or j.text_model:
-            text = RemoteBackend.from_url(j.text_base_url or j.base_url, j.text_model or j.model,
-                                          **common)
-    elif j.backend == "in_process":
-        from balcap_jax.rewards.judges import load_backend
-        if not j.multimodal_path:
-            raise ValueError("judges.backend='in_process' needs judges.multimodal_path (a local "
-                             "checkpoint directory), or use judges.backend='remote'")
-        data = _get(cfg, "data")
-        kw = dict(list_max_tokens=int(j.list_max_tokens), generate_batch=int(j.generate_batch),
-                  prefix_batch=int(j.prefix_batch), item_batch=int(j.item_batch),
-                  max_image_tokens=int(j.max_image_tokens or _get(data, "max_image_tokens", 0)
-                                       or 0))
-        mm = text = load_backend(j.multimodal_path, dtype=j.dtype, mesh=mesh, rules=rules, **kw)
-        if j.text_path:
-            text = load_backend(j.text_path, dtype=j.dtype, mesh=mesh, rules=rules, **kw)
-    else:
-        raise ValueError(f"judges.backend={j.backend!r}: use 'in_process' or 'remote'")
-    return BalCapScorer(mm, text_backend=text, threshold=bool(j.threshold),
-                        pointability=bool(j.pointability), rewards=rewards or REWARDS,
-                        cache_dir=cache_dir)

@@ -41,10 +41,17 @@ import numpy as np
 from flax import nnx
 
 from balcap_jax import sampling
+from balcap_jax.padding import next_pow2
 from balcap_jax.processing.prompts import apply_chat_template, caption_messages, pad_batch
-from balcap_jax.rewards.balcap import Answer, Query
-from balcap_jax.rewards.parsing import (NO_SPELLINGS, YES_SPELLINGS, digit_expectation,
-                                        parse_json_list, single_token_ids, yes_probability)
+from balcap_jax.rewards.parsing import (
+    NO_SPELLINGS,
+    YES_SPELLINGS,
+    digit_expectation,
+    parse_json_list,
+    single_token_ids,
+    yes_probability,
+)
+from balcap_jax.rewards.types import Answer, Query
 
 __all__ = ["InProcessBackend", "compile_count", "decode_lists", "load_backend"]
 
@@ -57,8 +64,7 @@ def compile_count(name: str | None = None) -> int:
     return sum(_TRACES.values()) if name is None else _TRACES[name]
 
 
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(int(n) - 1, 0).bit_length())
+_pow2 = next_pow2   # row and length buckets
 
 
 def _rows(n: int, cap: int) -> int:
@@ -193,10 +199,8 @@ class InProcessBackend:
         self.item_batch = _pow2(item_batch)
         self.pad_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
         if eos_token_ids is None:
-            eos_token_ids = [i for i in (tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                         tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-                                         tokenizer.eos_token_id)
-                             if i is not None and i != tokenizer.unk_token_id]
+            from balcap_jax.tokenizers import stop_token_ids
+            eos_token_ids = stop_token_ids(tokenizer)
         self.eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
         self.yes_ids = tuple(single_token_ids(tokenizer, YES_SPELLINGS))
         self.no_ids = tuple(single_token_ids(tokenizer, NO_SPELLINGS))
@@ -406,8 +410,7 @@ def load_backend(path: str, *, name: str | None = None, dtype: Any = "bfloat16",
     from transformers import AutoTokenizer
 
     from balcap_jax.models import from_pretrained
-    from balcap_jax.processing import (QWEN25_VL_CHAT_TEMPLATE, QwenImageProcessor,
-                                       Qwen25VLProcessor)
+    from balcap_jax.processing import QWEN25_VL_CHAT_TEMPLATE, Qwen25VLProcessor, QwenImageProcessor
     if not os.path.isdir(path):
         raise FileNotFoundError(f"judge checkpoint {path!r} is not a directory; point "
                                 "judges.*_path at a local Hugging Face checkpoint")

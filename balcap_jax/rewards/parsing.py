@@ -195,7 +195,8 @@ def digit_expectation(logits: jax.Array, digit_ids, values: Sequence[float] | No
     """E[digit] under a softmax over just the digits' ids.
 
     digit_ids: [K] (one id per digit) or [K, S] (up to S spellings per digit, summed; pad with
-    -1, since a repeated id would count twice); values default to 1..K. logits [..., V] -> float32 [...] in [values[0], values[-1]]."""
+    -1, since a repeated id would count twice); values default to 1..K. logits [..., V] -> float32
+    [...] in [values[0], values[-1]]."""
     logits = jnp.asarray(logits).astype(jnp.float32)
     ids = np.asarray(digit_ids)
     if ids.ndim not in (1, 2) or ids.shape[0] < 2 or (ids.ndim == 1 and (ids < 0).any()):

@@ -27,10 +27,14 @@ import logging
 from typing import Any, Sequence
 
 from balcap_jax import client as chat
-from balcap_jax.rewards.balcap import Answer, Query
-from balcap_jax.rewards.parsing import (digit_expectation_from_top_logprobs, parse_digit,
-                                        parse_json_list, parse_yes_no,
-                                        yes_probability_from_top_logprobs)
+from balcap_jax.rewards.parsing import (
+    digit_expectation_from_top_logprobs,
+    parse_digit,
+    parse_json_list,
+    parse_yes_no,
+    yes_probability_from_top_logprobs,
+)
+from balcap_jax.rewards.types import Answer, Query
 
 __all__ = ["RemoteBackend"]
 

@@ -140,7 +140,8 @@ def per_reward_group_advantages(rewards, *, eps: float = DEFAULT_EPS, ddof: int 
 
 def cgdpo_advantages(rewards, weights, *, eps: float = DEFAULT_EPS, ddof: int = 1,
                                           batch_norm: bool = True):
-    """c-GDPO: normalise each reward within its group, weight and sum, then normalise over the batch.
+    """c-GDPO: normalise each reward within its group, weight and sum, then normalise over the
+    batch.
 
     A_ijk = (R_ijk - mean_j R_i.k) / (std_j R_i.k + eps); A_ij = sum_k w_k A_ijk;
     Ahat = (A - mean(A)) / (std(A) + eps) over every valid rollout of the step (batch_norm=True,

@@ -53,7 +53,8 @@ def _max_len(mask, max_completion_length):
 
 
 def loss_normalizer(mask, *, aggregation: str = "dapo", max_completion_length: int | None = None):
-    """The full batch's denominator for `policy_loss(..., normalizer=)`: pass it to every micro-batch.
+    """The full batch's denominator for `policy_loss(..., normalizer=)`: pass it to every
+    micro-batch.
 
     dapo: number of completion tokens; grpo: number of sequences; dr_grpo: N * L_max.
     bnpo has none (per micro-batch by definition): asking for it raises.

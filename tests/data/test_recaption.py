@@ -14,8 +14,8 @@ import pytest
 from balcap_jax.client import ChatClient
 from balcap_jax.data import recaption as rc
 from balcap_jax.data import records as records_lib
+from tests._fakes.chat_server import ChatServer, Reply, completion
 from tests.data import fakes
-from tests.data.chat_server import ChatServer, Reply, completion
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BAD = {"empty_image": 1, "missing_image": 1, "too_many_pixels": 1, "truncated_image": 1,
@@ -207,7 +207,7 @@ def test_local_model_recaption_matches_transformers_greedy(corpus, tmp_path):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from balcap_jax.data.images import load_image
-    from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor, build_caption_prompt
+    from balcap_jax.processing import Qwen25VLProcessor, QwenImageProcessor, build_caption_prompt
     from balcap_jax.tokenizers import train_tiny_bpe
     root, images, _, records = corpus
     ckpt = str(tmp_path / "ckpt")

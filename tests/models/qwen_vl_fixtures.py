@@ -24,7 +24,8 @@ def hf_config(name: str):
     from transformers import Qwen2_5_VLConfig
     c = CONFIGS[name]
     return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                           "mrope_section": [2, 3, 3]},

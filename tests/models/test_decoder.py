@@ -10,8 +10,8 @@ import pytest
 import torch
 from flax import nnx
 
-from balcap_jax.models import from_pretrained
 from balcap_jax.models import decoder as D
+from balcap_jax.models import from_pretrained
 from tests.models.conftest import CONFIGS, hf_logits
 
 ATOL = 1e-4
@@ -59,7 +59,6 @@ def test_left_padding_matches_hf(name, hf_models, ours):
 
 
 def test_decoder_layer_matches_hf(hf_models, ours):
-    from transformers.models.qwen2 import modeling_qwen2 as hq
     _, hf = hf_models["qwen2_gqa"]
     lm = ours["qwen2_gqa"]
     x = torch.randn(2, 7, 64)
@@ -94,7 +93,8 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(ours):
     kv_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, s - 9))))
     pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     cache = lm.init_cache(2, s)
-    assert len(cache.k) == 2 and cache.k[0].shape == (2, 2, 16, s) and cache.v[0].shape == (2, 2, s, 16)
+    assert (len(cache.k) == 2 and cache.k[0].shape == (2, 2, 16, s)
+            and cache.v[0].shape == (2, 2, s, 16))
     out = []
     lg, cache = step(lm, jnp.asarray(ids[:, :5]), jnp.asarray(pos[:, :5]), kv_mask, cache, 0)
     out.append(np.asarray(lg))

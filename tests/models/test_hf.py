@@ -7,7 +7,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 
 from balcap_jax import sharding as shd
@@ -143,8 +142,9 @@ def test_unknown_model_type_and_missing_dir(tmp_path):
 
 
 def test_key_rule_round_trip():
-    r = H.KeyRule("model.layers.{i}.self_attn.o_proj.weight", "model/layers/{i}/self_attn/o_proj/kernel",
-                  H.LinearT(2), aliases=("model.language_model.layers.{i}.self_attn.o_proj.weight",))
+    r = H.KeyRule("model.layers.{i}.self_attn.o_proj.weight",
+                  "model/layers/{i}/self_attn/o_proj/kernel", H.LinearT(2),
+                  aliases=("model.language_model.layers.{i}.self_attn.o_proj.weight",))
     assert r.match_hf("model.layers.12.self_attn.o_proj.weight") == \
         "model/layers/12/self_attn/o_proj/kernel"
     assert r.match_hf("model.language_model.layers.3.self_attn.o_proj.weight") == \
@@ -164,6 +164,7 @@ def test_model_built_here_saves_for_transformers(tmp_path):
     Llama with attention_bias and mlp_bias covers the o_proj/mlp bias key rules."""
     import jax.numpy as jnp
     from flax import nnx
+
     from balcap_jax.models import CausalLM, DecoderConfig
     cfg = DecoderConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=12, rope_theta=1e4,

@@ -3,19 +3,20 @@
 Tolerance: float32 atol 1e-5 for single submodules (1e-4 is the logit tolerance of the brief).
 Weights use std 0.2 so outputs are not flat.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-
-from balcap_jax.models import layers as L
 from transformers.models.qwen2 import modeling_qwen2 as hq
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hvl
-from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (Qwen2_5_VLTextConfig,
-                                                                        Qwen2_5_VLVisionConfig)
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLVisionConfig,
+)
+
+from balcap_jax.models import layers as L
 
 ATOL = 1e-5
 torch.manual_seed(0)
@@ -94,8 +95,8 @@ def test_rope_1d(theta):
 
 
 def test_rope_llama3_and_linear_inv_freq():
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     for params in ({"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
                    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64,

@@ -143,6 +143,7 @@ def test_config_round_trip(trio):
 def test_hub_style_partial_config_takes_hf_defaults():
     """llava-hf/llava-1.5-7b-hf lists only non-default fields; transformers fills the rest."""
     from transformers import LlavaConfig as HFConfig
+
     from balcap_jax.models.presets import preset
     d = preset("llava_1_5_7b")
     d["text_config"] = {"model_type": "llama", "vocab_size": 32064, "rms_norm_eps": 1e-5,
@@ -227,7 +228,8 @@ def test_prefill_and_decode_match_hf(trio, mixed):
     n = extra.shape[1]
     full_mask = np.concatenate([mixed["attention_mask"], np.ones_like(extra)], 1)
     full = dict(mixed, input_ids=np.concatenate([mixed["input_ids"], extra], 1),
-                attention_mask=full_mask, position_ids=np.clip(np.cumsum(full_mask, 1) - 1, 0, None))
+                attention_mask=full_mask,
+                position_ids=np.clip(np.cumsum(full_mask, 1) - 1, 0, None))
     want = _hf_logits(hf, full)
 
     @nnx.jit
@@ -296,7 +298,8 @@ def test_token_logprobs_match_hf(trio, mixed):
     b, t = mixed["input_ids"].shape
     full_mask = np.concatenate([mixed["attention_mask"], np.ones_like(comp)], 1)
     full = dict(mixed, input_ids=np.concatenate([mixed["input_ids"], comp], 1),
-                attention_mask=full_mask, position_ids=np.clip(np.cumsum(full_mask, 1) - 1, 0, None))
+                attention_mask=full_mask,
+                position_ids=np.clip(np.cumsum(full_mask, 1) - 1, 0, None))
     logits = _hf_logits(hf, full)
     logits[..., fx.IMG] = -np.inf      # <image> is left out of the policy's distribution
     lp = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
@@ -344,6 +347,7 @@ def test_llava_processor_with_llama_vocabulary(tmp_path):
     """Our LlavaProcessor with a Llama-style 32k SentencePiece vocabulary (<image> = 32000):
     its batch gives transformers' logits on a tiny LLaVA with the real token ids."""
     from PIL import Image
+
     from balcap_jax.processing import LlavaImageProcessor, LlavaProcessor, caption_messages
     from balcap_jax.tokenizers import llama_sp_tokenizer
     tok = llama_sp_tokenizer()

@@ -1,4 +1,5 @@
-"""Host-side Qwen2.5-VL index arrays against transformers' own functions (exact integer equality)."""
+"""Host-side Qwen2.5-VL index arrays against transformers' own functions (exact integer
+equality)."""
 import numpy as np
 import pytest
 import torch
@@ -24,7 +25,8 @@ def test_window_index_and_positions_equal_hf(grids, window_size):
     idx, cu = qi.window_index(grids, spatial_merge_size=2, window_size=window_size, patch_size=14)
     np.testing.assert_array_equal(idx, want_idx.numpy())
     np.testing.assert_array_equal(cu, want_cu.numpy())
-    np.testing.assert_array_equal(qi.vision_position_ids(grids, 2), get_vision_position_ids(g, 2).numpy())
+    np.testing.assert_array_equal(qi.vision_position_ids(grids, 2),
+                                  get_vision_position_ids(g, 2).numpy())
 
 
 @pytest.mark.parametrize("bucket", [None, 64, "pow2"])
@@ -52,7 +54,8 @@ def test_prepare_vision_inputs_segments_and_orders(bucket):
     np.testing.assert_array_equal(boundaries(vi.window_segments), cu_win.numpy())
     np.testing.assert_array_equal(boundaries(vi.full_segments),
                                   get_vision_cu_seqlens(torch.tensor(grids)).numpy())
-    assert (vi.window_segments[n:] == qi.PAD_SEGMENT).all() and (vi.full_segments[n:] == qi.PAD_SEGMENT).all()
+    assert ((vi.window_segments[n:] == qi.PAD_SEGMENT).all()
+            and (vi.full_segments[n:] == qi.PAD_SEGMENT).all())
     # merge_inverse undoes the window permutation on merged units; padding is the identity
     m = n // 4
     np.testing.assert_array_equal(widx.numpy()[vi.merge_inverse[:m]], np.arange(m))
@@ -136,8 +139,9 @@ def test_rope_index_equals_hf(hf_vl, case):
     n_pad = (batch["attention_mask"] == 0).sum(1)
     np.testing.assert_array_equal(delta, want_delta.numpy()[:, 0] - n_pad)
     # same result when the token types are given explicitly
-    pos2, delta2 = qi.rope_index(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
-                                 image_token_id=-1, mm_token_type_ids=batch["mm_token_type_ids"])
+    pos2, delta2 = qi.rope_index(batch["input_ids"], batch["attention_mask"],
+                                 batch["image_grid_thw"], image_token_id=-1,
+                                 mm_token_type_ids=batch["mm_token_type_ids"])
     np.testing.assert_array_equal(pos2, pos)
     np.testing.assert_array_equal(delta2, delta)
 
@@ -163,4 +167,5 @@ def test_rope_index_errors():
         qi.rope_index(batch["input_ids"], batch["attention_mask"], [(1, 4, 4), (1, 2, 2)],
                       image_token_id=fx.IMG)
     with pytest.raises(ValueError, match="image tokens"):
-        qi.rope_index(batch["input_ids"], batch["attention_mask"], [(1, 4, 8)], image_token_id=fx.IMG)
+        qi.rope_index(batch["input_ids"], batch["attention_mask"], [(1, 4, 8)],
+                      image_token_id=fx.IMG)

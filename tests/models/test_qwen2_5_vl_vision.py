@@ -2,11 +2,11 @@
 
 Tolerance: atol 1e-4 (float32 both sides; observed errors are ~1e-6).
 """
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
-import jax.numpy as jnp
 
 from balcap_jax.models import qwen2_5_vl_index as qi
 from balcap_jax.models.qwen2_5_vl_vision import VisionConfig
@@ -113,7 +113,8 @@ def test_tower_equals_hf_image_features(pair, bucket, layout):
     hf, tower, cfg = pair
     pix, vi = _prep(cfg, GRIDS, bucket=bucket, layout=layout)
     with torch.no_grad():
-        feats = hf.model.get_image_features(torch.from_numpy(pix), torch.tensor(GRIDS)).pooler_output
+        feats = hf.model.get_image_features(torch.from_numpy(pix),
+                                            torch.tensor(GRIDS)).pooler_output
     want = torch.cat(feats).numpy()
     got = np.asarray(_jit_tower(tower, jax_tree(vi)))
     m = want.shape[0]
@@ -145,7 +146,8 @@ def test_slot_layout_equals_hf_image_features(pair):
                                   slot=64)
     assert vi.pixel_values.shape[0] == 3 * 64 and vi.full_rows.shape == (3, 64)
     with torch.no_grad():
-        feats = hf.model.get_image_features(torch.from_numpy(pix), torch.tensor(GRIDS)).pooler_output
+        feats = hf.model.get_image_features(torch.from_numpy(pix),
+                                            torch.tensor(GRIDS)).pooler_output
     want = torch.cat(feats).numpy()
     got = np.asarray(_jit_tower(tower, jax_tree(vi)))
     np.testing.assert_allclose(got[:want.shape[0]], want, atol=ATOL, rtol=0)
@@ -156,6 +158,7 @@ def test_attention_in_row_chunks_equals_all_rows(pair, monkeypatch):
     """Whole-image attention rows go through in chunks (bounded float32 scores); outputs and
     gradients must equal the all-rows computation."""
     import jax
+
     from balcap_jax.models import qwen2_5_vl_vision as qv
     _, tower, cfg = pair
     pix = fx.pixels_for(GRIDS)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from balcap_jax.rewards.balcap import Answer, BalCapScorer, Query
-from balcap_jax.rewards.base import ScoreResult
+from balcap_jax.rewards.types import ScoreResult
 from tests.rewards.fakes import FakeBackend
 
 CAP_A = "A red car drives fast. The scene feels calm."

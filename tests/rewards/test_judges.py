@@ -11,7 +11,7 @@ from flax import nnx
 from balcap_jax.models.decoder import CausalLM, DecoderConfig
 from balcap_jax.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from balcap_jax.models.qwen2_5_vl_vision import VisionConfig
-from balcap_jax.processing import QwenImageProcessor, Qwen25VLProcessor, pad_batch
+from balcap_jax.processing import Qwen25VLProcessor, QwenImageProcessor, pad_batch
 from balcap_jax.rewards import judges as J
 from balcap_jax.rewards import prompts as P
 from balcap_jax.rewards.balcap import BalCapScorer, Query
@@ -305,9 +305,9 @@ def test_judges_on_devices_of_their_own(saved_text_judge, tmp_path):
     """judges.devices=2: the policy's mesh takes the first 6 of the 8 devices, the judge's
     weights live only on the last 2, and its answers equal a single-device judge's."""
     from flax import nnx
+
     from balcap_jax import build
     from balcap_jax.config import base_config, validate
-    from balcap_jax.rewards.balcap import from_config
     cfg = base_config()
     cfg.workdir = str(tmp_path)
     cfg.model.preset = "qwen2_5_vl_3b"
@@ -323,7 +323,7 @@ def test_judges_on_devices_of_their_own(saved_text_judge, tmp_path):
     judge_mesh = build.judge_mesh(cfg, mesh)
     own = set(jax.devices()[-2:])
     assert set(judge_mesh.devices.flat) == own and not own & set(mesh.devices.flat)
-    scorer = from_config(cfg, mesh=judge_mesh, rules=rules)
+    scorer = build.build_scorer(cfg, None, mesh=judge_mesh, rules=rules)
     leaves = jax.tree.leaves(nnx.state(scorer.backend.model))
     assert leaves and all(set(x.sharding.device_set) <= own for x in leaves)
     single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=8)

@@ -35,7 +35,7 @@ def test_every_role_pinned_and_rendered():
     assert set(P.PROMPTS) == set(PINNED)
     fields = {"caption": "A {red} car.", "assertion": "A car.", "reference": "A car.",
               "unit": "There is a car."}
-    for role, p in P.PROMPTS.items():
+    for p in P.PROMPTS.values():
         shared, item = p.render(**fields)
         assert "{" not in (shared + item).replace("A {red} car.", "")  # every field filled
         assert p.answer in ("json_list", "yes_no", "digit")

@@ -11,7 +11,7 @@ import pytest
 from balcap_jax.client import ChatClient
 from balcap_jax.rewards.balcap import BalCapScorer, Query
 from balcap_jax.rewards.remote import RemoteBackend
-from tests.data.chat_server import ChatServer, Reply, completion, user_text
+from tests._fakes.chat_server import ChatServer, Reply, completion, user_text
 
 CAP = "A red car is parked by a tree. It feels nostalgic."
 REF = "A red car parked next to a tree."
@@ -193,20 +193,29 @@ def test_plain_client_without_logprobs_does_not_ask_for_them():
                         IMAGE)])
         req = server.requests[0]
     import dataclasses
+
     from balcap_jax.client import ChatResult
     has = "logprobs" in {f.name for f in dataclasses.fields(ChatResult)}
     assert ("logprobs" in req) == has
 
 
+def _judges_config(tmp_path, **judges):
+    from balcap_jax.config import base_config
+    cfg = base_config()
+    cfg.workdir = str(tmp_path)
+    cfg.scorer.name = "judges"
+    cfg.rl.rewards = ["precision", "recall", "linguistic"]
+    cfg.judges.update(judges)
+    return cfg
+
+
 def test_scorer_from_config_remote(tmp_path, monkeypatch):
-    from balcap_jax.rewards.balcap import from_config
+    from balcap_jax.build import build_scorer
     monkeypatch.setenv("JUDGE_KEY", "k123")
     with ChatServer(judge) as server:
-        cfg = {"workdir": str(tmp_path), "rl": {"rewards": ["precision", "recall", "linguistic"]},
-               "judges": {"backend": "remote", "base_url": server.base_url, "model": "jm",
-                          "api_key_env": "JUDGE_KEY", "timeout": 2.0, "max_retries": 0,
-                          "threshold": True}}
-        scorer = from_config(cfg)
+        cfg = _judges_config(tmp_path, backend="remote", base_url=server.base_url, model="jm",
+                             api_key_env="JUDGE_KEY", timeout=2.0, max_retries=0, threshold=True)
+        scorer = build_scorer(cfg, None)
         res = scorer(images=[IMAGE], captions=[CAP], references=[[REF]])
         auth = server.headers[0]["Authorization"]
     assert auth == "Bearer k123"
@@ -216,14 +225,11 @@ def test_scorer_from_config_remote(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("judges,match", [
-    (None, "no `judges` block"),
     ({"backend": "cloud"}, "use 'in_process' or 'remote'"),
     ({"backend": "remote", "model": "m"}, "needs judges.base_url"),
+    ({"backend": "in_process"}, "needs judges.multimodal_path"),
 ])
 def test_scorer_from_config_errors(tmp_path, judges, match):
-    from balcap_jax.rewards.balcap import from_config
-    cfg = {"workdir": str(tmp_path)}
-    if judges is not None:
-        cfg["judges"] = judges
+    from balcap_jax.build import build_scorer
     with pytest.raises(ValueError, match=match):
-        from_config(cfg)
+        build_scorer(_judges_config(tmp_path, **judges), None)

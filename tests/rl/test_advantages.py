@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from balcap_jax.rl import advantages as adv
 
@@ -183,8 +185,8 @@ def test_sharded_equals_unsharded_on_8_devices():
     rs = jax.device_put(r, NamedSharding(mesh, P("data")))
     assert len(rs.sharding.device_set) == 8
     for bn in (True, False):
-        np.testing.assert_allclose(cgdpo(rs, w, batch_norm=bn), cgdpo(jnp.asarray(r), w, batch_norm=bn),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(cgdpo(rs, w, batch_norm=bn),
+                                   cgdpo(jnp.asarray(r), w, batch_norm=bn), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(grpo(rs, w), grpo(jnp.asarray(r), w), rtol=1e-6, atol=1e-6)
     # and both equal the global-statistics reference
     np.testing.assert_allclose(cgdpo(rs, w), ref_cgdpo(r.astype(np.float64), np.asarray(w)),
@@ -234,7 +236,8 @@ def test_cgdpo_per_group_affine_invariance(r, scale, shift, w):
     np.testing.assert_allclose(cgdpo(r2, w, batch_norm=False), cgdpo(r, w, batch_norm=False),
                                atol=tol, rtol=0)
     # Batch norm divides by the batch std: only compare where it is well away from 0 (weights
-    # can cancel mirrored channels, leaving float noise whose std the 1e-6 floor may or may not cut).
+    # can cancel mirrored channels, leaving float noise whose std the 1e-6 floor may or may not
+    # cut).
     pre = np.asarray(cgdpo(r, w, batch_norm=False))
     if pre.std(ddof=1) > 0.1:
         tol_bn = 2 * tol / pre.std(ddof=1) + 1e-4

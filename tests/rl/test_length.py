@@ -65,6 +65,7 @@ def test_errors():
     with pytest.raises(ValueError, match="broadcastable shapes"):
         length.length_conditional_mask(jnp.ones(3), jnp.ones(4), jnp.ones(3))
     with pytest.raises(ValueError, match="tau_low <= tau_high"):
-        length.length_conditional_mask(jnp.ones(3), jnp.ones(3), jnp.ones(3), tau_low=2., tau_high=1.)
+        length.length_conditional_mask(jnp.ones(3), jnp.ones(3), jnp.ones(3), tau_low=2.,
+                                       tau_high=1.)
     with pytest.raises(ValueError, match="gen_len must be a float or integer"):
         length.length_ratio(jnp.ones(3, bool), jnp.ones(3))

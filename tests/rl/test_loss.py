@@ -1,11 +1,13 @@
-"""policy_loss: closed forms at ratio 1, clipping, analytic gradients, exact micro-batch sums, k3."""
+"""policy_loss: closed forms at ratio 1, clipping, analytic gradients, exact micro-batch sums,
+k3."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from balcap_jax.rl import loss as L
 

@@ -14,7 +14,7 @@ from flax import nnx
 from balcap_jax import build, train
 from balcap_jax.config import base_config
 from balcap_jax.processing import LLAVA15_CHAT_TEMPLATE, LlavaProcessor
-from balcap_jax.rewards.base import TokenFrequencyScorer
+from balcap_jax.rewards.scripted import TokenFrequencyScorer
 from balcap_jax.sharding import make_mesh
 from balcap_jax.tokenizers import train_tiny_bpe
 
@@ -145,7 +145,9 @@ def test_llava_7b_config_and_shapes():
     exactly the parameters of transformers' LlavaForConditionalGeneration at those widths (meta
     device, no weights); freeze_vision freezes the CLIP tower but not the projector."""
     import torch
-    from transformers import LlavaConfig as HFConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig as HFConfig
+    from transformers import LlavaForConditionalGeneration
+
     from balcap_jax.config import validate
     from balcap_jax.models.llava import Llava, LlavaConfig
     from balcap_jax.models.presets import preset
@@ -167,5 +169,5 @@ def test_llava_7b_config_and_shapes():
     n_ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     assert n_ours == sum(p.numel() for p in ref.parameters())
     assert cfg.tokens_per_image == 576
-    vision = [p for p, _ in nnx.to_flat_state(params) if train._is_vision_path(p)]
+    vision = [p for p, _ in nnx.to_flat_state(params) if train.is_vision_path(p)]
     assert vision and all(p[0] == "vision_tower" for p in vision)

@@ -53,6 +53,7 @@ def worker(out_dir: str) -> None:
     """``balcap_jax.main.run`` for one step (it initialises jax.distributed from BALCAP_*),
     with the Trainer it builds recorded, then this process's view of the result as JSON."""
     import jax
+
     from balcap_jax import build, main
     seen = {}
     real_build = build.build_trainer
@@ -138,6 +139,7 @@ def _run_workers(out_dir: str) -> list[dict]:
 def _single_process_reference(cfg, image_ids):
     """One process, 4 of the 8 fake devices, the two hosts' examples as one global batch."""
     import jax
+
     from balcap_jax import build
     from balcap_jax.data.synthetic import synthetic_example
     from balcap_jax.sharding import make_mesh, use_sharding
@@ -154,6 +156,7 @@ def _single_process_reference(cfg, image_ids):
 @pytest.mark.heavy
 def test_two_processes_run_a_step_and_agree(tmp_path):
     import jax
+
     from balcap_jax.checkpoint import Checkpointer
     results = _run_workers(str(tmp_path))
     a, b = results

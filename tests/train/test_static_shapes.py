@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from balcap_jax import build
-from balcap_jax.rewards.base import TokenFrequencyScorer
+from balcap_jax.rewards.scripted import TokenFrequencyScorer
 from balcap_jax.sharding import make_mesh
 from tests.train.test_trainer import tiny_config
 

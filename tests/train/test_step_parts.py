@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from balcap_jax.config import base_config
-from balcap_jax.rewards.base import ScoreResult, TokenFrequencyScorer
+from balcap_jax.rewards.scripted import TokenFrequencyScorer
+from balcap_jax.rewards.types import ScoreResult
 from balcap_jax.train import gather_rows, rollout_rewards
 
 

@@ -16,7 +16,7 @@ import pytest
 from balcap_jax import build, main
 from balcap_jax.checkpoint import Checkpointer
 from balcap_jax.config import ConfigError
-from balcap_jax.rewards.base import TokenFrequencyScorer
+from balcap_jax.rewards.scripted import TokenFrequencyScorer
 from balcap_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from balcap_jax.data.shapes_text import reference_caption
-from balcap_jax.data.shapes_world import make_scene
-from balcap_jax.eval.shapes_attributes import attribute_report
+from balcap_jax.shapes.attributes import attribute_report
+from balcap_jax.shapes.text import reference_caption
+from balcap_jax.shapes.world import make_scene
 
 
 def _obj(shape, color, size, row, col, position):

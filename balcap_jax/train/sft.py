@@ -24,6 +24,8 @@ import optax
 from flax import nnx
 
 from balcap_jax import precision, sampling
+from balcap_jax.tokenizers import stop_token_ids
+from balcap_jax.train.optim import freeze_vision_tower, is_vision_path
 
 __all__ = ["SFT", "caption_tokens", "sft_batch", "make_sft_optimizer"]
 
@@ -39,7 +41,6 @@ def make_sft_optimizer(sc, params=None) -> optax.GradientTransformation:
     if sc.freeze_vision:
         if params is None:
             raise ValueError("make_sft_optimizer with sft.freeze_vision=True needs params")
-        from balcap_jax.train import freeze_vision_tower
         opt = freeze_vision_tower(opt, params)
     return opt
 
@@ -95,10 +96,7 @@ class SFT:
         self.graphdef, self.rest = graphdef, rest
         self.opt = make_sft_optimizer(sc, params)
         self.params = params
-        frozen = None
-        if sc.freeze_vision:
-            from balcap_jax.train import _is_vision_path
-            frozen = _is_vision_path
+        frozen = is_vision_path if sc.freeze_vision else None
         self.master = precision.init_master(params, frozen)
         self.opt_state = jax.jit(lambda p, m: self.opt.init(precision.optimizer_view(p, m)))(
             params, self.master)
@@ -118,13 +116,12 @@ class SFT:
             return params, master, opt_state, loss
 
         self._step = step
-        self._loss = jax.jit(lambda params, rest, batch: _nll(params, gd, rest, batch))
 
     def model(self):
         return nnx.merge(self.graphdef, self.params, self.rest)
 
     def batch(self, examples, captions) -> dict:
-        eos = int(self.p.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        eos = stop_token_ids(self.p.tokenizer)[0]    # <|im_end|> for Qwen, </s> for LLaVA
         return sft_batch(self.model(), self.p.processor, self.p.tokenizer, examples, captions,
                          max_len=int(self.sc.max_len), eos_id=eos, pad_id=self.p.pad_id,
                          prompt_buckets=getattr(self.p, "prompt_buckets", None))
@@ -136,7 +133,3 @@ class SFT:
             self.params, self.master, self.opt_state, self.rest, batch)
         self.steps += 1
         return float(loss)
-
-    def loss(self, examples, captions) -> float:
-        return float(self._loss(self.params, self.rest, self.batch(examples, captions)))
-

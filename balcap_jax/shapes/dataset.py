@@ -1,6 +1,6 @@
 """ShapesWorld: a procedural captioning world small enough for a CPU (the built-in default).
 
-    from balcap_jax.data import shapes
+    from balcap_jax import shapes
     builder = shapes.build_shapes_dataset(seed=0, num_train=4000, num_eval=256)
     source = shapes.open_shapes_source(builder, "train")   # tfds.data_source, for CaptionLoader
     ex = source[0]   # image uint8 [112, 112, 3], image_id, references [1], prompt, scene (JSON)
@@ -12,7 +12,7 @@
 
 The pieces: `shapes_world` (scenes and pixels), `shapes_text` (reference and warm-start
 captions, the tokenizer corpus), `shapes_grammar` (caption -> assertions), and the scorer in
-`balcap_jax.rewards.shapes`. This module adds the TFDS builder `shapes_world` (array_record, no
+`balcap_jax.shapes.scorer`. This module adds the TFDS builder `shapes_world` (array_record, no
 TensorFlow), so ShapesWorld goes through the same data path as real data, and `ShapesSource`, the
 same examples generated in memory for tests that need no dataset on disk.
 
@@ -22,22 +22,34 @@ is a pure function of (seed, split, index, image_size).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import io
 import logging
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 from PIL import Image
 
 from balcap_jax.data import builders
-from balcap_jax.data.shapes_grammar import parse_caption
-from balcap_jax.data.shapes_text import (SHAPES_PROMPT, SftErrors, caption_rng,
-                                         reference_caption, sft_caption, tokenizer_corpus, words)
-from balcap_jax.data.shapes_world import (SCENE_VERSION, as_scene, image_id, make_scene,
-                                          parse_image_id, render, scene_to_json)
+from balcap_jax.shapes.grammar import parse_caption
+from balcap_jax.shapes.text import (
+    SHAPES_PROMPT,
+    SftErrors,
+    caption_rng,
+    reference_caption,
+    sft_caption,
+    tokenizer_corpus,
+    words,
+)
+from balcap_jax.shapes.world import (
+    SCENE_VERSION,
+    as_scene,
+    image_id,
+    make_scene,
+    parse_image_id,
+    render,
+    scene_to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +123,7 @@ def make_config(*, seed: int = 0, num_train: int = 4000, num_eval: int = 256,
                     f"{image_size}px")
 
 
-class ShapesWorld(tfds.core.GeneratorBasedBuilder):
+class ShapesWorld(builders.LocalBuilder):
     """TFDS builder `shapes_world`: generated scenes with references and scene graphs."""
 
     # The builder's version follows the scene version, so a directory prepared from an older
@@ -121,25 +133,13 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
                      "2.0.0": "ShapesWorld v2 scenes: larger objects, less jitter"}
     BUILDER_CONFIG_CLASS = ShapesWorldConfig
 
-    # Same TFDS 4.9 workaround as builders._CaptionBuilder.code_path.
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(inspect.getfile(cls))
-
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.image_size
         return tfds.core.DatasetInfo(
             builder=self,
             description="ShapesWorld: one to four shapes on a plain background, a reference "
                         "caption stating every fact, and the scene graph as JSON.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3)),
-                "image_id": tfds.features.Text(),
-                "references": tfds.features.Sequence(tfds.features.Text()),
-                "prompt": tfds.features.Text(),
-                "scene": tfds.features.Text(),
-            }),
+            features=builders.caption_features((size, size, 3), scene=tfds.features.Text()),
             disable_shuffling=True)  # record i is example i, as in ShapesSource
 
     def _split_generators(self, dl_manager):

@@ -1,6 +1,6 @@
 """Exact BalCapRL rewards for ShapesWorld: the judges of SPEC.md section 2 replaced by code.
 
-A caption is parsed by the world's grammar (`balcap_jax.data.shapes_grammar`) into atomic
+A caption is parsed by the world's grammar (`balcap_jax.shapes.grammar`) into atomic
 assertions, which are checked against the scene graph:
 
 - precision = true assertions / all assertions. Commentary is grammatical but not pointable, so
@@ -35,9 +35,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from balcap_jax.data.shapes_grammar import ParsedCaption, parse_caption
-from balcap_jax.data.shapes_world import as_scene, relation_holds, scene_from_id
-from balcap_jax.rewards.base import ScoreResult
+from balcap_jax.rewards.types import ScoreResult
+from balcap_jax.shapes.grammar import ParsedCaption, parse_caption
+from balcap_jax.shapes.world import as_scene, relation_holds, scene_from_id
 
 __all__ = ["ShapesScorer", "CaptionScore", "score_caption", "resolve_mention", "linguistic"]
 
@@ -224,7 +224,7 @@ def _scene_from_id(ident: str) -> dict:
 
 
 class ShapesScorer:
-    """The scorer interface of `balcap_jax.rewards.base` for ShapesWorld (module doc).
+    """The scorer interface of `balcap_jax.rewards.types` for ShapesWorld (module doc).
 
     Context: `scenes=` [N] scene dicts or JSON strings (the examples' `scene` feature, repeated
     per rollout like the references), or `image_ids=` [N] ShapesWorld ids. Images are unused:

@@ -66,8 +66,7 @@ def pretrain_vision(model, params, batches: Iterator, num_classes: Mapping[str, 
     vis_graph, _ = nnx.split(model.visual)
     dim = params["visual"]["merger"]["fc2"]["kernel"].value.shape[-1]
     heads = _heads(dim, num_classes, seed)
-    # warm-up, cosine decay and clipping: at a constant 1e-3 one seed's loss spiked back up
-    # (100-step means 1.07, 0.72, 1.00)
+    # warm-up, cosine decay and clipping: a constant lr of 1e-3 is not stable on every seed
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(int(steps) // 10, 1),
                                                   max(int(steps), 2), end_value=0.1 * lr)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from balcap_jax import sharding as shd
 
@@ -34,9 +35,11 @@ def test_logical_to_spec_rules_and_fallback():
     assert shd.logical_to_spec(("batch", "seq"), rules, (2, 5), mesh) == P("data", None)
     assert shd.logical_to_spec(("batch", "seq"), rules, (3, 5), mesh) == P(None, None)
     # a mesh axis is used once per spec: batch takes fsdp, so "embed" stays replicated
-    assert shd.logical_to_spec(("batch", "embed"), rules, (4, 64), mesh) == P(("data", "fsdp"), None)
+    assert (shd.logical_to_spec(("batch", "embed"), rules, (4, 64), mesh)
+            == P(("data", "fsdp"), None))
     custom = shd.Rules.create({"embed": None, "mlp": ("fsdp", "tensor")})
-    assert shd.logical_to_spec(("embed", "mlp"), custom, (64, 128), mesh) == P(None, ("fsdp", "tensor"))
+    assert (shd.logical_to_spec(("embed", "mlp"), custom, (64, 128), mesh)
+            == P(None, ("fsdp", "tensor")))
     assert shd.logical_to_spec(("unknown_name",), rules) == P(None)
     with pytest.raises(ValueError, match="shape"):
         shd.logical_to_spec(("embed",), rules, (4, 4), mesh)

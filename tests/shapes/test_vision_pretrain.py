@@ -1,5 +1,5 @@
-"""Vision-tower pretraining (balcap_jax.vision_pretrain), ShapesWorld's per-cell labels, and the
-frozen tower in the supervised warm start."""
+"""Vision-tower pretraining (balcap_jax.shapes.vision_pretrain), ShapesWorld's per-cell labels, and
+the frozen tower in the supervised warm start."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 
 
 def test_cell_labels_by_hand():
-    from balcap_jax.data.shapes_world import CELL_LABEL_CLASSES, SHAPES, cell_labels, COLORS
+    from balcap_jax.shapes.world import CELL_LABEL_CLASSES, COLORS, SHAPES, cell_labels
     scene = {"version": 2, "image_size": 112, "background": "gray", "objects": [
         {"shape": "triangle", "color": "red", "size": "small", "faint": True, "row": 0,
          "col": 2, "position": "top right", "x": 93, "y": 18, "radius": 9},
@@ -23,7 +23,7 @@ def test_cell_labels_by_hand():
 
 
 def test_probe_loss_matches_numpy():
-    from balcap_jax.vision_pretrain import probe_loss
+    from balcap_jax.shapes.vision_pretrain import probe_loss
     rng = np.random.default_rng(0)
     n, t, d = 3, 4, 8
     emb = rng.standard_normal((n * t + 5, d)).astype(np.float32)   # 5 padding rows, ignored
@@ -43,10 +43,11 @@ def test_probe_loss_matches_numpy():
 
 @pytest.fixture(scope="module")
 def shapes_policy():
-    from configs.shapes import PIXELS, shapes_qwen_vl_config
+    from flax import nnx
+
     from balcap_jax.models import random_init
     from balcap_jax.processing.images import QwenImageProcessor
-    from flax import nnx
+    from configs.shapes import PIXELS, shapes_qwen_vl_config
     model = random_init.from_config(shapes_qwen_vl_config(), seed=0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ip = QwenImageProcessor(min_pixels=PIXELS * PIXELS, max_pixels=PIXELS * PIXELS, merge_size=1)
@@ -55,7 +56,7 @@ def shapes_policy():
 
 def _label_batches(ip, n=16, seed=0):
     """Training scenes of the world, labelled per cell; a fixed pool cycled."""
-    from balcap_jax.data.shapes_world import cell_labels, make_scene, render
+    from balcap_jax.shapes.world import cell_labels, make_scene, render
     scenes = [make_scene(0, "train", i) for i in range(n)]
     px = ip([render(s) for s in scenes])
     labs = [cell_labels(s) for s in scenes]
@@ -65,8 +66,8 @@ def _label_batches(ip, n=16, seed=0):
 
 
 def test_pretrain_vision_fits_labels_and_only_changes_the_tower(shapes_policy):
-    from balcap_jax.data.shapes_world import CELL_LABEL_CLASSES
-    from balcap_jax.vision_pretrain import pretrain_vision
+    from balcap_jax.shapes.vision_pretrain import pretrain_vision
+    from balcap_jax.shapes.world import CELL_LABEL_CLASSES
     model, _, params, _, ip = shapes_policy
     before = jax.tree.map(np.asarray, params)
     out, losses = pretrain_vision(model, params, _label_batches(ip), CELL_LABEL_CLASSES,
@@ -84,7 +85,7 @@ def test_pretrain_vision_fits_labels_and_only_changes_the_tower(shapes_policy):
 
 
 def test_pretrain_vision_names_bad_labels(shapes_policy):
-    from balcap_jax.vision_pretrain import pretrain_vision
+    from balcap_jax.shapes.vision_pretrain import pretrain_vision
     model, _, params, _, ip = shapes_policy
     with pytest.raises(ValueError, match="size"):
         pretrain_vision(model, params, _label_batches(ip, n=2), {"shape": 5, "color": 7},
@@ -101,8 +102,9 @@ def test_pretrain_vision_names_bad_labels(shapes_policy):
 
 def test_sft_freeze_vision_updates_only_the_language_model(shapes_policy):
     """sft.freeze_vision: after supervised steps the tower is bit-identical, the rest moved."""
-    from balcap_jax.sft import make_sft_optimizer
     import optax
+
+    from balcap_jax.train.sft import make_sft_optimizer
     _, _, params, _, _ = shapes_policy
     from balcap_jax.config import base_config
     sc = base_config().sft

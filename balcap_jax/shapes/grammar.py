@@ -2,7 +2,7 @@
 
 Everything the world writes (references, warm-start captions) parses; a policy's own sentences
 parse when they use the same vocabulary. Parsing is text only; checking assertions against a
-scene is `balcap_jax.rewards.shapes`' job.
+scene is `balcap_jax.shapes.scorer`' job.
 
 Sentence kinds and the assertions they make:
 - count        "there are three shapes [on a gray background]"  -> count (+ background)
@@ -30,7 +30,7 @@ import functools
 import re
 from typing import Any
 
-from balcap_jax.data.shapes_world import BACKGROUNDS, COLORS, SHAPES
+from balcap_jax.shapes.world import BACKGROUNDS, COLORS, SHAPES
 
 __all__ = ["Assertion", "Sentence", "ParsedCaption", "parse_caption", "COMMENTARY",
            "NUMBER_WORDS", "HEDGES", "split_sentences"]

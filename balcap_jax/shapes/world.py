@@ -120,7 +120,8 @@ def as_scene(scene: Mapping[str, Any] | str | bytes) -> dict[str, Any]:
         try:
             scene = json.loads(scene)
         except json.JSONDecodeError as e:
-            raise ValueError(f"scene JSON does not parse ({e.msg} at {e.pos}): {scene[:80]!r}")
+            raise ValueError(f"scene JSON does not parse ({e.msg} at {e.pos}): "
+                             f"{scene[:80]!r}") from None
     if not isinstance(scene, Mapping) or "objects" not in scene or "background" not in scene:
         raise ValueError("a ShapesWorld scene needs 'background' and 'objects' (got keys "
                          f"{sorted(scene) if isinstance(scene, Mapping) else type(scene)}); pass "
@@ -187,7 +188,8 @@ CELL_LABEL_CLASSES = {"shape": 1 + len(SHAPES), "color": 1 + len(COLORS), "size"
 def cell_labels(scene: Mapping[str, Any] | str | bytes) -> dict[str, np.ndarray]:
     """Per grid cell (row-major, 9) class ids of the object there: shape, colour and size, each
     0 for an empty cell, else 1 + the index in SHAPES / COLORS / SIZES. The targets of the
-    vision tower's pretraining (balcap_jax.vision_pretrain); CELL_LABEL_CLASSES counts them."""
+    vision tower's pretraining (balcap_jax.shapes.vision_pretrain); CELL_LABEL_CLASSES counts
+    them."""
     scene = as_scene(scene)
     out = {name: np.zeros(9, np.int32) for name in CELL_LABEL_CLASSES}
     for obj in scene["objects"]:

@@ -42,7 +42,8 @@ class FakeLM(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v, (0, cache_index, 0))
             cache = {"k": k, "v": v}
         q_slot = cache_index + jnp.arange(t)
-        allowed = (jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])[None] & (kv_mask[:, None, :] > 0)
+        allowed = ((jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])[None]
+                   & (kv_mask[:, None, :] > 0))
         att = jax.nn.softmax(jnp.where(allowed, q @ k.transpose(0, 2, 1) / self.dim ** 0.5, -1e30))
         return h + jnp.tanh(att @ v), cache
 
@@ -75,8 +76,8 @@ def _reference_greedy(model, inputs, steps, width=32):
     @jax.jit
     def next_token(state, seq, n):
         m = nnx.merge(graphdef, state)
-        h, _ = m.forward_embeds(m.embed(seq), jnp.arange(width)[None], jnp.ones((1, width), jnp.int32),
-                                None, 0)
+        h, _ = m.forward_embeds(m.embed(seq), jnp.arange(width)[None],
+                                jnp.ones((1, width), jnp.int32), None, 0)
         return jnp.argmax(m.logits(h)[0, n - 1])
 
     out = []
@@ -139,7 +140,8 @@ def test_sampling_frequencies_match_filtered_distribution(vocab, top_k, top_p):
 
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
 def test_nucleus_without_sort_equals_sorted_rule(top_p):
-    logits = jax.random.normal(jax.random.key(2), (6, 1000)) * jnp.array([0.1, 1, 2, 4, 8, 16])[:, None]
+    logits = (jax.random.normal(jax.random.key(2), (6, 1000))
+              * jnp.array([0.1, 1, 2, 4, 8, 16])[:, None])
     p = np.asarray(jax.nn.softmax(logits), np.float64)
     order = np.argsort(-p, axis=-1, kind="stable")
     ps = np.take_along_axis(p, order, -1)
@@ -157,7 +159,8 @@ def test_bucket_length_and_left_align():
     assert sampling.bucket_length(20, [16, 32, 64]) == 32
     with pytest.raises(ValueError, match="largest prompt bucket"):
         sampling.bucket_length(65, [16, 32, 64])
-    right = {"input_ids": np.array([[5, 6, 0], [7, 8, 9]]), "attention_mask": np.array([[1, 1, 0], [1, 1, 1]])}
+    right = {"input_ids": np.array([[5, 6, 0], [7, 8, 9]]),
+             "attention_mask": np.array([[1, 1, 0], [1, 1, 1]])}
     out = sampling.left_align(right, 4, pad_id=2)
     np.testing.assert_array_equal(out["input_ids"], [[2, 2, 5, 6], [2, 7, 8, 9]])
     np.testing.assert_array_equal(out["attention_mask"], [[0, 0, 1, 1], [0, 1, 1, 1]])
@@ -240,7 +243,8 @@ def test_compiles_bounded_by_buckets(fake):
     # a trainer re-merges the model with new parameters every step: no retrace either
     graphdef, params, rest = nnx.split(fake, nnx.Param, ...)
     updated = nnx.merge(graphdef, jax.tree.map(lambda x: x * 1.01, params), rest)
-    sampling.generate(updated, _prompts(lengths=(12, 9, 16)), **{**kw, "eos_token_ids": [4]})  # other stop id, same count
+    sampling.generate(updated, _prompts(lengths=(12, 9, 16)),
+                      **{**kw, "eos_token_ids": [4]})  # other stop id, same count
     assert sampling.compile_count() == before
     sampling.generate(fake, _prompts(lengths=(17, 3, 5)), **kw)  # the 32 bucket
     assert sampling.compile_count() == before + 2  # one prefill + one decode
@@ -324,12 +328,17 @@ def test_greedy_equals_transformers_text(text_pair):
     hf, ours = text_pair
     inputs = _prompts(lengths=(9, 4, 12, 6), vocab=160)
     steps, eos = 12, [2, 7]
-    hf_toks, hf_logits = _hf_greedy(hf, inputs, steps, eos, pad=0)
+    _check_greedy_parity(hf, ours, inputs, steps, eos)
+
+
+def _check_greedy_parity(hf, ours, inputs, steps, eos, suppress=()):
+    """Our greedy tokens equal transformers' (up to near ties), and the recomputed
+    log-probabilities of the greedy completion equal the sampler's."""
+    hf_toks, hf_logits = _hf_greedy(hf, inputs, steps, eos, pad=0, suppress=suppress)
     s = sampling.generate(ours, inputs, max_new_tokens=steps, temperature=0, eos_token_ids=eos,
                           rng=jax.random.key(0), pad_id=0)
     compared, err = _compare_greedy(s, hf_toks, hf_logits, eos)
     assert compared >= 0.75 * hf_toks.size
-    # and the recomputed log-probabilities of the greedy completion agree
     lp = sampling.token_logprobs(ours, inputs, s.tokens, s.mask, temperature=0)
     np.testing.assert_allclose(lp, s.logprobs, atol=LP_ATOL)
 
@@ -353,14 +362,7 @@ def test_greedy_equals_transformers_qwen2_5_vl(vl_pair):
     inputs = _vl_batch()   # includes mm_token_type_ids: v5 needs it for 3-D M-RoPE positions
     steps, eos = 10, [2]
     # transformers masks the vision tokens our sampler never samples (suppress_tokens)
-    hf_toks, hf_logits = _hf_greedy(hf, inputs, steps, eos, pad=0,
-                                    suppress=ours.vision_token_ids)
-    s = sampling.generate(ours, inputs, max_new_tokens=steps, temperature=0, eos_token_ids=eos,
-                          rng=jax.random.key(0), pad_id=0)
-    compared, err = _compare_greedy(s, hf_toks, hf_logits, eos)
-    assert compared >= 0.75 * hf_toks.size
-    lp = sampling.token_logprobs(ours, inputs, s.tokens, s.mask, temperature=0)
-    np.testing.assert_allclose(lp, s.logprobs, atol=LP_ATOL)
+    _check_greedy_parity(hf, ours, inputs, steps, eos, suppress=ours.vision_token_ids)
 
 
 def _repeat_vl(batch, g):
@@ -385,7 +387,8 @@ def _repeat_vl(batch, g):
 def test_vl_num_samples_share_prefill_equal_repeated_prompts(vl_pair):
     _, ours, _ = vl_pair
     inputs = _vl_batch()
-    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, eos_token_ids=[2], rng=jax.random.key(3))
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, eos_token_ids=[2],
+              rng=jax.random.key(3))
     grouped = sampling.generate(ours, inputs, num_samples=2, **kw)
     separate = sampling.generate(ours, _repeat_vl(inputs, 2), **kw)
     np.testing.assert_array_equal(grouped.tokens, separate.tokens)

@@ -26,9 +26,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from balcap_jax.data.shapes_grammar import COMMENTARY, HEDGES, NUMBER_WORDS
-from balcap_jax.data.shapes_world import (COLORS, POSITION_CELLS, POSITIONS, SHAPES, SPLIT_IDS,
-                                          as_scene, make_scene, relation_holds)
+from balcap_jax.shapes.grammar import COMMENTARY, HEDGES, NUMBER_WORDS
+from balcap_jax.shapes.world import (
+    COLORS,
+    POSITION_CELLS,
+    POSITIONS,
+    SHAPES,
+    SPLIT_IDS,
+    as_scene,
+    make_scene,
+    relation_holds,
+)
 
 __all__ = ["SftErrors", "reference_caption", "sft_caption", "tokenizer_corpus",
            "SHAPES_PROMPT", "caption_rng", "words"]

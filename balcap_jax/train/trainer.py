@@ -1,6 +1,6 @@
 """The BalCapRL loop: rollout -> score -> length control -> advantages -> update -> log -> save.
 
-This is the only module that wires data, processing, sampling, rewards and rl together.
+The Trainer is where the parts meet (it takes them as objects, built by balcap_jax.build).
 One step:
   1. a batch of B prompts (image, references, instruction) from the loader;
   2. ``generate`` G rollouts per prompt (rows prompt-major: row i*G + j);
@@ -25,27 +25,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from balcap_jax import distributed as dist
-from balcap_jax import precision
 from balcap_jax import sampling
 from balcap_jax.rl import advantages as adv_lib
-from balcap_jax.rl import length as length_lib
 from balcap_jax.rl import loss as loss_lib
-from balcap_jax.rewards.base import ScoreResult
+from balcap_jax.train.optim import is_vision_path, make_optimizer
+from balcap_jax.train.rollouts import (
+    completion_text,
+    gather_rows,
+    rollout_rewards,
+    update_width,
+    word_count,
+)
+from balcap_jax.train.step import RLStep
 
-__all__ = ["TrainState", "make_optimizer", "RLStep", "word_count", "rollout_rewards",
-           "update_width"]
+__all__ = ["TrainState", "RunParts", "Trainer"]
 
 
 @dataclasses.dataclass
@@ -66,229 +71,13 @@ class TrainState:
         return out
 
 
-def _is_vision_path(path) -> bool:
-    return any(str(getattr(p, "key", p)).startswith(("visual", "vision")) for p in path)
-
-
-def make_optimizer(tc, params=None) -> optax.GradientTransformation:
-    """AdamW with warm-up + (constant | cosine) schedule, global-norm clipping and optional
-    frozen vision tower (its updates are exactly zero and it keeps no moments)."""
-    if tc.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1),
-                                                max(tc.steps, tc.warmup_steps + 1))
-    elif tc.warmup_steps > 0:
-        lr = optax.join_schedules([optax.linear_schedule(0.0, tc.lr, tc.warmup_steps),
-                                   optax.constant_schedule(tc.lr)], [tc.warmup_steps])
-    else:
-        lr = tc.lr
-    opt = optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity(),
-        optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
-    if tc.freeze_vision:
-        if params is None:
-            raise ValueError("make_optimizer(freeze_vision=True) needs params to label")
-        opt = freeze_vision_tower(opt, params)
-    return opt
-
-
-def freeze_vision_tower(opt: optax.GradientTransformation, params) -> optax.GradientTransformation:
-    """`opt` on everything but the vision tower, whose updates are exactly zero (no moments, and
-    its gradients are left out of `opt`'s global-norm clip)."""
-    labels = jax.tree_util.tree_map_with_path(
-        lambda p, _: "frozen" if _is_vision_path(p) else "train", params)
-    return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
-
-
-def word_count(text: str) -> int:
-    return len(text.split())
-
-
-def rollout_rewards(result: ScoreResult, rl, captions: Sequence[str],
-                    references: Sequence[Sequence[str]], b: int, g: int
-                    ) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
-    """Stacks the scorer's rewards [B, G, K] in config order and applies length control.
-
-    Returns (rewards, channel names, weights, diagnostics). rho uses whitespace words of the
-    decoded caption against the mean word count of the image's references (SPEC.md section 3).
-    """
-    names = list(rl.rewards)
-    weights = list(rl.weights)
-    r = result.stack(names)                                            # [N, K]
-    gen = np.array([word_count(c) for c in captions], np.float32)
-    ref = np.array([np.mean([word_count(x) for x in refs]) if refs else 0.0
-                    for refs in references], np.float32)
-    rho = np.asarray(length_lib.length_ratio(gen, ref))
-    diag = {"caption_words": float(gen.mean()), "rho_mean": float(np.nanmean(rho)) if
-            np.isfinite(rho).any() else float("nan")}
-    if rl.length_control == "mask":
-        k = names.index(rl.length_reward)
-        inside = np.asarray(length_lib.in_length_window(gen, ref, tau_low=rl.tau_low,
-                                                        tau_high=rl.tau_high))
-        r[:, k] = np.asarray(length_lib.length_conditional_mask(
-            r[:, k], gen, ref, tau_low=rl.tau_low, tau_high=rl.tau_high))
-        diag["masked_fraction"] = float(1.0 - inside.mean())
-    elif rl.length_control == "linear":
-        pen = np.asarray(length_lib.linear_length_penalty(gen, ref, coef=1.0), np.float32)
-        r = np.concatenate([r, pen[:, None]], axis=1)
-        names, weights = names + ["length"], weights + [rl.w_len]
-    return r.reshape(b, g, -1), names, np.asarray(weights, np.float32), diag
-
-
-def _loss_fn(params, graphdef, rest, batch, adv, old_logp, ref_logp, normalizer, *, rl,
-             temperature, max_len):
-    """(loss, (metrics, logp)). old_logp None: the parameters are the pre-update ones (the
-    first pass of a step), so old_logp is stop_gradient(logp), exactly SPEC.md section 5."""
-    model = nnx.merge(graphdef, params, rest)
-    logp = sampling.token_logprobs_fn(model, batch, temperature=temperature)
-    if old_logp is None:
-        old_logp = jax.lax.stop_gradient(logp)
-    loss, metrics = loss_lib.policy_loss(
-        logp, old_logp, adv, batch["mask"], ref_logp=ref_logp, eps_low=rl.eps_low,
-        eps_high=rl.eps_high, beta=rl.beta, aggregation=rl.aggregation,
-        max_completion_length=max_len, normalizer=normalizer)
-    return loss, (metrics, jax.lax.stop_gradient(logp))
-
-
-class RLStep:
-    """Jitted pieces of one step, built once per run: log-probs, gradient, update.
-
-    Each is a jax.jit with the graphdef static and the state as an argument (DESIGN.md); the
-    update donates the parameters and optimiser state.
-
-    With ``params`` on a mesh, the gradient accumulator, the optimiser state and the updated
-    parameters are pinned to the parameters' shardings (moments like their parameter, counters
-    replicated): the accumulator is sharded, not built on one device, and every call sees the
-    shardings of the first, so nothing recompiles on the second micro-batch or step.
-    """
-
-    def __init__(self, graphdef, rest, optimizer, rl, *, temperature: float, max_len: int,
-                 params=None, frozen=None):
-        self.graphdef, self.rest, self.opt = graphdef, rest, optimizer
-        loss = functools.partial(_loss_fn, rl=rl, temperature=temperature, max_len=max_len)
-        gd = graphdef
-
-        def init_opt(p, master=None):
-            # optimiser moments in float32 whatever the parameter dtype: init from the float32
-            # view the updates are computed against (the master weights for bf16 params)
-            return self.opt.init(precision.optimizer_view(p, master))
-
-        psh, osh, rep = self._shardings(params, init_opt)
-        self.frozen = frozen
-        # the master tree's shape: MaskedNode where no master is kept (float32 or frozen leaves)
-        master_like = None if params is None else jax.eval_shape(
-            lambda p: precision.init_master(p, frozen), params)
-        msh = None if psh is None or master_like is None else jax.tree.map(
-            lambda m, s: m if precision.is_masked(m) else s, master_like, psh,
-            is_leaf=precision.is_masked)
-
-        def jit(f, out=None, **kw):
-            return jax.jit(f, **kw) if out is None else jax.jit(f, out_shardings=out, **kw)
-
-        @jax.jit
-        def logprobs(params, rest, batch):
-            model = nnx.merge(gd, params, rest)
-            return sampling.token_logprobs_fn(model, batch, temperature=temperature)
-
-        @functools.partial(jit, out=None if psh is None else (psh, rep, rep, None),
-                           donate_argnums=(0,))
-        def grad(acc, params, rest, batch, adv, old_logp, ref_logp, normalizer):
-            """Adds this micro-batch's gradient into ``acc`` (donated, updated in place);
-            returns (acc, loss, metrics, logp). ``old_logp`` None on the first pass."""
-            (l, (m, logp)), g = jax.value_and_grad(loss, has_aux=True)(
-                params, gd, rest, batch, adv, old_logp, ref_logp, normalizer)
-            # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
-            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m, logp
-
-        @functools.partial(jit, donate_argnums=(0, 1, 2),
-                           out=None if osh is None else (psh, msh, osh))
-        def apply(params, master, opt_state, grads, scale):
-            # params, master and optimiser state are donated: the update happens in place, no
-            # second copy of the optimiser state (a where()-based skip would keep both alive).
-            # Low-precision params are updated through their float32 master (precision.py).
-            grads = jax.tree.map(lambda x: x * scale, grads)
-            updates, opt_state = self.opt.update(grads, opt_state,
-                                                 precision.optimizer_view(params, master))
-            params, master = precision.apply_updates(params, master, updates)
-            return params, master, opt_state
-
-        self.grad_norm = jax.jit(lambda g, scale: optax.global_norm(g) * scale)
-        self.logprobs, self.grad, self.apply = logprobs, grad, apply
-        self.zeros = jit(lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p),
-                         out=psh)
-        self.init_opt = jit(init_opt, out=osh)
-
-    def init_master(self, params):
-        """The float32 master copy of `params` (None for float32 params); eager casts keep
-        each leaf's sharding."""
-        return precision.init_master(params, self.frozen)
-
-    def _shardings(self, params, init_opt):
-        """(param shardings, optimiser-state shardings, replicated) or Nones off a mesh."""
-        leaves = [] if params is None else jax.tree.leaves(params)
-        if not leaves or not all(isinstance(x, jax.Array) and
-                                 isinstance(x.sharding, jax.sharding.NamedSharding)
-                                 for x in leaves):
-            return None, None, None
-        mesh = leaves[0].sharding.mesh
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        psh = jax.tree.map(lambda x: x.sharding, params)
-        masked = lambda v: isinstance(v, optax.MaskedNode)   # frozen leaves keep no state
-        osh = optax.tree_map_params(
-            self.opt, lambda v, s: v if masked(v) else s,
-            jax.eval_shape(init_opt, params),
-            psh, transform_non_params=lambda _: rep, is_leaf=masked)
-        return psh, osh, rep
-
-
-def update_width(lengths: np.ndarray, max_new_tokens: int) -> int:
-    """Completion columns the update needs: the longest rollout, rounded up to a power of two
-    (at least max(16, max_new_tokens / 8), at most max_new_tokens). Columns past every rollout's
-    end carry mask 0 and change nothing but the cost; the floor bounds the distinct widths (each
-    a compile of the gradient) to four: 64, 128, 256, 512 for 512 new tokens."""
-    longest = int(np.max(lengths)) if np.size(lengths) else 0
-    floor = max(16, max_new_tokens // 8)
-    return min(max_new_tokens, sampling.bucket_length(max(longest, 1), minimum=floor))
-
-
-def gather_rows(inputs: dict, rows: np.ndarray) -> dict:
-    """Selects prompt rows (with repeats) from a processor batch with one image per row,
-    keeping pixel_values aligned with image_grid_thw."""
-    out = {k: np.asarray(v)[rows] for k, v in inputs.items()
-           if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    if "pixel_values" in inputs and "image_grid_thw" not in inputs:  # LLaVA: [N, C, H, W]
-        pv = np.asarray(inputs["pixel_values"])
-        if len(pv) != len(np.asarray(inputs["input_ids"])):
-            raise ValueError("gather_rows needs exactly one image per prompt row")
-        out["pixel_values"] = pv[rows]
-    elif "pixel_values" in inputs:
-        grid = np.asarray(inputs["image_grid_thw"])
-        if len(grid) != len(np.asarray(inputs["input_ids"])):
-            raise ValueError("gather_rows needs exactly one image per prompt row")
-        sizes = grid.prod(-1)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        pv = np.asarray(inputs["pixel_values"])
-        out["pixel_values"] = np.concatenate([pv[starts[i]:starts[i] + sizes[i]] for i in rows])
-        out["image_grid_thw"] = grid[rows]
-    return out
-
-
-def completion_text(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
-                    truncated: np.ndarray) -> list[str]:
-    """Decoded captions without the stop token and padding."""
-    out = []
-    for t, n, cut in zip(tokens, lengths, truncated):
-        n = int(n) if cut else max(int(n) - 1, 0)   # drop the stop token
-        out.append(tokenizer.decode(t[:n].tolist(), skip_special_tokens=True).strip())
-    return out
-
-
 @dataclasses.dataclass
 class RunParts:
     """Everything a run needs, built by ``balcap_jax.build.build_run`` (or by a test)."""
     model: Any                  # the policy (nnx.Module)
     tokenizer: Any
     processor: Any              # prompts + images -> model inputs
-    scorer: Any                 # balcap_jax.rewards.base.Scorer
+    scorer: Any                 # balcap_jax.rewards.types.Scorer
     loader: Any                 # iterator of example batches with get_state / set_state
     eval_examples: list         # fixed held-out examples
     eos_token_ids: tuple
@@ -309,7 +98,7 @@ class Trainer:
         self.fn = RLStep(graphdef, rest, self.optimizer, cfg.rl,
                          temperature=cfg.sampling.temperature,
                          max_len=cfg.sampling.max_new_tokens, params=params,
-                         frozen=_is_vision_path if cfg.train.freeze_vision else None)
+                         frozen=is_vision_path if cfg.train.freeze_vision else None)
         # the reference model is a frozen copy: apply() donates the live params
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.rl.beta > 0 else None
         master = self.fn.init_master(params)
@@ -330,7 +119,6 @@ class Trainer:
         here rather than training on garbage."""
         if not dist.is_multiprocess():
             return
-        import hashlib
         vocab = sorted(parts.tokenizer.get_vocab().items())
         digest = hashlib.sha256(json.dumps([vocab, list(parts.eos_token_ids), parts.pad_id])
                                 .encode()).hexdigest()

@@ -25,7 +25,7 @@ def test_shipped_configs_validate():
     q = load_config("configs/qwen.py")
     assert validate(q, 8)["fsdp"] == 8
     q.scorer.name = "oracle"
-    with pytest.raises(ConfigError, match="scorer.name='oracle' is not available"):
+    with pytest.raises(ConfigError, match="scorer.name='oracle' is not one of"):
         validate(q, 8)
     assert load_config("configs/qwen.py", "3b").model.preset == "qwen2_5_vl_3b"
     with pytest.raises(ValueError, match="qwen.py:3b"):

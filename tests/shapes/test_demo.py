@@ -2,18 +2,12 @@
 
 Two runs (one each per module):
 - `demo_run`, from scratch: vision pretraining (10 steps) -> warm start (60 steps) -> before ->
-  4 RL steps -> after -> control. `test_summary` checks everything the pipeline writes. (Its
-  captions never parse yet, every reward is 0, so its RL steps change nothing.)
-- `direction_run`, the direction of the change: the demo's own seed-0 warm start
-  (tests/assets/shapes_warm_start.npz: the workdir/warm_start.npz of `bash launch/demo.sh`,
-  300 vision steps then 1400 supervised steps with the tower frozen, cast to float16 and
-  written with np.savez_compressed, 1 MB; remake it so if the policy or tokenizer of
-  configs/shapes.py changes) loaded with `demo.warm_from`, then 20 BalCapRL steps (constant lr
-  1e-4, tower frozen), the control and the full 200-image held-out evaluation. A warm start
-  good enough for RL to improve on takes about 7 minutes to train, so the suite loads it: from
-  a 200-300-step warm start (b-CapScore ~36) 16-30 RL steps moved the score by -7 to +0.6,
-  whereas from this one 20 steps gave 71.9 -> 76.5 on the suite's 8-device mesh (precision
-  0.697 -> 0.704, recall 0.634 -> 0.728, linguistic 0.947 -> 0.959), in about 100 s.
+  4 RL steps -> after -> control; `test_summary` checks everything the pipeline writes.
+- `direction_run`: the demo's own seed-0 warm start (tests/assets/shapes_warm_start.npz, the
+  workdir/warm_start.npz of `bash launch/demo.sh` cast to float16; remake it if the policy or
+  tokenizer of configs/shapes.py changes) loaded with `demo.warm_from`, then 20 BalCapRL steps,
+  the control and the full 200-image held-out evaluation: RL must improve every channel. A
+  warm start good enough for RL to improve on takes minutes to train, so the suite loads one.
 """
 import json
 import os
@@ -22,7 +16,8 @@ import numpy as np
 import pytest
 
 KEYS = ("precision", "recall", "linguistic", "b_capscore", "mean_words")
-WARM_START = os.path.join(os.path.dirname(__file__), "assets", "shapes_warm_start.npz")
+WARM_START = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
+                          "shapes_warm_start.npz")
 
 
 def short_config(workdir):
@@ -113,6 +108,7 @@ def test_rl_keeps_the_frozen_tower(direction_run):
     there changes nothing and could not show this.)"""
     import jax
     from flax import nnx
+
     from balcap_jax import models
     cfg, workdir, _ = direction_run
     with np.load(WARM_START) as f:

@@ -1,7 +1,7 @@
 """What a ShapesWorld captioner gets right, attribute by attribute (a diagnostic, not a reward).
 
 b-CapScore says how good captions are; this says why. Each object mention of a caption is
-resolved to the scene object it means (`balcap_jax.rewards.shapes.resolve_mention`, the same
+resolved to the scene object it means (`balcap_jax.shapes.scorer.resolve_mention`, the same
 matching the precision reward uses) and each stated attribute is checked:
 
     accuracy[attr]   share of stated `attr` values that are true (shape chance: 1/4)
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from balcap_jax.data.shapes_grammar import parse_caption
-from balcap_jax.data.shapes_world import as_scene
-from balcap_jax.rewards.shapes import resolve_mention
+from balcap_jax.shapes.grammar import parse_caption
+from balcap_jax.shapes.scorer import resolve_mention
+from balcap_jax.shapes.world import as_scene
 
 __all__ = ["attribute_report", "ROWS"]
 

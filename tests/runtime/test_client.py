@@ -1,8 +1,8 @@
 """ChatClient against a local fake server: success, retries, timeouts, garbage answers, order
 and bounded concurrency of map, data URLs. Only 127.0.0.1; every wait is bounded."""
 import base64
-import math
 import io
+import math
 import socket
 import time
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from balcap_jax.client import ChatClient, failure_counts, image_data_url, user_message
-from tests.data.chat_server import ChatServer, Reply, completion, echo, user_text
+from tests._fakes.chat_server import ChatServer, Reply, completion, echo, user_text
 
 
 def _client(server, **kw):

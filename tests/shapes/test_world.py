@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from balcap_jax.data import shapes
-from balcap_jax.data.shapes_grammar import parse_caption
-from balcap_jax.data.shapes_world import (BACKGROUNDS, COLORS, POSITION_CELLS, rendered_color)
-from balcap_jax.rewards.base import ScoreResult
-from balcap_jax.rewards.shapes import ShapesScorer, resolve_mention, score_caption
+from balcap_jax import shapes
+from balcap_jax.rewards.types import ScoreResult
+from balcap_jax.shapes.grammar import parse_caption
+from balcap_jax.shapes.scorer import ShapesScorer, resolve_mention, score_caption
+from balcap_jax.shapes.world import BACKGROUNDS, COLORS, POSITION_CELLS, rendered_color
 
 N_RATES = 500  # scenes for the error-rate measurements
 
@@ -232,7 +232,7 @@ def _mentions(cap, scene, hedged=None):
 def test_sft_captions_carry_systematic_errors(sft_samples):
     comm = omitted = bottom = called_red = orange = 0
     hedges = {True: [], False: []}  # scene has a faint object -> hedged?
-    for scene, ref, cap in sft_samples:
+    for scene, _ref, cap in sft_samples:
         parsed = parse_caption(cap)
         assert all(s.kind != "unparsable" for s in parsed.sentences), cap
         comm += any(s.kind == "commentary" for s in parsed.sentences)

@@ -27,8 +27,8 @@ def test_variants_change_only_their_knob():
 
 
 def test_no_pointability_counts_commentary_as_true():
-    from balcap_jax.data.shapes_world import make_scene
-    from balcap_jax.rewards.shapes import ShapesScorer, score_caption
+    from balcap_jax.shapes.scorer import ShapesScorer, score_caption
+    from balcap_jax.shapes.world import make_scene
     scene = make_scene(0, "eval", 3)
     o = scene["objects"][0]
     cap = (f"there is a {o['size']} {o['color']} {o['shape']} at the {o['position']}. "
@@ -63,6 +63,7 @@ def test_warm_start_params_round_trip(tmp_path):
     import jax
     import jax.numpy as jnp
     from flax import nnx
+
     from balcap_jax.shapes_demo import load_params, save_params
     params = nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
     save_params(str(tmp_path / "w.npz"), params)

@@ -71,7 +71,7 @@ def _config(*overrides):
     """configs/qwen.py:3b with --config.* style overrides, as --plan_only reads it."""
     import importlib.util
     import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = importlib.util.spec_from_file_location("qwen", os.path.join(root, "configs/qwen.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
