@@ -352,6 +352,8 @@ def build_parts(cfg, mesh=None, rules=None):
     policy = build_policy(cfg, mesh, rules)
     if cfg.train.remat:
         policy.set_remat(True)
+    from balcap_jax.models.attention import resolve
+    policy.set_attention(resolve(cfg.model.attention, cfg.model.dtype))
     if cfg.data.max_image_tokens > 0 and hasattr(policy, "vision_slot"):
         # every image padded to a slot of max_image_tokens: the vision shapes are fixed
         policy.vision_slot = int(cfg.data.max_image_tokens) * \

@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = ""          # random init of a hub shape (balcap_jax.models.presets)
     c.model.hf_config = ml_collections.ConfigDict()  # random init from an explicit config dict
     c.model.dtype = "float32"    # parameter dtype: float32 or bfloat16
+    c.model.attention = "auto"   # attention kernel of the calls that see all their keys
+                                 # (training, prefill, vision): xla | cudnn (GPU) | splash
+                                 # (TPU) | auto (the platform's, checked once, else xla)
     c.model.tokenizer = ""       # "qwen2.5" (offline vocabulary), "tiny" (a BPE trained on
                                  # the data's references), a path, or "" = model.path
     c.model.tiny_vocab = 400     # vocabulary size of the "tiny" tokenizer
@@ -117,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999
     c.train.freeze_vision = False
     c.train.remat = False
+    c.train.share_prompts = True  # the update forwards each prompt (and image) once for its G
+                                  # rollouts, which read it as a shared prefix
     c.train.trim_completions = True  # update on completions cut to the batch's longest, rounded
                                      # up to a power of two (>= 16), not to max_new_tokens
     c.train.eval_every = 50
@@ -224,6 +229,7 @@ _CHOICES = {
     "rl.aggregation": ("dapo", "grpo", "dr_grpo", "bnpo"),
     "train.schedule": ("constant", "cosine"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
     "data.source": ("synthetic", "shapes", "tfds"),
     "data.builder": ("sharegpt4v", "coco", "captions"),
     "judges.backend": ("in_process", "remote"),

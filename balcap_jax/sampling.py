@@ -372,21 +372,39 @@ def suppressed_ids(model) -> np.ndarray:
     return np.asarray(tuple(getattr(model, "vision_token_ids", ()) or ()), np.int32)
 
 
+def shares_prefix(model) -> bool:
+    """Whether the model's forward_embeds reads a shared prompt's keys (`prefix=`): then the G
+    rollouts of a prompt decode against one copy of its prefill cache."""
+    import inspect
+    return "prefix" in inspect.signature(model.forward_embeds).parameters
+
+
 def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
+    """Prompt forward + first token. With a model that `shares_prefix`, the prompt cache
+    [B, .., T] is kept once (the prefix every rollout of the prompt reads) and each of the
+    N = B*G rows gets a generation cache of max_new_tokens slots of its own; otherwise one
+    cache of T + max_new_tokens slots is filled and repeated G times."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     b, t = prompt.mask.shape
-    g, n, s = cfg.num_samples, prompt.mask.shape[0] * cfg.num_samples, t + cfg.max_new_tokens
+    g, n, m = cfg.num_samples, prompt.mask.shape[0] * cfg.num_samples, cfg.max_new_tokens
     x = _adapter(model).embed(model, prompt.embed_inputs)
-    cache = model.init_cache(b, s, x.dtype)
-    kv_mask = jnp.concatenate([prompt.mask.astype(jnp.int32),
-                               jnp.ones((b, cfg.max_new_tokens), jnp.int32)], axis=1)
-    hidden, cache = model.forward_embeds(x, prompt.positions, kv_mask, cache, jnp.int32(0))
-    logits = model.logits(hidden[:, -1:])[:, 0]                           # [B, V]
-    # G rollouts per prompt share this prefill: repeat its results, prompt-major.
-    cache = _repeat_batch(cache, model, b, g, s, x.dtype)
-    logits = jnp.repeat(logits, g, axis=0)
-    kv_mask = jnp.repeat(kv_mask, g, axis=0)
+    mask = prompt.mask.astype(jnp.int32)
+    if shares_prefix(model):
+        hidden, prefix = model.forward_embeds(x, prompt.positions, mask,
+                                              model.init_cache(b, t, x.dtype), jnp.int32(0))
+        prefix = (prefix, mask)
+        cache = model.init_cache(n, m, x.dtype)
+        kv_mask = jnp.ones((n, m), jnp.int32)   # causal: a row reads its slots up to the latest
+    else:
+        s = t + m
+        cache = model.init_cache(b, s, x.dtype)
+        kv_mask = jnp.concatenate([mask, jnp.ones((b, m), jnp.int32)], axis=1)
+        hidden, cache = model.forward_embeds(x, prompt.positions, kv_mask, cache, jnp.int32(0))
+        cache = _repeat_batch(cache, model, b, g, s, x.dtype)    # prompt-major copies
+        kv_mask = jnp.repeat(kv_mask, g, axis=0)
+        prefix = None
+    logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], g, axis=0)    # [N, V]
     deltas = jnp.repeat(prompt.deltas.astype(jnp.int32), g, axis=0)
     keys = row_keys(rng, n)
     carry = _Carry(step=jnp.int32(0),
@@ -394,25 +412,28 @@ def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
                    logprobs=jnp.zeros((n, cfg.max_new_tokens), jnp.float32),
                    done=jnp.zeros((n,), bool), last=jnp.zeros((n,), jnp.int32), cache=cache)
     tok, lp = _sample(logits, keys, 0, cfg, suppress)
-    return _emit(carry, tok, lp, eos, cfg), kv_mask, deltas, keys
+    return _emit(carry, tok, lp, eos, cfg), kv_mask, deltas, keys, prefix
 
 
-def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, keys, eos, suppress, cfg: _Config,
-            mrope: bool):
+def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, keys, eos, suppress, prefix,
+            cfg: _Config, mrope: bool, prompt_len: int):
     """The while_loop; returns (Samples, final carry). The carry is donated and returned so its
-    buffers (the KV cache above all) are updated in place rather than copied."""
+    buffers (the KV cache above all) are updated in place rather than copied. `prefix`: the
+    shared prompt cache and mask (read-only), or None when the cache holds the prompt."""
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
-    prompt_len = kv_mask.shape[1] - cfg.max_new_tokens
+    extra = {} if prefix is None else {"prefix": prefix[0], "prefix_mask": prefix[1]}
 
     def cond(c: _Carry):
         return (c.step < cfg.max_new_tokens) & ~jnp.all(c.done)
 
     def body(c: _Carry):
-        slot = prompt_len + c.step - 1                     # cache slot of the latest token
+        gen = c.step - 1                                   # the latest token's generated index
+        slot = gen if prefix is not None else prompt_len + gen      # its cache slot
         x = model.embed(c.last[:, None])
-        hidden, cache = model.forward_embeds(x, _decode_positions(slot, deltas, mrope), kv_mask,
-                                             c.cache, slot)
+        hidden, cache = model.forward_embeds(
+            x, _decode_positions(prompt_len + gen, deltas, mrope), kv_mask, c.cache, slot,
+            **extra)
         tok, lp = _sample(model.logits(hidden)[:, 0], keys, c.step, cfg, suppress)
         return _emit(c._replace(cache=cache), tok, lp, eos, cfg)
 
@@ -453,10 +474,11 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
     prompt = _place(model, prompt, _prompt_batch_axis)
     suppress = suppressed_ids(model)
     graphdef, state = nnx.split(model)
-    carry, kv_mask, deltas, keys = _jit("prefill")(graphdef, state, prompt, rng, eos, suppress,
-                                                   cfg)
+    carry, kv_mask, deltas, keys, prefix = _jit("prefill")(graphdef, state, prompt, rng, eos,
+                                                           suppress, cfg)
     samples, _ = _jit("decode")(graphdef, state, carry, kv_mask, deltas, keys, eos, suppress,
-                                cfg, np.ndim(prompt.positions) == 3)
+                                prefix, cfg, np.ndim(prompt.positions) == 3,
+                                int(np.shape(prompt.mask)[1]))
     return samples
 
 
@@ -465,18 +487,24 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
 # ----------------------------------------------------------------------------------------------
 
 def prepare_logprob_batch(model, inputs: dict, completions, mask, *,
-                          prompt_buckets: Sequence[int] | None = None, pad_id: int = 0) -> dict:
-    """Host side: the bucketed prompt plus completions [B,L] int and mask [B,L] (1 = scored),
-    as a dict of numpy arrays for `token_logprobs_fn`."""
+                          prompt_buckets: Sequence[int] | None = None, pad_id: int = 0,
+                          group_size: int = 1) -> dict:
+    """Host side: the bucketed prompt plus completions [N,L] int and mask [N,L] (1 = scored),
+    as a dict of numpy arrays for `token_logprobs_fn`. `inputs` holds one prompt per
+    completion, or (group_size > 1) one per group of group_size consecutive completions."""
     completions = to_numpy(completions).astype(np.int32)
     mask = to_numpy(mask)
     if completions.ndim != 2 or mask.shape != completions.shape:
         raise ValueError(f"completions [B, L] and mask [B, L] must agree, got {completions.shape} "
                          f"and {mask.shape}")
     prompt = prepare_prompt(model, inputs, prompt_buckets=prompt_buckets, pad_id=pad_id)
-    if prompt.mask.shape[0] != completions.shape[0]:
-        raise ValueError(f"{prompt.mask.shape[0]} prompts but {completions.shape[0]} completions; "
-                         "repeat each prompt G times (prompt-major) to score G samples")
+    if prompt.mask.shape[0] * group_size != completions.shape[0]:
+        raise ValueError(f"{prompt.mask.shape[0]} prompts in groups of {group_size} but "
+                         f"{completions.shape[0]} completions; give one prompt per group of "
+                         "group_size completions (prompt-major)")
+    if group_size > 1 and not shares_prefix(model):
+        raise ValueError(f"{type(model).__name__} cannot read a shared prompt (forward_embeds "
+                         "takes no prefix=); repeat each prompt per completion (group_size=1)")
     return {"prompt": prompt,
             "completions": np.where(mask > 0, completions, pad_id).astype(np.int32),
             "mask": mask.astype(np.float32)}
@@ -490,21 +518,41 @@ def token_logprobs_fn(model, batch: dict, *, temperature: float = 1.0) -> jax.Ar
     model's parameters (use inside nnx.grad / jax.grad on nnx.merge(graphdef, params)). The
     softmax leaves out the model's vision special tokens, as the sampler does, so these are
     the log-probabilities of the distribution the rollouts were drawn from.
+
+    With fewer prompts B than completions N (N = B*G, prompt-major: `prepare_logprob_batch`
+    with group_size=G), each prompt is forwarded once and its G completions attend to it as a
+    shared prefix (needs a model that `shares_prefix`); the values equal the repeated-prompt
+    computation up to float rounding.
     """
     prompt: Prompt = batch["prompt"]
     comp, mask = batch["completions"], batch["mask"]
     b, t = prompt.mask.shape
-    length = comp.shape[1]
+    n, length = comp.shape
     temp = 1.0 if temperature == 0 else temperature
-    x = jnp.concatenate([_adapter(model).embed(model, prompt.embed_inputs), model.embed(comp)], 1)
-    comp_pos = t + jnp.arange(length, dtype=jnp.int32)[None, :] + prompt.deltas[:, None]  # [B, L]
+    x = _adapter(model).embed(model, prompt.embed_inputs)
+    g = n // b
+    comp_pos = t + jnp.arange(length, dtype=jnp.int32)[None, :] + jnp.repeat(
+        prompt.deltas, g, axis=0)[:, None]                                       # [N, L]
     positions = prompt.positions
     if jnp.ndim(positions) == 3:
-        comp_pos = jnp.broadcast_to(comp_pos[None], (3, b, length))
-    positions = jnp.concatenate([positions, comp_pos.astype(positions.dtype)], axis=-1)
-    kv_mask = jnp.concatenate([prompt.mask, (mask > 0)], axis=1).astype(jnp.int32)
-    hidden, _ = model.forward_embeds(x, positions, kv_mask, None, jnp.int32(0))
-    hidden = hidden[:, t - 1:t + length - 1]               # the states that predict the completion
+        comp_pos = jnp.broadcast_to(comp_pos[None], (3, n, length))
+    comp_pos = comp_pos.astype(positions.dtype)
+    if g > 1:
+        # Grouped: each prompt (and its image) is forwarded once; its G completions read its
+        # keys and values as a shared prefix (the same attention, without G copies of the
+        # prompt's work). The prompt's last state predicts every completion's first token.
+        pmask = prompt.mask.astype(jnp.int32)
+        last, prefix = model.forward_embeds(x, positions, pmask,
+                                            model.init_cache(b, t, x.dtype), jnp.int32(0))
+        own, _ = model.forward_embeds(model.embed(comp), comp_pos, (mask > 0).astype(jnp.int32),
+                                      None, jnp.int32(0), prefix=prefix, prefix_mask=pmask)
+        hidden = jnp.concatenate([jnp.repeat(last[:, -1:], g, axis=0), own[:, :length - 1]], 1)
+    else:
+        x = jnp.concatenate([x, model.embed(comp)], 1)
+        positions = jnp.concatenate([positions, comp_pos], axis=-1)
+        kv_mask = jnp.concatenate([prompt.mask, (mask > 0)], axis=1).astype(jnp.int32)
+        hidden, _ = model.forward_embeds(x, positions, kv_mask, None, jnp.int32(0))
+        hidden = hidden[:, t - 1:t + length - 1]           # the states that predict the completion
     suppress = tuple(int(i) for i in suppressed_ids(model))
     if hasattr(model, "token_logprobs"):   # chunked: never float32 [B, L, V] logits at once
         logp = model.token_logprobs(hidden, comp, temperature=temp, suppress=suppress)
@@ -523,11 +571,12 @@ def _token_logprobs_jit(graphdef, state, batch, temperature):
 
 
 def token_logprobs(model, inputs: dict, completions, mask, *, temperature: float = 1.0,
-                   prompt_buckets: Sequence[int] | None = None, pad_id: int = 0) -> jax.Array:
+                   prompt_buckets: Sequence[int] | None = None, pad_id: int = 0,
+                   group_size: int = 1) -> jax.Array:
     """Eager wrapper: per-token log-probabilities [B, L] of `completions` after the prompts in
     `inputs` (the processor's dict), 0 where mask == 0. Jitted, bucketed like `generate`."""
     batch = prepare_logprob_batch(model, inputs, completions, mask, prompt_buckets=prompt_buckets,
-                                  pad_id=pad_id)
+                                  pad_id=pad_id, group_size=group_size)
     batch = _place(model, batch, _prompt_batch_axis)
     graphdef, state = nnx.split(model)
     return _jit("token_logprobs")(graphdef, state, batch, float(temperature))
@@ -535,7 +584,7 @@ def token_logprobs(model, inputs: dict, completions, mask, *, temperature: float
 
 _JIT_SPECS = {  # name -> (function, static argnames, donated argnames)
     "prefill": (_prefill, ("graphdef", "cfg"), ()),
-    "decode": (_decode, ("graphdef", "cfg", "mrope"), ("carry",)),
+    "decode": (_decode, ("graphdef", "cfg", "mrope", "prompt_len"), ("carry",)),
     "token_logprobs": (_token_logprobs_jit, ("graphdef", "temperature"), ()),
 }
 

@@ -128,13 +128,21 @@ def load_params(path: str, like):
     """`save_params`' file as a tree shaped and placed like `like`; names the first missing or
     mis-shaped leaf (a file from another config)."""
     with np.load(path) as f:
+        def read(name, shape):
+            if name in f or "['stack']" not in name:
+                return f[name] if name in f else None
+            # a file from before the layers were stacked: one entry per layer
+            layers = [name.replace("['stack']", f"[{i}]") for i in range(shape[0])]
+            return np.stack([f[n] for n in layers]) if all(n in f for n in layers) else None
+
         def put(k, ref):
             name = jax.tree_util.keystr(k)
-            if name not in f or f[name].shape != ref.shape:
+            value = read(name, ref.shape)
+            if value is None or value.shape != ref.shape:
                 raise ValueError(f"{path}: leaf {name} is missing or has shape "
-                                 f"{f[name].shape if name in f else None}, expected {ref.shape}: "
-                                 "was it saved from another config?")
-            return jax.device_put(f[name].astype(ref.dtype), ref.sharding)
+                                 f"{None if value is None else value.shape}, expected "
+                                 f"{ref.shape}: was it saved from another config?")
+            return jax.device_put(value.astype(ref.dtype), ref.sharding)
         return jax.tree_util.tree_map_with_path(put, like)
 
 

@@ -13,16 +13,19 @@ Eager call (users, parity tests):
 
 Low-level API (sampler, trainer; all jit-friendly, call inside your own jit):
   `lm.embed(input_ids[B,T]) -> [B,T,D]`
-  `lm.forward_embeds(x[B,T,D], positions, kv_mask[B,S], cache=None, cache_index=0)`
-      -> (hidden [B,T,D] after the final norm, new KVCache or None).
+  `lm.forward_embeds(x[B,T,D], positions, kv_mask[B,S], cache=None, cache_index=0,
+      prefix=None, prefix_mask=None)` -> (hidden [B,T,D] after the final norm, new KVCache or
+      None); `prefix`: a prefill's KVCache of B/G shared prompts that the rows read first.
       positions: int [B,T] (1-D RoPE) or [3,B,T] (M-RoPE). kv_mask: 1 = valid key slot; without
       a cache S = T; with a cache S = cache length and query token t sits at slot cache_index+t
       and attends to slots s <= cache_index+t with kv_mask[b,s] == 1. The new keys/values are
       written at slots cache_index .. cache_index+T-1 (one int32 scalar for the whole batch).
   `lm.logits(hidden) -> float32 [B,T,V]`;  `lm.lm_head_weight() -> [D,V]` (tied: embedding.T)
-  `lm.init_cache(batch, max_len, dtype=None) -> KVCache` (tuples over layers, zeros: k
-      [B, kv_heads, head_dim, max_len], v [B, kv_heads, max_len, head_dim]; the layouts the
-      attention matmuls read untransposed; the batch axis is 0 in both).
+  `lm.init_cache(batch, max_len, dtype=None) -> KVCache` (zeros, stacked over layers: k
+      [L, B, kv_heads, head_dim, max_len], v [L, B, kv_heads, max_len, head_dim]; the layouts
+      the attention matmuls read untransposed; the batch axis is 1 in both).
+The layers are one `models.stack.StackedLayers` run under lax.scan (`lm.model.layers.layer(i)`
+is layer i as a module).
   `lm.token_logprobs(hidden, targets, temperature=1.0, chunk_size=256) -> float32 [B,T]`
   `token_logprobs_from_hidden(hidden[B,T,D], lm_head_weight[D,V], targets[B,T], *,
       temperature=1.0, chunk_size=256)`: log_softmax(hidden @ W / temperature)[targets] computed
@@ -44,6 +47,7 @@ from flax import nnx, struct
 
 from balcap_jax import sharding as shd
 from balcap_jax.models import layers as L
+from balcap_jax.models.stack import StackedLayers
 from balcap_jax.padding import next_pow2
 
 Array = jax.Array
@@ -83,14 +87,14 @@ class DecoderConfig:
 
 @struct.dataclass
 class KVCache:
-    """Per-layer key/value buffers: k[i] [B, kv_heads, head_dim, S], v[i] [B, kv_heads, S,
-    head_dim] (layers.heads_major_attention's layouts; batch axis 0)."""
-    k: tuple[Array, ...]
-    v: tuple[Array, ...]
+    """Key/value buffers of all layers, stacked: k [L, B, kv_heads, head_dim, S], v [L, B,
+    kv_heads, S, head_dim] (layers.heads_major_attention's layouts per layer; batch axis 1)."""
+    k: Array
+    v: Array
 
     @property
     def max_len(self) -> int:
-        return self.v[0].shape[2]
+        return self.v.shape[3]
 
 
 class DecoderLayer(nnx.Module):
@@ -104,8 +108,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = L.GatedMLP(d, cfg.intermediate_size, bias=cfg.mlp_bias, act=cfg.act,
                               dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=0):
-        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=0, prefix=None,
+                 segments=None):
+        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index,
+                                      prefix, segments)
         x = shd.constrain(x + h, ("batch", "seq", "act_embed"))
         x = x + self.mlp(self.post_attention_layernorm(x))
         return shd.constrain(x, ("batch", "seq", "act_embed")), new_cache
@@ -117,10 +123,11 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: DecoderConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.cfg = cfg
         self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        # one stacked module run under scan: compile time does not grow with depth
+        self.layers = StackedLayers([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+                                     for _ in range(cfg.num_layers)])
         self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.remat = False   # recompute each layer in the backward pass (training memory)
+        self.remat = None    # a stack.REMAT_POLICIES name: what the training backward keeps
 
     def rotary(self, positions: Array) -> tuple[Array, Array]:
         cfg = self.cfg
@@ -133,7 +140,8 @@ class Decoder(nnx.Module):
         return L.rope_cos_sin(positions, cfg.inv_freq())
 
     def __call__(self, x: Array, positions: Array, kv_mask: Array, cache: KVCache | None = None,
-                 cache_index: Array | int = 0) -> tuple[Array, KVCache | None]:
+                 cache_index: Array | int = 0, prefix: KVCache | None = None,
+                 prefix_mask: Array | None = None) -> tuple[Array, KVCache | None]:
         b, t, _ = x.shape
         if cache is not None and kv_mask.shape != (b, cache.max_len):
             raise ValueError(f"with a cache kv_mask must be [B, S]={(b, cache.max_len)}, "
@@ -143,25 +151,25 @@ class Decoder(nnx.Module):
                              f"got {kv_mask.shape}")
         cos, sin = self.rotary(positions)
         mask = L.causal_mask(kv_mask, t, cache_index)
+        segments = None
+        if prefix is None and (cache is None or cache.max_len == t):
+            # every key is this call's: a fused kernel may take the mask as segments
+            from balcap_jax.models.attention import Segments
+            ids = (kv_mask != 0).astype(jnp.int32)
+            segments = Segments(ids, ids, causal=True)
         x = shd.constrain(x, ("batch", "seq", "act_embed"))
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            if self.remat and cache is None:  # training: keep only each layer's input
-                graphdef, state = nnx.split(layer)
-                x = jax.checkpoint(functools.partial(_layer_forward, graphdef))(
-                    state, x, cos, sin, mask)
-                continue
-            x, new = layer(x, cos, sin, mask, layer_cache, cache_index)
-            if new is not None:
-                ks.append(new[0])
-                vs.append(new[1])
-        new_cache = KVCache(tuple(ks), tuple(vs)) if cache is not None else None
+
+        def one_layer(layer, x, xs):
+            layer_cache, layer_prefix = xs
+            if layer_prefix is not None:
+                layer_prefix = (*layer_prefix, prefix_mask)
+            return layer(x, cos, sin, mask, layer_cache, cache_index, layer_prefix, segments)
+        xs = (None if cache is None else (cache.k, cache.v),
+              None if prefix is None else (prefix.k, prefix.v))
+        remat = self.remat if cache is None else None     # training forwards only
+        x, new = self.layers.scan(one_layer, x, xs, remat=remat)
+        new_cache = KVCache(*new) if cache is not None else None
         return self.norm(x), new_cache
-
-
-def _layer_forward(graphdef, state, x, cos, sin, mask):
-    return nnx.merge(graphdef, state)(x, cos, sin, mask)[0]
 
 
 def token_logprobs_from_hidden(hidden: Array, lm_head_weight: Array, targets: Array, *,
@@ -229,10 +237,18 @@ class CausalLM(nnx.Module):
         self.mesh = mesh
         self.rules = rules if rules is not None or mesh is None else shd.Rules()
 
-    def set_remat(self, on: bool = True) -> None:
-        """Rematerialise decoder layers in cache-free forwards (the training loss): activation
-        memory drops to one layer input per layer at the cost of a second forward."""
-        self.model.remat = bool(on)
+    def set_attention(self, implementation: str) -> None:
+        """The attention kernel of every Attention module in the model (models.attention:
+        "xla", "cudnn", "splash"), for the calls that see all of their keys."""
+        for _, module in nnx.iter_modules(self):
+            if isinstance(module, L.Attention):
+                module.implementation = implementation
+
+    def set_remat(self, on: bool = True, policy: str = "full") -> None:
+        """Rematerialise decoder layers in cache-free forwards (the training loss) with a
+        models.stack.REMAT_POLICIES policy: "full" keeps one input per layer (a second
+        forward in the backward pass), "dots" also keeps the matmul outputs."""
+        self.model.remat = policy if on else None
 
     # --- low-level API --------------------------------------------------------------------
     def embed(self, input_ids: Array) -> Array:
@@ -240,10 +256,13 @@ class CausalLM(nnx.Module):
             return shd.constrain(self.model.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
 
     def forward_embeds(self, x: Array, positions: Array, kv_mask: Array,
-                       cache: KVCache | None = None, cache_index: Array | int = 0
+                       cache: KVCache | None = None, cache_index: Array | int = 0,
+                       prefix: KVCache | None = None, prefix_mask: Array | None = None
                        ) -> tuple[Array, KVCache | None]:
+        """`prefix` / `prefix_mask` [B, P]: the per-layer keys and values of B shared prompts
+        (a prefill's cache), read by the N = B*G rows of x, prompt-major, before their own."""
         with shd.use_sharding(self.mesh, self.rules):
-            return self.model(x, positions, kv_mask, cache, cache_index)
+            return self.model(x, positions, kv_mask, cache, cache_index, prefix, prefix_mask)
 
     def lm_head_weight(self) -> Array:
         if self.lm_head is None:
@@ -271,15 +290,13 @@ class CausalLM(nnx.Module):
         dt = self.dtype if dtype is None else jnp.dtype(dtype)
 
         def zeros(shape, names):
+            shape = (cfg.num_layers,) + shape
             if self.mesh is None:
                 return jnp.zeros(shape, dt)
-            s = shd.named_sharding(names, shape, self.mesh, self.rules)
+            s = shd.named_sharding((None,) + names, shape, self.mesh, self.rules)
             return jax.device_put(jnp.zeros(shape, dt), s)
-        return KVCache(
-            tuple(zeros(kshape, ("batch", "act_kv_heads", None, "cache_seq"))
-                  for _ in range(cfg.num_layers)),
-            tuple(zeros(vshape, ("batch", "act_kv_heads", "cache_seq", None))
-                  for _ in range(cfg.num_layers)))
+        return KVCache(zeros(kshape, ("batch", "act_kv_heads", None, "cache_seq")),
+                       zeros(vshape, ("batch", "act_kv_heads", "cache_seq", None)))
 
     # --- eager convenience ----------------------------------------------------------------
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None,

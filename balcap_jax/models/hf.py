@@ -317,6 +317,21 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
+STACK = "stack"   # the path component of models.stack.StackedLayers' stacked parameters
+
+
+def _per_layer(path: str, shape: tuple) -> list[tuple[str, int | None, tuple]]:
+    """(key-map path, layer index, shape) of a parameter: a stacked one ("a/stack/b", shape
+    [L, ...]) stands for L per-layer parameters "a/{i}/b" of shape [...], as the key rules and
+    the checkpoints name them."""
+    parts = path.split("/")
+    if STACK not in parts:
+        return [(path, None, tuple(shape))]
+    k = parts.index(STACK)
+    return [("/".join(parts[:k] + [str(i)] + parts[k + 1:]), i, tuple(shape[1:]))
+            for i in range(shape[0])]
+
+
 def _dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
 
@@ -346,10 +361,13 @@ def from_pretrained(path: str, *, dtype: Any = "float32", mesh=None,
         shardings = {_path_str(p): s for p, s in
                      nnx.to_flat_state(shd.param_shardings(abs_state, mesh, rules))}
 
+    # the key maps name per-layer paths; a stacked parameter holds all its layers
+    targets = {v: (real, i, shape) for real, var in flat.items()
+               for v, i, shape in _per_layer(real, var.get_value().shape)}
     key_rules = spec.key_rules(cfg)
     ignore = [re.compile(r) for r in spec.ignore]
     files = _checkpoint_files(path)
-    plan: dict[str, tuple[str, KeyRule]] = {}   # hf key -> (our path, rule)
+    plan: dict[str, tuple[str, KeyRule]] = {}   # hf key -> (our per-layer path, rule)
     unexpected = []
     for keys in files.values():
         for key in keys:
@@ -358,32 +376,46 @@ def from_pretrained(path: str, *, dtype: Any = "float32", mesh=None,
                 target = r.match_hf(key)
                 if target is not None:
                     break
-            if target is not None and target in flat:
+            if target is not None and target in targets:
                 plan[key] = (target, r)
             elif not any(p.match(key) for p in ignore):
                 unexpected.append(key)
-    missing = sorted(set(flat) - {t for t, _ in plan.values()})
+    missing = sorted(set(targets) - {t for t, _ in plan.values()})
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match model_type {mtype!r}: "
                          f"missing keys (our params) {missing}; unexpected HF keys "
                          f"{sorted(unexpected)}")
 
     from safetensors import safe_open
+    file_of = {key: fname for fname, keys in files.items() for key in keys}
+    by_real: dict[str, list[tuple[str, int | None, KeyRule]]] = {}
+    for key, (target, rule) in plan.items():
+        real, i, _ = targets[target]
+        by_real.setdefault(real, []).append((key, i, rule))
     values: dict[str, jax.Array] = {}
-    for fname, keys in files.items():
-        with safe_open(fname, "numpy") as f:
-            for key in keys:
-                if key not in plan:
-                    continue
-                target, rule = plan[key]
-                shape = tuple(flat[target].get_value().shape)
-                arr = rule.transform.to_ours(f.get_tensor(key), shape)
-                if arr.shape != shape:
-                    raise ValueError(f"{key}: shape {arr.shape} after transform, expected {shape}")
-                arr = np.asarray(arr).astype(dt)
-                # several hosts: each fills the shards its devices hold (same file everywhere)
-                values[target] = (global_array(arr, shardings[target]) if shardings
-                                  else jnp.asarray(arr))
+    handles: dict[str, Any] = {}
+    try:
+        for real, parts in by_real.items():   # one (stacked) parameter on the host at a time
+            shape = tuple(flat[real].get_value().shape)
+            host = np.empty(shape, dt) if parts[0][1] is not None else None
+            for key, i, rule in parts:
+                if file_of[key] not in handles:
+                    handles[file_of[key]] = safe_open(file_of[key], "numpy").__enter__()
+                want = shape if i is None else shape[1:]
+                arr = rule.transform.to_ours(handles[file_of[key]].get_tensor(key), want)
+                if arr.shape != want:
+                    raise ValueError(f"{key}: shape {arr.shape} after transform, expected "
+                                     f"{want}")
+                if i is None:
+                    host = np.asarray(arr).astype(dt)
+                else:
+                    host[i] = arr
+            # several hosts: each fills the shards its devices hold (same file everywhere)
+            values[real] = (global_array(host, shardings[real]) if shardings
+                            else jnp.asarray(host))
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
     state = nnx.from_flat_state([(p, v.replace(values[_path_str(p)]))
                                  for p, v in nnx.to_flat_state(abs_state)])
     model = nnx.merge(graphdef, state)
@@ -406,16 +438,18 @@ def save_pretrained(model: nnx.Module, path: str, *, max_shard_size: int | None 
     tensors: dict[str, np.ndarray] = {}
     dtype = None
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        ps = _path_str(p)
-        for r in rules:
-            key = r.match_ours(ps)
-            if key is not None:
-                break
-        if key is None:
-            raise ValueError(f"no HF key rule for parameter {ps} (model_type {cfg.model_type})")
-        arr = np.asarray(jax.device_get(var.get_value()))
-        dtype = dtype or arr.dtype
-        tensors[key] = np.ascontiguousarray(r.transform.to_hf(arr))
+        full = np.asarray(jax.device_get(var.get_value()))
+        dtype = dtype or full.dtype
+        for ps, i, _ in _per_layer(_path_str(p), full.shape):
+            for r in rules:
+                key = r.match_ours(ps)
+                if key is not None:
+                    break
+            if key is None:
+                raise ValueError(f"no HF key rule for parameter {ps} (model_type "
+                                 f"{cfg.model_type})")
+            arr = full if i is None else full[i]
+            tensors[key] = np.ascontiguousarray(r.transform.to_hf(arr))
     hf_cfg = spec.to_hf_config(cfg, _dtype_name(dtype or np.float32))
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)

@@ -338,6 +338,46 @@ def heads_major_attention(q: Array, kt: Array, v: Array, mask: Array | None,
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def prefix_attention(q: Array, kt: Array, v: Array, mask: Array | None, prefix,
+                     scale: float | None = None) -> Array:
+    """Attention of rows grouped per prompt over one softmax of [their prompt's keys; their own
+    keys]. Each prompt's keys and values are stored once and read by its G rows as one matmul
+    (G x T queries against the prompt), never copied G times.
+
+    q [N,T,H,hd] with N = B*G, rows prompt-major (row n belongs to prompt n // G); own keys
+    kt [N,KV,hd,S], values v [N,KV,S,hd], mask bool [N,T,S]; prefix = (pkt [B,KV,hd,P],
+    pv [B,KV,P,hd], pmask [B,P]): every query of a group sees its prompt's valid keys (the
+    prompt precedes all of them). The two parts share one max and one normaliser, so this is
+    softmax attention over the concatenated keys, up to float rounding.
+    """
+    pkt, pv, pmask = prefix
+    n, t, h, d = q.shape
+    b, kvh, _, p = pkt.shape
+    if n % b:
+        raise ValueError(f"{n} query rows do not split into groups over {b} prompts")
+    g, hg = n // b, h // kvh
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(n, t, kvh, hg, d).transpose(0, 2, 3, 1, 4)               # [N,KV,Hg,T,hd]
+    own = jnp.einsum("nkgtd,nkds->nkgts", qg, kt, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        own = jnp.where(mask[:, None, None], own, NEG_INF)
+    qp = qg.reshape(b, g, kvh, hg, t, d).transpose(0, 2, 3, 1, 4, 5).reshape(b, kvh, hg, g * t, d)
+    pre = jnp.einsum("bkhqd,bkdp->bkhqp", qp, pkt, preferred_element_type=jnp.float32) * scale
+    pre = jnp.where(pmask[:, None, None, None, :] != 0, pre, NEG_INF)
+    pre = pre.reshape(b, kvh, hg, g, t, p).transpose(0, 3, 1, 2, 4, 5).reshape(n, kvh, hg, t, p)
+    m = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
+    e_own, e_pre = jnp.exp(own - m), jnp.exp(pre - m)
+    z = e_own.sum(-1, keepdims=True) + e_pre.sum(-1, keepdims=True)
+    p_own, p_pre = (e_own / z).astype(v.dtype), (e_pre / z).astype(pv.dtype)
+    out = jnp.einsum("nkgts,nksd->nkgtd", p_own, v, preferred_element_type=jnp.float32)
+    p_pre = p_pre.reshape(b, g, kvh, hg, t, p).transpose(0, 2, 3, 1, 4, 5).reshape(
+        b, kvh, hg, g * t, p)
+    out_pre = jnp.einsum("bkhqp,bkpd->bkhqd", p_pre, pv, preferred_element_type=jnp.float32)
+    out = out + out_pre.reshape(b, kvh, hg, g, t, d).transpose(0, 3, 1, 2, 4, 5).reshape(
+        n, kvh, hg, t, d)
+    return out.astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(n, t, h, d)
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query attention with rotary, optional KV cache, any boolean mask.
 
@@ -369,10 +409,15 @@ class Attention(nnx.Module):
                                names=("embed", "kv_heads", "head_dim"), **kw)
         self.o_proj = Proj((num_heads, head_dim), embed_dim, names=("heads", "head_dim", "embed"),
                            bias=out_bias, dtype=dtype, rngs=rngs)
+        self.implementation = "xla"   # models.attention: "xla", "cudnn" or "splash"
 
     def __call__(self, x: Array, cos: Array | None, sin: Array | None, mask: Array | None,
-                 cache: tuple[Array, Array] | None = None, cache_index: Array | int = 0
-                 ) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache: tuple[Array, Array] | None = None, cache_index: Array | int = 0,
+                 prefix=None, segments=None) -> tuple[Array, tuple[Array, Array] | None]:
+        """`prefix` (pkt, pv, pmask): a shared prompt's keys and values, read by the rows of
+        its group before their own keys (`prefix_attention`). `segments`: the same mask as
+        models.attention.Segments, for a fused kernel (self.implementation); a call whose
+        queries see all of their keys (no cache, or an empty cache it fills) uses it."""
         if self.fused_qkv:
             qkv = self.qkv(x)
             q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
@@ -383,7 +428,22 @@ class Attention(nnx.Module):
         if q.ndim == 4:
             q = constrain(q, ("batch", "seq", "act_heads", None))
             k = constrain(k, ("batch", "seq", "act_kv_heads", None))
+        fused = self.implementation != "xla" and segments is not None and prefix is None
+        if fused and (cache is None or cache[1].shape[2] == q.shape[1]):
+            from balcap_jax.models.attention import fused_attention
+            out = self.o_proj(fused_attention(q, k, v, segments, self.implementation))
+            if cache is None:
+                return out, None
+            # an empty cache filled from slot 0: the keys are all this call's
+            ck = k.transpose(0, 2, 3, 1).astype(cache[0].dtype)
+            cv = v.swapaxes(1, 2).astype(cache[1].dtype)
+            ck = constrain(ck, ("batch", "act_kv_heads", None, "cache_seq"))
+            cv = constrain(cv, ("batch", "act_kv_heads", "cache_seq", None))
+            return out, (ck, cv)
         if cache is None:
+            if prefix is not None:
+                out = prefix_attention(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask, prefix)
+                return self.o_proj(out), None
             return self.o_proj(dot_product_attention(q, k, v, mask)), None
         ck, cv = cache                                                  # [B,KV,hd,S], [B,KV,S,hd]
         k, v = k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)                # [B,KV,hd,T], [B,KV,T,hd]
@@ -396,5 +456,10 @@ class Attention(nnx.Module):
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, zero, idx, zero))
         ck = constrain(ck, ("batch", "act_kv_heads", None, "cache_seq"))
         cv = constrain(cv, ("batch", "act_kv_heads", "cache_seq", None))
-        out = heads_major_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        if prefix is not None:
+            pkt, pv, pmask = prefix
+            out = prefix_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask,
+                                   (pkt.astype(q.dtype), pv.astype(q.dtype), pmask))
+        else:
+            out = heads_major_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
         return self.o_proj(out), (ck, cv)

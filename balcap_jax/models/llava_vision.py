@@ -26,6 +26,8 @@ from flax import nnx
 
 from balcap_jax import sharding as shd
 from balcap_jax.models import layers
+from balcap_jax.models.attention import Segments
+from balcap_jax.models.stack import StackedLayers
 
 Array = jax.Array
 
@@ -160,7 +162,9 @@ class ClipEncoderLayer(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """x [N, S, D] -> [N, S, D]; no mask: every image token sees every other."""
-        h, _ = self.self_attn(self.layer_norm1(x), None, None, None)
+        ids = jnp.zeros(x.shape[:2], jnp.int32)       # one segment: full attention
+        h, _ = self.self_attn(self.layer_norm1(x), None, None, None,
+                              segments=Segments(ids, ids, causal=False))
         x = x + h
         return x + self.mlp(self.layer_norm2(x))
 
@@ -169,8 +173,8 @@ class ClipEncoder(nnx.Module):
     """Holds the layers (HF path encoder.layers.{i}); the tower decides how many run."""
 
     def __init__(self, cfg: ClipVisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        self.layers = nnx.List([ClipEncoderLayer(cfg, dtype=dtype, rngs=rngs)
-                                for _ in range(cfg.num_layers)])
+        self.layers = StackedLayers([ClipEncoderLayer(cfg, dtype=dtype, rngs=rngs)
+                                     for _ in range(cfg.num_layers)])
 
 
 class ClipVisionTower(nnx.Module):
@@ -197,9 +201,11 @@ class ClipVisionTower(nnx.Module):
         want = self.resolve_layers(feature_layers)
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         x = shd.constrain(x, ("batch", "seq", "act_embed"))
-        states = {0: x}
-        for i in range(max(want)):          # later layers do not affect the features
-            x = self.encoder.layers[i](x)
-            x = shd.constrain(x, ("batch", "seq", "act_embed"))
-            states[i + 1] = x
+        states, done = {0: x}, 0
+
+        def one(layer, h, _):
+            return shd.constrain(layer(h), ("batch", "seq", "act_embed")), None
+        for k in sorted(set(want) - {0}):   # later layers do not affect the features
+            x, _ = self.encoder.layers.scan(one, x, start=done, stop=k)
+            states[k], done = x, k
         return [states[k] for k in want]

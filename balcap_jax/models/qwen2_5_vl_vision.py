@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from balcap_jax.models import layers
+from balcap_jax.models.attention import Segments
 from balcap_jax.models.qwen2_5_vl_index import VisionInputs
+from balcap_jax.models.stack import StackedLayers
 
 Array = jax.Array
 
@@ -118,8 +120,10 @@ class VisionBlock(nnx.Module):
 
         def run(attn, rws):
             take = lambda a, fill: jnp.take(a, rws, axis=0, mode="fill", fill_value=fill)
-            mask = layers.segment_mask(take(segments, -1))                   # [g', R, R]
-            return attn(take(xn, 0), take(cos, 0), take(sin, 0), mask)[0]
+            ids = take(segments, -1)
+            mask = layers.segment_mask(ids)                                  # [g', R, R]
+            return attn(take(xn, 0), take(cos, 0), take(sin, 0), mask,
+                        segments=Segments(ids, ids, causal=False))[0]
         if per >= g:
             return run(self.attn, rows)
         n = -(-g // per)
@@ -155,7 +159,8 @@ class VisionTower(nnx.Module):
         # Conv3d with stride == kernel over pre-flattened patches is a plain matmul.
         self.patch_embed = layers.Proj(cfg.patch_dim, cfg.hidden_size, names=("patch", "embed"),
                                        dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = StackedLayers([VisionBlock(cfg, dtype=dtype, rngs=rngs)
+                                     for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
         self.remat = False   # keep only each block's input for the backward pass (training)
 
@@ -168,14 +173,16 @@ class VisionTower(nnx.Module):
         cos, sin = self.rotary(vi.rotary_pos)
         window = (vi.window_rows, vi.window_slots, vi.window_segments)
         full = (vi.full_rows, vi.full_slots, vi.full_segments)
-        for i, blk in enumerate(self.blocks):
-            layout = full if i in self.cfg.fullatt_block_indexes else window
-            if self.remat:
-                graph, state = nnx.split(blk)
-                x = jax.checkpoint(lambda st, h, *a, g=graph: nnx.merge(g, st)(h, *a))(
-                    state, x, cos, sin, *layout)
-            else:
-                x = blk(x, cos, sin, *layout)
+        is_full = [i in self.cfg.fullatt_block_indexes for i in range(self.cfg.depth)]
+
+        def one(blk, h, full_here):
+            if all(is_full) or not any(is_full):     # one layout: no branch
+                return blk(h, cos, sin, *(full if is_full[0] else window)), None
+            # the two layouts have different row shapes: one compiled branch each
+            return jax.lax.cond(full_here, lambda y: blk(y, cos, sin, *full),
+                                lambda y: blk(y, cos, sin, *window), h), None
+        x, _ = self.blocks.scan(one, x, jnp.asarray(is_full),
+                                remat="full" if self.remat else None)
         return x
 
     def __call__(self, vi: VisionInputs) -> Array:

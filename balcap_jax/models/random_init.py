@@ -50,7 +50,10 @@ def from_config(hf_config: dict, *, dtype="float32", seed: int = 0, mesh=None,
     for path, var in nnx.to_flat_state(abstract):
         name = "/".join(str(p) for p in path)
         aval = var.get_value()
-        value = _init_value(name, aval.shape, np.dtype(aval.dtype), std, seed)
+        # a stacked parameter draws each layer as the per-layer parameter it stands for
+        parts = [_init_value(ps, shape, np.dtype(aval.dtype), std, seed)
+                 for ps, _, shape in hf._per_layer(name, aval.shape)]
+        value = parts[0] if len(parts) == 1 and "/stack/" not in f"/{name}/" else np.stack(parts)
         if mesh is None:
             arr = jax.numpy.asarray(value)
         else:

@@ -106,7 +106,7 @@ def _prefill(graphdef, state, prompt: sampling.Prompt, total_len: int):
 def _continue(model, cache, kv_mask, next_pos, parent, ids, lens, start, mrope):
     """Gathers the parents' cache rows and runs `ids` [B, L] (right padded to lens) at slots
     start..start+L-1. Returns (hidden [B, L, D], cache, kv_mask, next_pos + lens)."""
-    cache = jax.tree.map(lambda x: jnp.take(x, parent, axis=0), cache)
+    cache = jax.tree.map(lambda x: jnp.take(x, parent, axis=1), cache)   # [layers, rows, ...]
     kv_mask = jnp.take(kv_mask, parent, axis=0)
     next_pos = jnp.take(next_pos, parent, axis=0)
     b, length = ids.shape

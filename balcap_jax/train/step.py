@@ -16,9 +16,14 @@ __all__ = ["RLStep"]
 
 
 def _loss_fn(params, graphdef, rest, batch, adv, old_logp, ref_logp, normalizer, *, rl,
-             temperature, max_len):
+             temperature, max_len, frozen=None):
     """(loss, (metrics, logp)). old_logp None: the parameters are the pre-update ones (the
-    first pass of a step), so old_logp is stop_gradient(logp), exactly SPEC.md section 5."""
+    first pass of a step), so old_logp is stop_gradient(logp), exactly SPEC.md section 5.
+    `frozen(path)`: leaves the optimiser never updates; no gradient is computed for them (a
+    frozen vision tower then runs no backward pass and keeps no activations for one)."""
+    if frozen is not None:
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.lax.stop_gradient(x) if frozen(p) else x, params)
     model = nnx.merge(graphdef, params, rest)
     logp = sampling.token_logprobs_fn(model, batch, temperature=temperature)
     if old_logp is None:
@@ -45,7 +50,8 @@ class RLStep:
     def __init__(self, graphdef, rest, optimizer, rl, *, temperature: float, max_len: int,
                  params=None, frozen=None):
         self.graphdef, self.rest, self.opt = graphdef, rest, optimizer
-        loss = functools.partial(_loss_fn, rl=rl, temperature=temperature, max_len=max_len)
+        loss = functools.partial(_loss_fn, rl=rl, temperature=temperature, max_len=max_len,
+                                 frozen=frozen)
         gd = graphdef
 
         def init_opt(p, master=None):

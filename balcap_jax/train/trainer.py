@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Any
@@ -245,13 +246,18 @@ class Trainer:
         return metrics
 
     def _micro_batches(self, inputs, rows, tokens, mask):
+        """Placed log-prob batches of micro_batch_size rollouts. Rows are prompt-major, so each
+        run of gcd(micro_batch_size, G) rows shares one prompt: with train.share_prompts that
+        prompt (and its image) is forwarded once and read as a shared prefix."""
         m = self.cfg.train.micro_batch_size
         model = self.model()
+        gs = math.gcd(m, self.cfg.sampling.num_samples) if self.cfg.train.share_prompts and \
+            sampling.shares_prefix(model) else 1
         for s in range(0, len(rows), m):
             sl = slice(s, s + m)
             yield sl, sampling.place_batch(model, sampling.prepare_logprob_batch(
-                model, gather_rows(inputs, rows[sl]), tokens[sl], mask[sl], pad_id=self.p.pad_id,
-                prompt_buckets=self.p.prompt_buckets))
+                model, gather_rows(inputs, rows[sl][::gs]), tokens[sl], mask[sl],
+                pad_id=self.p.pad_id, prompt_buckets=self.p.prompt_buckets, group_size=gs))
 
     def _update(self, inputs, rows, tokens, mask, adv, sampler_logp) -> dict:
         rl, fn, st = self.cfg.rl, self.fn, self.state

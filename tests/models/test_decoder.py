@@ -72,7 +72,7 @@ def test_decoder_layer_matches_hf(hf_models, ours):
     @nnx.jit
     def layer(model, x, pos):
         c, s = model.rotary(pos)
-        return model.layers[1](x, c, s, mask)[0]
+        return model.layers.layer(1)(x, c, s, mask)[0]
 
     got = layer(lm.model, jnp.asarray(x.numpy()), jnp.asarray(pos.numpy()))
     np.testing.assert_allclose(np.asarray(got), ref.numpy(), atol=ATOL)
@@ -93,8 +93,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(ours):
     kv_mask = jnp.asarray(np.pad(mask, ((0, 0), (0, s - 9))))
     pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     cache = lm.init_cache(2, s)
-    assert (len(cache.k) == 2 and cache.k[0].shape == (2, 2, 16, s)
-            and cache.v[0].shape == (2, 2, s, 16))
+    assert cache.k.shape == (2, 2, 2, 16, s) and cache.v.shape == (2, 2, 2, s, 16)
     out = []
     lg, cache = step(lm, jnp.asarray(ids[:, :5]), jnp.asarray(pos[:, :5]), kv_mask, cache, 0)
     out.append(np.asarray(lg))
@@ -134,7 +133,7 @@ def test_bfloat16_close_to_hf_float32(hf_models):
     logit std), and argmax agreement >= 85% (near-ties may flip in bf16)."""
     d, hf = hf_models["qwen2_gqa"]
     lm = from_pretrained(d, dtype="bfloat16")
-    assert lm.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    assert lm.model.layers.layer(0).self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     ids, mask = ids_and_mask(t=24)
     pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     ref = hf_logits(hf, ids, mask, pos)

@@ -101,12 +101,13 @@ def test_load_onto_2x2x2_mesh(name, hf_models):
     assert len(jax.devices()) == 8
     mesh = shd.make_mesh((2, 2, 2))
     ours = from_pretrained(d, mesh=mesh)
-    q = ours.model.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert q.addressable_shards[0].data.shape == (32, 2, 16)
-    k = ours.model.layers[0].self_attn.k_proj.kernel[...]
+    # stacked layers: a leading, replicated layers axis
+    q = ours.model.layers.stack.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    k = ours.model.layers.stack.self_attn.k_proj.kernel[...]
     kv_heads = hf.config.num_key_value_heads
-    assert k.sharding.spec[1] == ("tensor" if kv_heads % 2 == 0 else None)
+    assert k.sharding.spec[2] == ("tensor" if kv_heads % 2 == 0 else None)
     emb = ours.model.embed_tokens.embedding[...]
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert len({s.device for s in emb.addressable_shards}) == 8

@@ -75,7 +75,7 @@ def test_clip_embeddings_and_encoder_layer(trio, mixed):
     got_emb = call(ours.vision_tower.embeddings, jnp.asarray(pv))
     assert _max_err(got_emb, emb.numpy()) < ATOL
     x = call(ours.vision_tower.pre_layrnorm, jnp.asarray(emb.numpy()))
-    assert _max_err(call(ours.vision_tower.encoder.layers[0], x), layer0.numpy()) < ATOL
+    assert _max_err(call(ours.vision_tower.encoder.layers.layer(0), x), layer0.numpy()) < ATOL
 
 
 def test_image_features_and_projector(trio, mixed):
@@ -332,7 +332,7 @@ def test_sharded_on_8_devices(trio, mixed):
     assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
     _, _, ours, path = trio
     sharded = from_pretrained(path, mesh=shd.make_mesh((2, 2, 2)))
-    k = sharded.model.layers[0].self_attn.q_proj.kernel[...]
+    k = sharded.model.layers.stack.self_attn.q_proj.kernel[...]   # [layers, embed, heads, hd]
     assert len(k.sharding.device_set) == 8 and not k.sharding.is_fully_replicated
     batch = {k: v for k, v in mixed.items() if k != "position_ids"}
     np.testing.assert_allclose(np.asarray(sharded(**batch)), np.asarray(ours(**batch)), atol=ATOL)

@@ -201,7 +201,7 @@ def test_sharded_load_on_8_devices(trio, mixed):
     _, ours, path = trio
     mesh = shd.make_mesh((2, 2, 2))
     sharded = from_pretrained(path, mesh=mesh)
-    k = sharded.model.layers[0].self_attn.q_proj.kernel[...]
+    k = sharded.model.layers.stack.self_attn.q_proj.kernel[...]   # [layers, embed, heads, hd]
     assert len(k.sharding.device_set) == 8 and not k.sharding.is_fully_replicated
     np.testing.assert_allclose(np.asarray(sharded(**mixed)), np.asarray(ours(**mixed)), atol=ATOL)
 

@@ -96,7 +96,7 @@ def test_vision_block(pair, kind, layout):
     layout = ((vi.window_rows, vi.window_slots, vi.window_segments) if kind == "window"
               else (vi.full_rows, vi.full_slots, vi.full_segments))
     gcos, gsin = tower.rotary(jnp.asarray(vi.rotary_pos))
-    got = _jit_block(tower.blocks[0], jnp.asarray(x), gcos, gsin, *map(jnp.asarray, layout))
+    got = _jit_block(tower.blocks.layer(0), jnp.asarray(x), gcos, gsin, *map(jnp.asarray, layout))
     np.testing.assert_allclose(np.asarray(got)[:n], want, atol=ATOL, rtol=0)
 
 

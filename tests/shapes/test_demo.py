@@ -110,13 +110,13 @@ def test_rl_keeps_the_frozen_tower(direction_run):
     from flax import nnx
 
     from balcap_jax import models
+    from balcap_jax.shapes_demo import load_params
     cfg, workdir, _ = direction_run
-    with np.load(WARM_START) as f:
-        warm = {k: f[k].astype(np.float32) for k in f.files}
     _, exported, _ = nnx.split(models.from_pretrained(os.path.join(workdir, "export")),
                                nnx.Param, ...)
-    moved = {jax.tree_util.keystr(k): not np.array_equal(np.asarray(v), warm[
-        jax.tree_util.keystr(k)]) for k, v in jax.tree_util.tree_flatten_with_path(exported)[0]}
+    warm = dict(jax.tree_util.tree_flatten_with_path(load_params(WARM_START, exported))[0])
+    moved = {jax.tree_util.keystr(k): not np.array_equal(np.asarray(v), np.asarray(warm[k]))
+             for k, v in jax.tree_util.tree_flatten_with_path(exported)[0]}
     assert cfg.train.freeze_vision and sum("visual" in k for k in moved) > 10
     assert not any(m for k, m in moved.items() if "visual" in k), moved
     assert all(m for k, m in moved.items() if "visual" not in k and "kernel" in k), moved

@@ -13,6 +13,7 @@ from flax import nnx
 
 from balcap_jax import build, train
 from balcap_jax.config import base_config
+from balcap_jax.models import hf
 from balcap_jax.processing import LLAVA15_CHAT_TEMPLATE, LlavaProcessor
 from balcap_jax.rewards.scripted import TokenFrequencyScorer
 from balcap_jax.sharding import make_mesh
@@ -35,8 +36,8 @@ def tiny_llava_config(vocab_size: int = 320, image_token_id: int = 2) -> dict:
                            patch_size=14, projection_dim=16))
 
 
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
+def llava_tokenizer_dir(tmp_path_factory) -> str:
+    """A tiny Llama-style BPE with LLaVA's chat template, saved (model.tokenizer reads a dir)."""
     corpus = ["a red square on a blue background.", "a green circle on a white background.",
               "Describe this image in detail.", "USER: ASSISTANT:"] * 4
     tok = train_tiny_bpe(corpus, vocab_size=300, specials=SPECIALS,
@@ -44,9 +45,25 @@ def trainer(tmp_path_factory):
     tok.eos_token = "</s>"
     tok_dir = str(tmp_path_factory.mktemp("tok"))
     tok.save_pretrained(tok_dir)
+    return tok_dir
 
+
+def llava_trainer(cfg, mesh=None):
+    parts = build.build_parts(cfg, mesh or make_mesh((1, 1, 1), jax.devices()[:1]))
+    parts.scorer = TokenFrequencyScorer(range(10, 60))
+    return train.Trainer(cfg, parts)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    tok_dir = llava_tokenizer_dir(tmp_path_factory)
+    return llava_trainer(llava_config(str(tmp_path_factory.mktemp("run")), tok_dir))
+
+
+def llava_config(workdir: str, tok_dir: str):
+    """A tiny LLaVA run config (2 prompts x G = 4, micro-batches of 4) over generated images."""
     c = base_config()
-    c.workdir = str(tmp_path_factory.mktemp("run"))
+    c.workdir = workdir
     c.model.hf_config = tiny_llava_config()
     c.model.tokenizer = tok_dir
     c.data.image_size = 40
@@ -63,34 +80,7 @@ def trainer(tmp_path_factory):
     c.train.lr = 3e-3
     c.scorer.name = "token_frequency"
     c.scorer.tokens = ["a"]
-    parts = build.build_parts(c, make_mesh((1, 1, 1), jax.devices()[:1]))
-    parts.scorer = TokenFrequencyScorer(range(10, 60))
-    return train.Trainer(c, _with_row_gather_shim(parts))
-
-
-def _with_row_gather_shim(parts):
-    """train.gather_rows (lead-owned) indexes pixel rows through Qwen's image_grid_thw; LLaVA's
-    pixel_values are one [3, H, W] image per row. Until gather_rows handles that, give each
-    image a unit grid (the LLaVA model ignores the key). Applied only where still needed."""
-    probe = {"input_ids": np.zeros((1, 2)), "pixel_values": np.zeros((1, 3, 2, 2))}
-    try:
-        train.gather_rows(probe, np.array([0]))
-        return parts
-    except KeyError:
-        pass
-    base = parts.processor
-
-    class Shimmed(LlavaProcessor):
-        def __init__(self):
-            self.__dict__.update(base.__dict__)
-
-        def __call__(self, *a, **kw):
-            out = base(*a, **kw)
-            if "pixel_values" in out:
-                out["image_grid_thw"] = np.ones((len(out["pixel_values"]), 3), np.int32)
-            return out
-    parts.processor = Shimmed()
-    return parts
+    return c
 
 
 def test_build_wires_llava_processor_and_stop_id(trainer):
@@ -116,8 +106,10 @@ def test_train_steps_update_every_part(trainer):
         assert m["logp_gap_sampler_trainer"] < 1e-4, m["logp_gap_sampler_trainer"]
     assert trainer.skipped == 0
     after = jax.tree.map(np.asarray, trainer.state.params)
-    changed = {"/".join(map(str, p)): not np.array_equal(a, b) for (p, a), (_, b) in
-               zip(nnx.to_flat_state(before), nnx.to_flat_state(after))}
+    changed = {}   # per layer: a stacked parameter is compared slice by slice
+    for (p, a), (_, b) in zip(nnx.to_flat_state(before), nnx.to_flat_state(after)):
+        for name, i, _ in hf._per_layer("/".join(map(str, p)), a.shape):
+            changed[name] = not np.array_equal(a if i is None else a[i], b if i is None else b[i])
     for part in ("model/layers/0/self_attn/q_proj/kernel", "lm_head/kernel",
                  "multi_modal_projector/linear_1/kernel",
                  "vision_tower/encoder/layers/0/mlp/fc1/kernel",
