@@ -18,7 +18,13 @@ def start(cfg, *, memory_plan: bool = True):
     from balcap_jax.distributed import initialize_from_env
     initialize_from_env()
     if cfg.compile_cache_dir:  # a re-run (or a Colab restart) skips recompiling
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compile_cache_dir))
+        if jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+            # XLA:CPU programs over several devices read back from the cache can deadlock in
+            # their collectives (jax 0.10.2); one CPU device, GPUs and TPUs are unaffected
+            print("[balcap_jax] compile_cache_dir ignored: several CPU devices", flush=True)
+        else:
+            jax.config.update("jax_compilation_cache_dir",
+                              os.path.expanduser(cfg.compile_cache_dir))
     mesh_sizes = config_lib.validate(cfg, jax.device_count())
     if memory_plan:
         plan = build.memory_plan(cfg, mesh_sizes)

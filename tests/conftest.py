@@ -13,12 +13,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Persistent XLA cache: tests that build equal models (e.g. several Trainers in one session)
-# compile identical HLO; the cache is keyed by the HLO itself, so it can never return a stale
-# program. It lives in .pytest_cache (ignored by git).
+# Persistent XLA cache: tests that build equal models (several Trainers in one session, the
+# entry point in subprocesses) compile identical HLO; the cache is keyed by the HLO itself, so it
+# never returns a stale program. It lives in .pytest_cache (ignored by git). Programs over
+# several (fake) CPU devices are kept out of it: XLA:CPU executables of such programs read back
+# from the cache can deadlock in their collectives (seen with jax 0.10.2: 7 devices in one
+# all-gather, device 0 in an all-reduce, until the 40 s rendezvous timeout aborts the process).
+XLA_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         ".pytest_cache", "jax_cc")
+
 import jax  # noqa: E402  (after the environment above)
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               ".pytest_cache", "jax_cc"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+def _cache_single_device_programs_only():
+    """Route multi-device CPU programs around the persistent cache (a private JAX hook; when
+    it is missing the cache stays off, which is slower but correct)."""
+    try:
+        from jax._src import compiler
+        resolve = compiler._resolve_compilation_strategy
+    except (ImportError, AttributeError):
+        return False
+
+    def resolve_single_device(computation, devices, compile_options, backend, *args, **kw):
+        if backend.platform == "cpu" and devices.size > 1:
+            return None, compile_options          # no key: compiled, never cached
+        return resolve(computation, devices, compile_options, backend, *args, **kw)
+
+    compiler._resolve_compilation_strategy = resolve_single_device
+    return True
+
+
+if _cache_single_device_programs_only():
+    jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

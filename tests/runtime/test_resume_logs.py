@@ -7,9 +7,10 @@ import struct
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
+
+from tests.conftest import XLA_CACHE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,7 +36,7 @@ app.run(main.main)
 def _run(workdir, kill_at=0):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=ROOT, KILL_AT=str(kill_at),
-               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
+               JAX_COMPILATION_CACHE_DIR=XLA_CACHE)
     return subprocess.run(
         [sys.executable, "-c", RUN, "--config=configs/tiny.py", f"--config.workdir={workdir}",
          "--config.train.steps=8", "--config.checkpoint.every=4", "--config.train.eval_every=2"],

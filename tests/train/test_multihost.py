@@ -103,14 +103,12 @@ def _free_port() -> int:
 
 
 def _run_workers(out_dir: str) -> list[dict]:
-    import jax
     port = _free_port()
     base = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_HOST}",
             "BALCAP_COORDINATOR": f"127.0.0.1:{port}", "BALCAP_NUM_PROCESSES": str(HOSTS),
-            # conftest's persistent XLA cache: a re-run skips the workers' compiles
-            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+            # no persistent XLA cache: several devices per process (see tests/conftest.py)
+            }
     procs = []
     for i in range(HOSTS):
         log = open(os.path.join(out_dir, f"log{i}.txt"), "w")
