@@ -88,13 +88,31 @@ def _judge_plan_items(cfg, mesh_sizes: dict) -> list:
     return items
 
 
-def memory_plan(cfg, mesh_sizes: dict, *, query_device: bool = True) -> mp.MemoryPlan:
+def rollout_layout(cfg, mesh_sizes: dict, *, query_device: bool = True) -> str:
+    """train.rollout_layout resolved: "replicated" (auto) when the mesh has fsdp > 1 and the
+    memory plan fits with the rollout copy of the weights counted, else "fsdp"."""
+    layout = cfg.train.rollout_layout
+    if layout != "auto":
+        return layout
+    if mesh_sizes["fsdp"] == 1:
+        return "fsdp"
+    plan = memory_plan(cfg, mesh_sizes, query_device=query_device, rollout="replicated")
+    try:
+        plan.check()
+        return "replicated"
+    except MemoryError:
+        return "fsdp"
+
+
+def memory_plan(cfg, mesh_sizes: dict, *, query_device: bool = True,
+                rollout: str | None = None) -> mp.MemoryPlan:
     """The per-device plan of `cfg` on `mesh_sizes`, with its in-process judges: on the
     policy's devices by default, or as a second plan for `judges.devices` of their own."""
     s, t, d = cfg.sampling, cfg.train, cfg.data
     limit = cfg.mesh.device_memory_gb * mp.GiB if cfg.mesh.device_memory_gb else None
     if limit is None and query_device:
         limit = mp.device_memory_bytes()
+    rollout = rollout or rollout_layout(cfg, mesh_sizes, query_device=query_device)
     buckets = prompt_buckets(cfg)
     plan = mp.plan_memory(
         hf_config_of(cfg), mesh_shape=mesh_sizes, param_dtype=cfg.model.dtype,
@@ -102,7 +120,7 @@ def memory_plan(cfg, mesh_sizes: dict, *, query_device: bool = True) -> mp.Memor
         prompt_len=max(buckets) if buckets else 1024, max_new_tokens=s.max_new_tokens,
         micro_batch=t.micro_batch_size, remat=t.remat, freeze_vision=t.freeze_vision,
         reference_model=cfg.rl.beta > 0, image_tokens=d.max_image_tokens or 1024,
-        device_bytes=limit)
+        device_bytes=limit, rollout_replicated=rollout == "replicated")
     judges = _judge_plan_items(cfg, mesh_sizes)
     if judge_devices(cfg):
         plan.others.append(mp.MemoryPlan(judges, limit,
@@ -354,15 +372,17 @@ def build_parts(cfg, mesh=None, rules=None):
         policy.set_remat(True)
     from balcap_jax.models.attention import resolve
     policy.set_attention(resolve(cfg.model.attention, cfg.model.dtype))
+    policy.set_decode_layers(cfg.model.decode_layers)
     if cfg.data.max_image_tokens > 0 and hasattr(policy, "vision_slot"):
         # every image padded to a slot of max_image_tokens: the vision shapes are fixed
         policy.vision_slot = int(cfg.data.max_image_tokens) * \
             policy.vl_cfg.vision.spatial_merge_size ** 2
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1} if mesh is None else dict(mesh.shape)
     return RunParts(model=policy, tokenizer=tokenizer, processor=processor,
                     scorer=build_scorer(cfg, tokenizer, mesh=None if mesh is None else
                                         judge_mesh(cfg, mesh), rules=rules), loader=loader,
                     eval_examples=evals, eos_token_ids=eos, pad_id=int(tokenizer.pad_token_id),
-                    prompt_buckets=buckets)
+                    prompt_buckets=buckets, rollout_layout=rollout_layout(cfg, sizes))
 
 
 def build_trainer(cfg, mesh=None, rules=None):

@@ -31,6 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"   # attention kernel of the calls that see all their keys
                                  # (training, prefill, vision): xla | cudnn (GPU) | splash
                                  # (TPU) | auto (the platform's, checked once, else xla)
+    c.model.decode_layers = "unroll"  # the sampler's decode step: unroll (a loop over per-layer
+                                 # caches: no per-token copies of weights or cache; compile
+                                 # time grows with depth) | scan (compile time flat in depth)
     c.model.tokenizer = ""       # "qwen2.5" (offline vocabulary), "tiny" (a BPE trained on
                                  # the data's references), a path, or "" = model.path
     c.model.tiny_vocab = 400     # vocabulary size of the "tiny" tokenizer
@@ -120,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.b2 = 0.999
     c.train.freeze_vision = False
     c.train.remat = False
+    c.train.rollout_layout = "auto"  # fsdp: decode on the training layout (weights gathered at
+                                     # every token); replicated: gathered once per step; auto:
+                                     # replicated when the memory plan fits the copy
     c.train.share_prompts = True  # the update forwards each prompt (and image) once for its G
                                   # rollouts, which read it as a shared prefix
     c.train.trim_completions = True  # update on completions cut to the batch's longest, rounded
@@ -228,8 +234,10 @@ _CHOICES = {
     "rl.length_control": ("mask", "linear", "none"),
     "rl.aggregation": ("dapo", "grpo", "dr_grpo", "bnpo"),
     "train.schedule": ("constant", "cosine"),
+    "train.rollout_layout": ("auto", "fsdp", "replicated"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "model.decode_layers": ("unroll", "scan"),
     "data.source": ("synthetic", "shapes", "tfds"),
     "data.builder": ("sharegpt4v", "coco", "captions"),
     "judges.backend": ("in_process", "remote"),

@@ -175,7 +175,8 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
                 opt_dtype: str = "float32", rollouts_per_step: int, prompt_len: int,
                 max_new_tokens: int, micro_batch: int, remat: bool, freeze_vision: bool,
                 reference_model: bool, image_tokens: int = 1024, prompts_per_step: int = 0,
-                device_bytes: float | None = None, logprob_chunk: int = 256) -> MemoryPlan:
+                device_bytes: float | None = None, logprob_chunk: int = 256,
+                rollout_replicated: bool = False) -> MemoryPlan:
     """The plan for one device of a mesh {"data": d, "fsdp": f, "tensor": t}.
 
     Parameters, master weights and optimiser state are sharded over fsdp x tensor; rollouts and
@@ -211,6 +212,9 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
     if reference_model:
         items.append(Item("reference model", n_all * pb / shard, "rl.beta=0 drops it, or raise "
                           "mesh.fsdp", "frozen copy for the KL term"))
+    if rollout_replicated and f_ > 1:
+        items.append(Item("rollout weights", n_all * pb / t_, "train.rollout_layout=fsdp",
+                          "a copy gathered over fsdp for decoding, once per step", "step"))
     items.append(Item("rollout KV cache", rows * seq * _kv_bytes_per_token(t, pb, t_),
                       "lower train.batch_size or sampling.num_samples, or raise mesh.data",
                       f"{rows} rollouts x {seq} tokens per device", "step"))

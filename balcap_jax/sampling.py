@@ -11,7 +11,9 @@ Model protocol (duck-typed; the text decoder and Qwen2.5-VL provide it):
       positions [B,T] (1-D RoPE) or [3,B,T] (M-RoPE); kv_mask [B,S] (1 = valid key slot);
       query t sits at cache slot cache_index + t and sees slots <= its own with kv_mask == 1.
   model.logits(hidden) -> float32 [B,T,V];  model.init_cache(batch, max_len, dtype) -> pytree
-  optional: model.token_logprobs(hidden, targets, temperature=) (chunked over the vocabulary),
+  optional: model.decode_cache(cache) -> the cache in the layout the decode step wants;
+  model.for_decode() -> the model (merged inside the decode jit) prepared for the loop;
+  model.token_logprobs(hidden, targets, temperature=) (chunked over the vocabulary),
   model.mesh / model.rules (prompt arrays are then placed batch-sharded on that mesh; with
   several processes the inputs must be the global batch, equal on every host: see
   `balcap_jax.distributed`).
@@ -138,9 +140,11 @@ def _nucleus(p: jax.Array, top_p: float) -> jax.Array:
     return bits >= hi[:, None]
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """One token per row from float logits [N,V] with per-row keys [N].
+def sample_logits(logits: jax.Array, keys: jax.Array | None, *, temperature: float,
+                  top_k: int = 0, top_p: float = 1.0, uniform: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """One token per row from float logits [N,V] with per-row keys [N] (or the per-row
+    uniform draws [N] themselves, `uniform=`; keys then unused).
 
     Returns (tokens [N] int32, logprobs [N] float32) where logprobs = log_softmax(logits / T) at
     the token (T = 1 for greedy, temperature == 0). top_k (0 = off) is applied before top_p over
@@ -157,7 +161,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, *, temperature: float, top
     m = jnp.max(scaled, axis=-1, keepdims=True)
     e = jnp.exp(scaled - m)                                # one exp pass serves sampling and lp
     z = jnp.sum(e, axis=-1, keepdims=True)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+    u = _uniform(keys) if uniform is None else uniform
     if top_k <= 0 or top_k >= v:
         w = e if top_p >= 1.0 else jnp.where(_nucleus(e / z, top_p), e, 0.0)
         tok = _inverse_cdf(w, u)
@@ -180,6 +184,17 @@ def row_keys(rng: jax.Array, num_rows: int) -> jax.Array:
 
 def _step_keys(keys: jax.Array, step) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
+
+
+def _uniform(keys: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+
+
+def _step_uniforms(keys: jax.Array, steps: int) -> jax.Array:
+    """float32 [N, steps]: row r's draw at step s, uniform(fold_in(keys[r], s)), all drawn at
+    once before the decode loop (the same numbers as drawing them step by step)."""
+    return jax.vmap(lambda s: _uniform(_step_keys(keys, s)), out_axes=1)(
+        jnp.arange(steps, dtype=jnp.uint32))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,10 +376,13 @@ def _emit(carry: _Carry, tok, lp, eos, cfg: _Config) -> _Carry:
                           last=jnp.where(done, 0, tok).astype(jnp.int32))  # stays a valid id
 
 
-def _sample(logits, keys, step, cfg: _Config, suppress):
-    logits = logits.astype(jnp.float32).at[:, suppress].set(-jnp.inf)   # never sampled
-    return sample_logits(logits, _step_keys(keys, step), temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p)
+def _sample(logits, uniforms, step, cfg: _Config, suppress):
+    # never sampled; a [V] mask (not a scatter into [N, V]) so it fuses into the reductions
+    banned = jnp.zeros(logits.shape[-1], bool).at[suppress].set(True)
+    logits = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32))
+    u = jax.lax.dynamic_index_in_dim(uniforms, step, axis=1, keepdims=False)
+    return sample_logits(logits, None, temperature=cfg.temperature, top_k=cfg.top_k,
+                         top_p=cfg.top_p, uniform=u)
 
 
 def suppressed_ids(model) -> np.ndarray:
@@ -380,9 +398,9 @@ def shares_prefix(model) -> bool:
 
 
 def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
-    """Prompt forward + first token. With a model that `shares_prefix`, the prompt cache
-    [B, .., T] is kept once (the prefix every rollout of the prompt reads) and each of the
-    N = B*G rows gets a generation cache of max_new_tokens slots of its own; otherwise one
+    """Prompt forward + first token. With G > 1 and a model that `shares_prefix`, the prompt
+    cache [B, .., T] is kept once (the prefix every rollout of the prompt reads) and each of
+    the N = B*G rows gets a generation cache of max_new_tokens slots of its own; otherwise one
     cache of T + max_new_tokens slots is filled and repeated G times."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
@@ -390,7 +408,7 @@ def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
     g, n, m = cfg.num_samples, prompt.mask.shape[0] * cfg.num_samples, cfg.max_new_tokens
     x = _adapter(model).embed(model, prompt.embed_inputs)
     mask = prompt.mask.astype(jnp.int32)
-    if shares_prefix(model):
+    if g > 1 and shares_prefix(model):     # one sample per prompt: nothing to share
         hidden, prefix = model.forward_embeds(x, prompt.positions, mask,
                                               model.init_cache(b, t, x.dtype), jnp.int32(0))
         prefix = (prefix, mask)
@@ -404,24 +422,28 @@ def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
         cache = _repeat_batch(cache, model, b, g, s, x.dtype)    # prompt-major copies
         kv_mask = jnp.repeat(kv_mask, g, axis=0)
         prefix = None
+    if hasattr(model, "decode_cache"):
+        cache = model.decode_cache(cache)
     logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], g, axis=0)    # [N, V]
     deltas = jnp.repeat(prompt.deltas.astype(jnp.int32), g, axis=0)
-    keys = row_keys(rng, n)
+    uniforms = _step_uniforms(row_keys(rng, n), cfg.max_new_tokens)      # [N, max_new]
     carry = _Carry(step=jnp.int32(0),
                    tokens=jnp.full((n, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
                    logprobs=jnp.zeros((n, cfg.max_new_tokens), jnp.float32),
                    done=jnp.zeros((n,), bool), last=jnp.zeros((n,), jnp.int32), cache=cache)
-    tok, lp = _sample(logits, keys, 0, cfg, suppress)
-    return _emit(carry, tok, lp, eos, cfg), kv_mask, deltas, keys, prefix
+    tok, lp = _sample(logits, uniforms, 0, cfg, suppress)
+    return _emit(carry, tok, lp, eos, cfg), kv_mask, deltas, uniforms, prefix
 
 
-def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, keys, eos, suppress, prefix,
+def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, uniforms, eos, suppress, prefix,
             cfg: _Config, mrope: bool, prompt_len: int):
     """The while_loop; returns (Samples, final carry). The carry is donated and returned so its
     buffers (the KV cache above all) are updated in place rather than copied. `prefix`: the
     shared prompt cache and mask (read-only), or None when the cache holds the prompt."""
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
+    if hasattr(model, "for_decode"):
+        model = model.for_decode()
     extra = {} if prefix is None else {"prefix": prefix[0], "prefix_mask": prefix[1]}
 
     def cond(c: _Carry):
@@ -434,7 +456,7 @@ def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, keys, eos, suppress
         hidden, cache = model.forward_embeds(
             x, _decode_positions(prompt_len + gen, deltas, mrope), kv_mask, c.cache, slot,
             **extra)
-        tok, lp = _sample(model.logits(hidden)[:, 0], keys, c.step, cfg, suppress)
+        tok, lp = _sample(model.logits(hidden)[:, 0], uniforms, c.step, cfg, suppress)
         return _emit(c._replace(cache=cache), tok, lp, eos, cfg)
 
     carry = jax.lax.while_loop(cond, body, carry)
@@ -474,9 +496,9 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
     prompt = _place(model, prompt, _prompt_batch_axis)
     suppress = suppressed_ids(model)
     graphdef, state = nnx.split(model)
-    carry, kv_mask, deltas, keys, prefix = _jit("prefill")(graphdef, state, prompt, rng, eos,
+    carry, kv_mask, deltas, draws, prefix = _jit("prefill")(graphdef, state, prompt, rng, eos,
                                                            suppress, cfg)
-    samples, _ = _jit("decode")(graphdef, state, carry, kv_mask, deltas, keys, eos, suppress,
+    samples, _ = _jit("decode")(graphdef, state, carry, kv_mask, deltas, draws, eos, suppress,
                                 prefix, cfg, np.ndim(prompt.positions) == 3,
                                 int(np.shape(prompt.mask)[1]))
     return samples

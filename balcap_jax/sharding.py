@@ -76,6 +76,18 @@ class Rules:
             return None
         return dict(self.mapping).get(name)
 
+    def without(self, axis: str) -> "Rules":
+        """These rules with mesh axis `axis` removed everywhere (e.g. the rollout layout:
+        weights replicated over fsdp, still split over tensor)."""
+        def drop(v):
+            if v == axis:
+                return None
+            if isinstance(v, tuple):
+                v = tuple(a for a in v if a != axis)
+                return v[0] if len(v) == 1 else (v or None)
+            return v
+        return Rules(tuple((k, drop(v)) for k, v in self.mapping))
+
 
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh with Auto axes; default shape puts all devices on fsdp."""

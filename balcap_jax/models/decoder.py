@@ -25,7 +25,8 @@ Low-level API (sampler, trainer; all jit-friendly, call inside your own jit):
       [L, B, kv_heads, head_dim, max_len], v [L, B, kv_heads, max_len, head_dim]; the layouts
       the attention matmuls read untransposed; the batch axis is 1 in both).
 The layers are one `models.stack.StackedLayers` run under lax.scan (`lm.model.layers.layer(i)`
-is layer i as a module).
+is layer i as a module); a per-layer cache (`KVCache.per_layer()`, what `lm.decode_cache` gives
+the sampler under `set_decode_layers("unroll")`, the default) runs them as a Python loop.
   `lm.token_logprobs(hidden, targets, temperature=1.0, chunk_size=256) -> float32 [B,T]`
   `token_logprobs_from_hidden(hidden[B,T,D], lm_head_weight[D,V], targets[B,T], *,
       temperature=1.0, chunk_size=256)`: log_softmax(hidden @ W / temperature)[targets] computed
@@ -88,13 +89,25 @@ class DecoderConfig:
 @struct.dataclass
 class KVCache:
     """Key/value buffers of all layers, stacked: k [L, B, kv_heads, head_dim, S], v [L, B,
-    kv_heads, S, head_dim] (layers.heads_major_attention's layouts per layer; batch axis 1)."""
-    k: Array
-    v: Array
+    kv_heads, S, head_dim] (layers.heads_major_attention's layouts per layer; batch axis 1);
+    or, `per_layer()`, tuples of L such buffers without the layer axis."""
+    k: Array | tuple[Array, ...]
+    v: Array | tuple[Array, ...]
 
     @property
     def max_len(self) -> int:
-        return self.v.shape[3]
+        return self.v[0].shape[2] if self.is_per_layer else self.v.shape[3]
+
+    @property
+    def is_per_layer(self) -> bool:
+        return isinstance(self.v, tuple)
+
+    def per_layer(self) -> KVCache:
+        """The same buffers as one array per layer: a decode step that runs its layers as a
+        Python loop updates each in place, with no restacking."""
+        if self.is_per_layer:
+            return self
+        return KVCache(tuple(self.k), tuple(self.v))
 
 
 class DecoderLayer(nnx.Module):
@@ -128,6 +141,8 @@ class Decoder(nnx.Module):
                                      for _ in range(cfg.num_layers)])
         self.norm = L.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.remat = None    # a stack.REMAT_POLICIES name: what the training backward keeps
+        # how a decode step (a per-layer cache) runs the layers: "unroll" or "scan"
+        self.decode_layers = "unroll"
 
     def rotary(self, positions: Array) -> tuple[Array, Array]:
         cfg = self.cfg
@@ -164,6 +179,18 @@ class Decoder(nnx.Module):
             if layer_prefix is not None:
                 layer_prefix = (*layer_prefix, prefix_mask)
             return layer(x, cos, sin, mask, layer_cache, cache_index, layer_prefix, segments)
+        if cache is not None and cache.is_per_layer:
+            # a Python loop: each layer's weights are a static slice (hoisted out of the
+            # sampler's while loop) and its cache is updated in place. Under scan, XLA on CPU
+            # and GPU copies each layer's weights and cache out of the stacks on every token.
+            ks, vs = [], []
+            for i in range(self.layers.num):
+                xs = ((cache.k[i], cache.v[i]),
+                      None if prefix is None else (prefix.k[i], prefix.v[i]))
+                x, (k, v) = one_layer(self.layers.layer(i), x, xs)
+                ks.append(k)
+                vs.append(v)
+            return self.norm(x), KVCache(tuple(ks), tuple(vs))
         xs = (None if cache is None else (cache.k, cache.v),
               None if prefix is None else (prefix.k, prefix.v))
         remat = self.remat if cache is None else None     # training forwards only
@@ -243,6 +270,26 @@ class CausalLM(nnx.Module):
         for _, module in nnx.iter_modules(self):
             if isinstance(module, L.Attention):
                 module.implementation = implementation
+
+    def set_decode_layers(self, mode: str) -> None:
+        """How the sampler's decode step runs the layers: "unroll" (a Python loop over
+        per-layer caches; fastest per token on CPU and GPU, compile time grows with depth) or
+        "scan" (lax.scan over the stacked cache; compile time independent of depth)."""
+        if mode not in ("unroll", "scan"):
+            raise ValueError(f"decode_layers must be 'unroll' or 'scan', got {mode!r}")
+        self.model.decode_layers = mode
+
+    def decode_cache(self, cache: KVCache) -> KVCache:
+        """The cache in the layout the decode loop wants (see set_decode_layers)."""
+        return cache.per_layer() if self.model.decode_layers == "unroll" else cache
+
+    def for_decode(self) -> CausalLM:
+        """Prepare this module, merged inside a jitted decode function, for a loop of decode
+        steps: under "unroll" each layer's weights are sliced out of the stack once, before
+        the loop. Returns self."""
+        if self.model.decode_layers == "unroll":
+            self.model.layers.unstack()
+        return self
 
     def set_remat(self, on: bool = True, policy: str = "full") -> None:
         """Rematerialise decoder layers in cache-free forwards (the training loss) with a

@@ -55,14 +55,25 @@ class StackedLayers(nnx.Module):
                                is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.num = len(layers)
         self.stack = nnx.merge(graphdef, stacked)
+        self.unstacked = None    # set by unstack()
 
     def _split(self):
         return nnx.split(self.stack)
 
     def layer(self, i: int) -> nnx.Module:
         """Layer i as a module of its own (a copy of its slice of the parameters)."""
+        if self.unstacked is not None:
+            return self.unstacked[i]
         graphdef, state = self._split()
         return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
+    def unstack(self) -> None:
+        """Slice every layer out of the stack once; `layer(i)` then returns these modules.
+        For a module merged inside a jitted function that loops over decode steps: the
+        slices are taken before the loop, not copied on every step (XLA does not hoist a
+        bare slice out of a while loop)."""
+        if self.unstacked is None:
+            self.unstacked = nnx.data(tuple(self.layer(i) for i in range(self.num)))
 
     def scan(self, fn: Callable[[nnx.Module, Any, Any], tuple[Any, Any]], carry, xs=None, *,
              remat: str | None = None, start: int = 0, stop: int | None = None):

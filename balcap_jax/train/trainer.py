@@ -39,6 +39,7 @@ from flax import nnx
 
 from balcap_jax import distributed as dist
 from balcap_jax import sampling
+from balcap_jax import sharding as shd
 from balcap_jax.rl import advantages as adv_lib
 from balcap_jax.rl import loss as loss_lib
 from balcap_jax.train.optim import is_vision_path, make_optimizer
@@ -86,6 +87,9 @@ class RunParts:
     # fixed prompt lengths (data.max_prompt_tokens / data.prompt_buckets); None: the next power
     # of two of each batch's longest prompt, fine for inputs of one size
     prompt_buckets: tuple | None = None
+    # "replicated": rollouts decode on a copy of the weights gathered over fsdp once per step
+    # (not at every token); "fsdp": on the training layout
+    rollout_layout: str = "fsdp"
 
 
 class Trainer:
@@ -106,6 +110,7 @@ class Trainer:
         self.state = TrainState(params, self.fn.init_opt(params, master), 0,
                                 jax.random.key_data(jax.random.key(cfg.seed)), master)
         self.skipped = 0
+        self._rollout_shardings = None
         self._check_hosts_agree(parts)
         kw = {"batch_norm": cfg.rl.batch_norm} if cfg.rl.advantage == "cgdpo" else {}
         # one compiled program instead of dozens of eager ops (each its own compile)
@@ -162,10 +167,25 @@ class Trainer:
         self.state.rng = jax.random.key_data(key)
         return sub
 
+    def rollout_model(self):
+        """The policy the sampler runs: on the training layout, or (rollout_layout
+        "replicated") on weights gathered over fsdp once here, so the decode loop reads local
+        weights instead of gathering them at every token. The copy lives for one generate."""
+        model = self.p.model
+        mesh = getattr(model, "mesh", None)
+        if self.p.rollout_layout != "replicated" or mesh is None or mesh.shape["fsdp"] == 1:
+            return self.model()
+        if self._rollout_shardings is None:
+            rules = (getattr(model, "rules", None) or shd.Rules()).without("fsdp")
+            self._rollout_shardings = shd.param_shardings(self.state.params, mesh, rules)
+        params = jax.device_put(self.state.params, self._rollout_shardings)
+        return nnx.merge(self.graphdef, params, self.rest)
+
     def _generate(self, inputs, *, greedy: bool, num_samples: int):
         s = self.cfg.sampling
         return sampling.generate(
-            self.model(), inputs, max_new_tokens=s.max_new_tokens, num_samples=num_samples,
+            self.rollout_model(), inputs, max_new_tokens=s.max_new_tokens,
+            num_samples=num_samples,
             temperature=0.0 if greedy else s.temperature, top_p=1.0 if greedy else s.top_p,
             top_k=0 if greedy else s.top_k, eos_token_ids=self.p.eos_token_ids,
             # greedy evaluation draws no randomness: it must not advance the training stream,

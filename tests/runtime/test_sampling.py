@@ -234,6 +234,33 @@ def test_num_samples_share_prefill_equal_repeated_prompts(fake):
     assert len({tuple(r) for r in np.asarray(grouped.tokens)[:3]}) > 1  # samples differ
 
 
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from balcap_jax.models.decoder import CausalLM, DecoderConfig
+    cfg = DecoderConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=3,
+                        num_heads=4, num_kv_heads=2, qkv_bias=True)
+    return CausalLM(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_decode_layers_scan_equals_unroll(tiny_lm, num_samples):
+    """The decode step over per-layer caches (a Python loop, the default) and over the stacked
+    cache (lax.scan) sample the same tokens with the same log-probabilities."""
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_token_ids=[3], rng=jax.random.key(4),
+              num_samples=num_samples)
+    assert tiny_lm.model.decode_layers == "unroll"
+    unrolled = sampling.generate(tiny_lm, _prompts(), **kw)
+    try:
+        tiny_lm.set_decode_layers("scan")
+        scanned = sampling.generate(tiny_lm, _prompts(), **kw)
+    finally:
+        tiny_lm.set_decode_layers("unroll")
+    np.testing.assert_array_equal(unrolled.tokens, scanned.tokens)
+    np.testing.assert_allclose(unrolled.logprobs, scanned.logprobs, atol=1e-6)
+    with pytest.raises(ValueError, match="decode_layers"):
+        tiny_lm.set_decode_layers("loop")
+
+
 def test_compiles_bounded_by_buckets(fake):
     kw = dict(max_new_tokens=4, temperature=1.0, eos_token_ids=[3], rng=jax.random.key(1))
     sampling.generate(fake, _prompts(lengths=(9, 10, 11)), **kw)
