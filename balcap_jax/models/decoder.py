@@ -215,14 +215,18 @@ def token_logprobs_from_hidden(hidden: Array, lm_head_weight: Array, targets: Ar
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
     tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
     w = lm_head_weight
+    banned = None
+    if suppress:   # a constant mask, not a scatter: an elementwise select fuses with the matmul
+        banned = np.zeros(w.shape[1], bool)
+        banned[np.asarray(suppress)] = True
 
     @jax.checkpoint   # recompute each chunk's logits in the backward pass instead of storing them
     def chunk(args):
         hc, tc = args
         logits = jnp.einsum("bcd,dv->bcv", hc, w.astype(hc.dtype),
                             preferred_element_type=jnp.float32) / temperature
-        if suppress:
-            logits = logits.at[..., np.asarray(suppress)].set(-jnp.inf)
+        if banned is not None:
+            logits = jnp.where(banned, -jnp.inf, logits)
         tgt = jnp.take_along_axis(logits, tc[..., None].astype(jnp.int32), axis=-1)[..., 0]
         return tgt - jax.nn.logsumexp(logits, axis=-1)
 
