@@ -2,12 +2,15 @@
 blocks), one RL step each in a fresh process (no persistent compile cache).
 
     .venv/bin/python -m benchmarks.compile_time [--layers 4 32] [--steps 3]
+        [--decode-layers unroll|scan]   # model.decode_layers (default: the config's, unroll)
 
 For each depth: the first step's seconds (compiling sampler, gradient and update, then
 running), the steady step's seconds (the median of the next steps) and their difference, the
 compile cost; then the ratio of the compile costs of the deepest and the shallowest model.
-The layers run under lax.scan, so the compiled body is one layer whatever the depth. Peak RSS
-of each process is printed beside.
+The layers of the training forward and backward run under lax.scan, so their compiled body is
+one layer whatever the depth; the sampler's decode step follows model.decode_layers (unroll by
+default: a loop whose compile grows with depth, for per-token speed). Peak RSS of each process
+is printed beside.
 """
 from __future__ import annotations
 
@@ -23,8 +26,11 @@ import jax
 from balcap_jax import build
 from balcap_jax.sharding import make_mesh
 from benchmarks.compile_time import config
-layers, steps = int(sys.argv[1]), int(sys.argv[2])
-trainer = build.build_trainer(config(layers), make_mesh((1, 1, 1), jax.devices()[:1]))
+layers, steps, decode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+cfg = config(layers)
+if decode:
+    cfg.model.decode_layers = decode
+trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
 times = []
 for _ in range(steps):
     t = time.perf_counter()
@@ -50,12 +56,12 @@ def config(layers: int):
     return c
 
 
-def run(layers: int, steps: int) -> dict:
+def run(layers: int, steps: int, decode: str = "") -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    out = subprocess.run([sys.executable, "-c", WORKER, str(layers), str(steps)], env=env,
+    out = subprocess.run([sys.executable, "-c", WORKER, str(layers), str(steps), decode], env=env,
                          cwd=root, capture_output=True, text=True, timeout=1800)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -67,10 +73,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 32])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--decode-layers", choices=["unroll", "scan"], default="")
     a = ap.parse_args()
     rows = []
     for n in a.layers:
-        r = run(n, a.steps)
+        r = run(n, a.steps, a.decode_layers)
         steady = sorted(r["times"][1:])[len(r["times"][1:]) // 2]
         r.update(first_s=r["times"][0], steady_s=steady, compile_s=r["times"][0] - steady)
         rows.append(r)

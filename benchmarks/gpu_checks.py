@@ -1,33 +1,50 @@
-"""GPU checks of issues 4-6 on random-init Qwen2.5-VL-3B shapes, bfloat16, in one process.
+"""GPU checks on random-init Qwen2.5-VL-3B shapes, bfloat16, one process, within 8 minutes.
 
-    python -m benchmarks.gpu_checks [--tiny] [--deadline 480]
+    python -m benchmarks.gpu_checks [--tiny] [--deadline 450] [--only decode,train]
 
-1. forward (issue 4): batch 8 x 1024 tokens, one 448x448 image each (256 image tokens):
-   steady-state time, tokens/s and MFU (model FLOPs: 2 * params * tokens for the language model
-   and the vision tower, plus causal attention 2 * 2 * L * T^2 * H * hd / 2 per row).
-2. train step (issues 5 and 6): 64 prompts x G=8 rollouts of exactly 512 new tokens (the
-   random policy practically never emits the stop id), scripted scorer, bf16 params with fp32
-   AdamW state, remat on, micro-batch 32. Phase times of a steady-state step; decode tokens/s
-   and achieved memory bandwidth (bytes per decode step = language-model weights + the whole
-   preallocated KV cache, which every step reads); the update's MFU (6 * params * tokens for
-   the gradient, which also yields old_logp; remat recompute not counted); peak memory.
+Steady-state figures first: every check compiles once, then times a second call.
+1. decode: 64 prompts x G=8 = 512 rollouts of exactly 512 new tokens (a random 3B policy
+   practically never samples the stop id), one 224 px image per prompt. Milliseconds per token
+   step (the steady generate call over its steps, prefill included) and the share of the HBM
+   roofline: the bytes a step must read (language-model weights + the valid part of the KV
+   cache: each prompt's shared prefix once, each rollout's tokens so far) over the bandwidth,
+   against the measured step. Also the bytes our kernel actually reads (the whole
+   preallocated generation cache, valid or not).
+2. train: 16 prompts x G=8 = 128 rollouts x 512 tokens, scripted scorer, bf16 parameters with a
+   float32 master copy and AdamW state, remat on, micro-batch 32. Two steps; the second is
+   steady: its whole time and phase split, and the update's MFU (6 x language params x the
+   tokens the update forwards: each prompt once per group plus every completion; remat
+   recompute not counted).
+3. compiles: the backend compiles of each jitted function over the whole run (jax.monitoring),
+   and how many happened during the steady calls (should be 0).
+4. memory: peak device memory against balcap_jax.build.memory_plan for the train check.
 Peaks: H100/H200 dense bf16 989 TFLOP/s (datasheet); HBM 4.8 TB/s (H200) / 3.35 TB/s (H100).
-`--tiny` runs the same code on a tiny config (CPU smoke test of this script).
+`--tiny` runs the same code on a tiny config (a CPU smoke test of this script). Lines are JSON,
+also appended to $OUT/gpu_checks.jsonl when OUT is set.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 T0 = time.time()
+COMPILES: collections.Counter = collections.Counter()
+
+
+def _on_event(event, secs, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+        COMPILES[kw.get("fun_name", "?")] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
 
 
 def log(**kw):
@@ -46,10 +63,10 @@ def peaks():
     return kind, flops, bw
 
 
-def peak_mem():
+def peak_mem_gib():
     try:
         s = jax.devices()[0].memory_stats() or {}
-        return s.get("peak_bytes_in_use", float("nan")) / 2**30
+        return round(s.get("peak_bytes_in_use", float("nan")) / 2**30, 1)
     except Exception:
         return float("nan")
 
@@ -69,117 +86,119 @@ def hf_config(tiny: bool) -> dict:
     return c
 
 
-def check_forward(model, counts, cfgd, tiny):
-    b, t, side = (2, 64, 56) if tiny else (8, 1024, 448)
-    grid = side // 14
-    n_img = grid * grid // 4
-    rng = np.random.default_rng(0)
-    ids = rng.integers(10, 150000 if not tiny else 400, size=(b, t)).astype(np.int32)
-    ids[:, 20:21] = 3
-    ids[:, 21:21 + n_img] = 5
-    ids[:, 21 + n_img] = 4
-    mask = np.ones_like(ids)
-    pv = rng.standard_normal((b * grid * grid, 3 * 2 * 14 * 14)).astype(np.float32)
-    thw = np.tile([[1, grid, grid]], (b, 1))
-    positions, _ = model.rope_index(ids, mask, thw)
-    vi = model.prepare_vision_inputs(pv, thw)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def fwd(state, ids, mask, positions, vi):
-        m = nnx.merge(graphdef, state)
-        x = m.embed_multimodal(ids, m.encode_images(vi))
-        h, _ = m.forward_embeds(x, positions, mask)
-        return m.logits(h[:, -1:])
-
-    args = (state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions, jnp.int32), vi)
-    t0 = time.time()
-    jax.block_until_ready(fwd(*args))
-    compile_s = time.time() - t0
-    times = []
-    for _ in range(3):
-        t0 = time.time()
-        jax.block_until_ready(fwd(*args))
-        times.append(time.time() - t0)
-    best = min(times)
-    text = cfgd.get("text_config") or cfgd
-    layers, d, heads = text["num_hidden_layers"], text["hidden_size"], text["num_attention_heads"]
-    hd = d // heads
-    flops = (2 * counts["language"] * b * t + 2 * counts["vision"] * b * grid * grid
-             + 2 * layers * b * t * t * heads * hd)  # causal: half of 4*T^2*H*hd per layer
-    _, peak, _ = peaks()
-    log(check="forward", batch=b, tokens=t, image=f"{side}x{side}", compile_s=round(compile_s, 1),
-        seconds=round(best, 4), tokens_per_s=round(b * t / best),
-        tflops=round(flops / best / 1e12, 1), mfu=round(flops / best / peak, 3),
-        peak_mem_gib=round(peak_mem(), 1))
+def text_dims(cfgd: dict) -> dict:
+    t = cfgd.get("text_config") or cfgd
+    d, h = t["hidden_size"], t["num_attention_heads"]
+    return dict(layers=t["num_hidden_layers"], kv=t["num_key_value_heads"],
+                hd=t.get("head_dim") or d // h)
 
 
-def check_train(model, counts, cfgd, tiny, deadline):
+def pieces(side: int):
+    """The tiny BPE, our processor and a synthetic loader of side x side images."""
     from balcap_jax.config import base_config
     from balcap_jax.data.synthetic import SyntheticCaptions, synthetic_example
     from balcap_jax.processing import Qwen25VLProcessor, QwenImageProcessor
-    from balcap_jax.rewards.scripted import TokenFrequencyScorer
     from balcap_jax.tokenizers import train_tiny_bpe
-    from balcap_jax.train import RunParts, Trainer
-    b, g, new, micro, side = (4, 2, 16, 4, 56) if tiny else (64, 8, 512, 32, 224)
-    c = base_config()
-    c.sampling.num_samples, c.sampling.max_new_tokens = g, new
-    c.train.batch_size, c.train.micro_batch_size, c.train.lr = b, micro, 1e-6
-    c.train.remat = True
-    c.rl.rewards, c.rl.weights, c.rl.length_control = ["frequency"], [1.0], "none"
-    c.rl.length_reward = "frequency"
-    corpus = [synthetic_example(0, i, 56)["references"][0] for i in range(200)] + [c.data.prompt]
+    prompt = base_config().data.prompt
+    corpus = [synthetic_example(0, i, 56)["references"][0] for i in range(200)] + [prompt]
     tok = train_tiny_bpe(corpus, vocab_size=400)
     proc = Qwen25VLProcessor(tok, QwenImageProcessor(min_pixels=side * side,
                                                      max_pixels=side * side))
-    loader = SyntheticCaptions(num_examples=4 * b, batch_size=b, seed=0, image_size=side,
-                               prompt=c.data.prompt)
+    return tok, proc, prompt, SyntheticCaptions
+
+
+def check_decode(model, counts, cfgd, tiny):
+    from balcap_jax import sampling
+    b, g, new, side = (2, 2, 16, 56) if tiny else (64, 8, 512, 224)
+    tok, proc, prompt, loader_cls = pieces(side)
+    examples = next(loader_cls(num_examples=b, batch_size=b, seed=0, image_size=side,
+                               prompt=prompt))
+    from balcap_jax.processing import build_caption_prompt
+    inputs = proc([build_caption_prompt(e["prompt"], tok) for e in examples],
+                  images=[[e["image"]] for e in examples])
+    kw = dict(max_new_tokens=new, num_samples=g, temperature=1.0, eos_token_ids=[2], pad_id=0)
+    t0 = time.time()
+    s = sampling.generate(model, inputs, rng=jax.random.key(0), **kw)
+    jax.block_until_ready(s.tokens)
+    first = time.time() - t0
+    before = sum(COMPILES.values())
+    t0 = time.time()
+    s = sampling.generate(model, inputs, rng=jax.random.key(1), **kw)
+    jax.block_until_ready(s.tokens)
+    wall = time.time() - t0
+    steps = int(np.asarray(s.lengths).max())
+    prompt_len = int(sampling.prepare_prompt(model, inputs).mask.shape[1])
+    dims = text_dims(cfgd)
+    slot = dims["layers"] * 2 * dims["kv"] * dims["hd"] * 2          # bytes per token, bf16
+    weights = counts["language"] * 2
+    mean_valid = b * prompt_len + b * g * (steps + 1) / 2             # prefix once per prompt
+    need = weights + mean_valid * slot
+    ours = weights + (b * prompt_len + b * g * new) * slot            # whole generation cache
+    kind, _, bw = peaks()
+    ms = wall / steps * 1e3
+    log(check="decode", rollouts=b * g, new_tokens=steps, prompt_len=prompt_len,
+        first_call_s=round(first, 1), steady_s=round(wall, 2), ms_per_step=round(ms, 2),
+        roofline_ms=round(need / bw * 1e3, 2), roofline_fraction=round(need / bw / (ms / 1e3), 3),
+        bytes_needed_gb=round(need / 1e9, 2), bytes_read_gb=round(ours / 1e9, 2),
+        tokens_per_s=round(b * g * steps / wall), compiles_in_steady=sum(COMPILES.values())
+        - before, peak_mem_gib=peak_mem_gib(), device=kind)
+
+
+def check_train(model, counts, cfgd, tiny, deadline):
+    from balcap_jax import build
+    from balcap_jax.config import base_config
+    from balcap_jax.rewards.scripted import TokenFrequencyScorer
+    from balcap_jax.train import RunParts, Trainer
+    b, g, new, micro, side = (2, 2, 16, 4, 56) if tiny else (16, 8, 512, 32, 224)
+    c = base_config()
+    c.model.hf_config = cfgd
+    c.model.dtype = "bfloat16"
+    c.sampling.num_samples, c.sampling.max_new_tokens = g, new
+    c.train.batch_size, c.train.micro_batch_size, c.train.lr = b, micro, 1e-6
+    c.train.remat = True
+    c.data.max_image_tokens = (side // 28) ** 2
+    c.rl.rewards, c.rl.weights, c.rl.length_control = ["frequency"], [1.0], "none"
+    c.rl.length_reward = "frequency"
+    tok, proc, prompt, loader_cls = pieces(side)
+    loader = loader_cls(num_examples=4 * b, batch_size=b, seed=0, image_size=side, prompt=prompt)
     model.set_remat(True)
     # eos: <|im_end|> of the tiny BPE; a random 3B policy emits it ~1/150k of the time
     parts = RunParts(model=model, tokenizer=tok, processor=proc,
                      scorer=TokenFrequencyScorer(range(7, 47)), loader=loader, eval_examples=[],
                      eos_token_ids=(2,), pad_id=0)
     tr = Trainer(c, parts)
-    kind, peak, bw = peaks()
+    kind, peak, _ = peaks()
     from balcap_jax import sampling
     probe = loader.get_state()
     prompt_len = sampling.prepare_prompt(model, tr._inputs(next(loader))).mask.shape[1]
     loader.set_state(probe)
+    plan = build.memory_plan(c, {"data": 1, "fsdp": 1, "tensor": 1}, query_device=False)
     for i in range(2):
         if time.time() - T0 > deadline:
             log(check="train", skipped=f"deadline reached before step {i}")
             return
+        before = sum(COMPILES.values())
         t0 = time.time()
         m = tr.train_step(next(loader))
         wall = time.time() - t0
-        n_tok = m["length/tokens"] * b * g
-        text = cfgd.get("text_config") or cfgd
-        layers, d = text["num_hidden_layers"], text["hidden_size"]
-        kv, hd = text["num_key_value_heads"], d // text["num_attention_heads"]
-        seq = prompt_len + new
-        lm_bytes = counts["language"] * 2
-        kv_bytes = b * g * seq * layers * 2 * kv * hd * 2
-        steps = m["length/tokens"]
-        rollout = m["time/rollout"]
-        upd_tokens = b * g * seq
-        upd_flops = 6 * counts["language"] * upd_tokens
-        log(check="train_step", step=i, first_call=(i == 0), wall_s=round(wall, 2),
-            rollout_s=round(rollout, 2), scoring_s=round(m["time/scoring"], 3),
-            update_s=round(m["time/update"], 2), rollouts=b * g, new_tokens_mean=round(steps, 1),
-            decode_tokens_per_s=round(n_tok / rollout),
-            decode_bw_tb_s=round(steps * (lm_bytes + kv_bytes) / rollout / 1e12, 2),
-            bw_fraction=round(steps * (lm_bytes + kv_bytes) / rollout / bw, 3),
+        tokens = m["length/tokens"] * b * g                   # completion tokens
+        upd_flops = 6 * counts["language"] * (b * prompt_len + tokens)
+        log(check="train_step", step=i, steady=(i == 1), wall_s=round(wall, 2),
+            rollout_s=round(m["time/rollout"], 2), scoring_s=round(m["time/scoring"], 3),
+            update_s=round(m["time/update"], 2), rollouts=b * g,
+            new_tokens_mean=round(m["length/tokens"], 1), prompt_len=prompt_len,
             update_tflops=round(upd_flops / m["time/update"] / 1e12, 1),
             update_mfu=round(upd_flops / m["time/update"] / peak, 3),
-            loss=m["loss"], grad_norm=m["grad_norm"], peak_mem_gib=round(peak_mem(), 1),
-            device=kind)
+            compiles_in_step=sum(COMPILES.values()) - before, loss=m["loss"],
+            grad_norm=m["grad_norm"], peak_mem_gib=peak_mem_gib(),
+            plan_gib=round(plan.total / 2**30, 1), device=kind)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--deadline", type=float, default=480)
-    ap.add_argument("--only", default="forward,train")
+    ap.add_argument("--deadline", type=float, default=450)
+    ap.add_argument("--only", default="decode,train")
     a = ap.parse_args()
     import flax
     log(jax=jax.__version__, flax=flax.__version__, devices=str(jax.devices()))
@@ -193,11 +212,12 @@ def main():
                         mesh=make_mesh((1, 1, 1), jax.devices()[:1]))
     jax.block_until_ready(nnx.state(model))
     log(check="init", params=counts, seconds=round(time.time() - t0, 1),
-        peak_mem_gib=round(peak_mem(), 1))
-    if "forward" in a.only:
-        check_forward(model, counts, cfgd, a.tiny)
-    if "train" in a.only:
+        peak_mem_gib=peak_mem_gib())
+    if "decode" in a.only:
+        check_decode(model, counts, cfgd, a.tiny)
+    if "train" in a.only and time.time() - T0 < a.deadline:
         check_train(model, counts, cfgd, a.tiny, a.deadline)
+    log(check="compiles", per_function=dict(COMPILES.most_common()))
     log(done=True)
 
 

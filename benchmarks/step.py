@@ -1,0 +1,209 @@
+"""One whole RL step, ours against TRL's GRPOTrainer, at the same shapes and initial weights.
+
+A tiny Qwen2.5-VL (text 4 x 256, vocab 8192; vision 2 blocks x 128), one 112 px image per prompt
+(16 image tokens), 2 prompts x G = 8 completions of exactly 64 tokens per step (no stop token can
+be sampled on either side), one scripted reward (the share of even token ids), c-GDPO
+advantages (TRL: its group normalisation), the dapo loss, one update per rollout batch, AdamW,
+float32, CPU. Each side runs in its own subprocess (its peak RSS is its own); ours first, which
+writes the tokenizer and the exact prompts and images it trained on for TRL to read (TRL's chat
+template adds its default system prompt: its prompts are longer than ours).
+
+    .venv/bin/python -m benchmarks.step [--steps 4] [--repeats 1] [--no-trl]
+
+Prints per side: the steady step (median of the steps after the first), its split into
+rollout / scoring / update, the first step (ours: compilation included; the difference is the
+compile time), tokens/s of the step, peak RSS, and the ratio TRL / ours of the steady step.
+With --repeats N the two sides alternate N times (the cores are often shared) and the ratio of
+each pair is printed. Without trl installed (`pip install trl`; it is not a dependency) only
+ours runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+G, NEW, PROMPTS, IMAGE = 8, 64, 2, 112
+
+
+def hf_config() -> dict:
+    from balcap_jax.models.presets import tiny_qwen2_5_vl
+    cfg = tiny_qwen2_5_vl(vocab_size=8192, hidden_size=256, intermediate_size=768,
+                          num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6,
+                          mrope_section=[8, 12, 12], vision_hidden_size=128,
+                          spatial_merge_size=2, window_size=56)
+    cfg.update(num_hidden_layers=4, tie_word_embeddings=False)
+    return cfg
+
+
+def our_config(model_dir: str, steps: int):
+    from balcap_jax.config import base_config
+    c = base_config()
+    c.workdir = ""
+    c.compile_cache_dir = ""
+    c.model.path = model_dir
+    c.model.tokenizer = "tiny"
+    c.model.tiny_vocab = 400
+    c.mesh.fsdp = -1
+    c.data.source = "synthetic"
+    c.data.image_size = IMAGE
+    c.data.num_train = PROMPTS * (steps + 1)
+    c.data.num_eval = 2
+    c.data.max_prompt_tokens = 80
+    c.data.max_image_tokens = (IMAGE // 28) ** 2
+    c.data.image_processor = dict(min_pixels=IMAGE * IMAGE, max_pixels=IMAGE * IMAGE)
+    c.sampling.num_samples = G
+    c.sampling.max_new_tokens = NEW
+    c.sampling.temperature = 1.0
+    c.rl.advantage = "cgdpo"
+    c.rl.aggregation = "dapo"
+    c.rl.rewards = ["frequency"]
+    c.rl.weights = [1.0]
+    c.rl.length_control = "none"
+    c.rl.length_reward = "frequency"
+    c.scorer.name = "token_frequency"
+    c.scorer.tokens = [" a", " red", " blue", " green", " on", " background", "."]
+    c.train.steps = steps
+    c.train.batch_size = PROMPTS
+    c.train.micro_batch_size = PROMPTS * G
+    c.train.lr = 1e-6
+    return c
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_ours(d: str, steps: int) -> dict:
+    import jax
+
+    from balcap_jax import build
+    trainer = build.build_trainer(our_config(os.path.join(d, "model"), steps))
+    from balcap_jax.rewards.scripted import TokenFrequencyScorer
+    vocab = hf_config()["vocab_size"]
+    trainer.p.eos_token_ids = (vocab + 1,)      # outside the vocabulary: never sampled
+    # TRL's reward: the share of even token ids (random weights rarely sample a word, so a
+    # word reward would be 0 everywhere and give no gradient)
+    trainer.p.scorer = TokenFrequencyScorer(range(0, vocab, 2))
+    trainer.p.tokenizer.save_pretrained(os.path.join(d, "tokenizer"))
+    rows, images, prompts = [], [], []
+    for _ in range(steps):
+        examples = next(trainer.p.loader)
+        images += [np.asarray(e["image"], np.uint8) for e in examples]
+        prompts += [e["prompt"] for e in examples]
+        t = time.perf_counter()
+        m = trainer.train_step(examples)
+        jax.block_until_ready(trainer.state.params)
+        rows.append(dict(step_s=time.perf_counter() - t, rollout_s=m["time/rollout"],
+                         score_s=m["time/scoring"], update_s=m["time/update"],
+                         tokens=m["length/tokens"] * PROMPTS * G))
+    np.savez(os.path.join(d, "examples.npz"), images=np.stack(images), prompts=np.array(prompts))
+    return dict(side="ours", rows=rows, peak_rss_mib=peak_rss_mib())
+
+
+def child(args) -> None:
+    if args.side == "ours":
+        res = run_ours(args.dir, args.steps)
+    else:
+        from benchmarks.trl_step import run_trl
+        data = np.load(os.path.join(args.dir, "examples.npz"))
+        examples = [dict(image=im, prompt=str(p)) for im, p in zip(data["images"],
+                                                                     data["prompts"])]
+        r = run_trl(os.path.join(args.dir, "model"), os.path.join(args.dir, "tokenizer"),
+                    examples, num_generations=G, new_tokens=NEW, steps=args.steps,
+                    image_size=IMAGE)
+        n = len(r["step_s"])
+        res = dict(side="trl", peak_rss_mib=r["peak_rss_mib"], rows=[
+            dict(step_s=r["step_s"][i], rollout_s=r["generate_s"][i],
+                 score_s=r.get("score_s", [0.0] * n)[i], update_s=r["update_s"][i],
+                 tokens=r["completion_tokens"][i]) for i in range(n)])
+    print("RESULT " + json.dumps(res))
+
+
+def _side(side: str, d: str, steps: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.step", "--side", side, "--dir", d,
+                           "--steps", str(steps)], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{side} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _summary(r: dict) -> dict:
+    steady = r["rows"][1:] or r["rows"]
+    med = {k: float(np.median([x[k] for x in steady]))
+           for k in ("step_s", "rollout_s", "score_s", "update_s", "tokens")}
+    med["first_s"] = r["rows"][0]["step_s"]
+    med["peak_rss_mib"] = r["peak_rss_mib"]
+    return med
+
+
+def _line(name: str, s: dict) -> str:
+    return (f"  {name:>5}: step {s['step_s']:.3f} s = rollout {s['rollout_s']:.3f} + scoring "
+            f"{s['score_s']:.3f} + update {s['update_s']:.3f}  ({s['tokens'] / s['step_s']:.0f} "
+            f"completion tokens/s; first step {s['first_s']:.2f} s; peak RSS "
+            f"{s['peak_rss_mib']:.0f} MiB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be >= 2 (the first step compiles)")
+    if args.side:
+        return child(args)
+    try:
+        import trl  # noqa: F401
+        with_trl = not args.no_trl
+    except ImportError:
+        with_trl = False
+        print("trl is not installed: timing ours only (pip install trl for the peer)")
+
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    load = os.getloadavg()[0]
+    print(f"Qwen2.5-VL text 4x256 vocab 8192, {PROMPTS} prompts x G={G}, {NEW} tokens each, one "
+          f"{IMAGE} px image per prompt, c-GDPO + dapo, fp32, CPU ({os.cpu_count()} cores, load "
+          f"average {load:.2f} before)")
+    ratios = []
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config())).save_pretrained(
+            os.path.join(d, "model"))
+        for _ in range(args.repeats):
+            ours = _summary(_side("ours", d, args.steps))
+            print(_line("ours", ours), flush=True)
+            print(f"         compile ~{ours['first_s'] - ours['step_s']:.1f} s (first step - "
+                  "steady step)")
+            if with_trl:
+                peer = _summary(_side("trl", d, args.steps))
+                print(_line("trl", peer), flush=True)
+                ratios.append(peer["step_s"] / ours["step_s"])
+                print(f"  ratio TRL / ours, steady step: {ratios[-1]:.2f}x  (rollout "
+                      f"{peer['rollout_s'] / ours['rollout_s']:.2f}x, update "
+                      f"{peer['update_s'] / ours['update_s']:.2f}x)", flush=True)
+    if len(ratios) > 1:
+        print(f"  ratios over {len(ratios)} alternated pairs: "
+              + ", ".join(f"{r:.2f}x" for r in ratios) + f"; median {np.median(ratios):.2f}x")
+    print(f"  load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
