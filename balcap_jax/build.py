@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import jax
 
@@ -155,8 +156,15 @@ def build_policy(cfg, mesh=None, rules=None):
     """Loads model.path, or random-initialises the configured shapes (seeded by cfg.seed)."""
     from balcap_jax import models
     if cfg.model.path:
-        return models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh,
-                                      rules=rules)
+        from balcap_jax.models.hf import LoadStats
+        stats = LoadStats()
+        t = time.time()
+        model = models.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh,
+                                       rules=rules, stats=stats)
+        # each host reads only the slices its devices hold: one line per host says how much
+        print(f"[balcap_jax] host {jax.process_index()}: loaded {cfg.model.path}: "
+              f"{stats.summary()} in {time.time() - t:.1f} s", flush=True)
+        return model
     from balcap_jax.models.random_init import from_config
     return from_config(hf_config_of(cfg), dtype=cfg.model.dtype, seed=cfg.seed,
                               mesh=mesh, rules=rules)

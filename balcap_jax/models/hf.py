@@ -8,7 +8,9 @@ builds the model abstractly (nnx.eval_shape), checks the checkpoint's key set ag
 (missing and unexpected keys are one error listing them), then streams tensor by tensor from
 safetensors (single file or sharded with model.safetensors.index.json) straight onto each
 parameter's NamedSharding (logical axes + rules, sharding.param_shardings) when a mesh is given.
-Only one tensor is on the host at a time.
+With a mesh each process reads only the slices of each tensor that its own devices hold
+(safetensors `get_slice`, assembled by `jax.make_array_from_callback`), so on several hosts no
+host reads the whole checkpoint; `LoadStats` (`from_pretrained(..., stats=)`) counts the bytes.
 
 Saving writes config.json in the v5 form transformers reads and safetensors with HF key names
 (metadata format=pt), sharded with an index when max_shard_size (bytes) is given.
@@ -42,7 +44,6 @@ import numpy as np
 from flax import nnx
 
 from balcap_jax import sharding as shd
-from balcap_jax.distributed import global_array
 from balcap_jax.models.decoder import CausalLM, DecoderConfig
 
 CONFIG_NAME = "config.json"
@@ -344,9 +345,114 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
+@dataclasses.dataclass
+class LoadStats:
+    """Bytes this process read from the checkpoint's tensors, against their total."""
+    bytes_read: int = 0
+    bytes_total: int = 0
+    whole: list = dataclasses.field(default_factory=list)   # keys read whole: a device's block
+                                                            # was not one slice of the tensor
+
+    def summary(self) -> str:
+        share = self.bytes_read / max(self.bytes_total, 1)
+        return (f"read {self.bytes_read / 2**30:.3f} of {self.bytes_total / 2**30:.3f} GiB of "
+                f"checkpoint tensors ({share:.0%})")
+
+
+def _ranges(idx: tuple, shape: tuple) -> list[tuple[int, int]]:
+    """(start, stop) per dimension of a device's index (slices with step 1) into `shape`."""
+    out = []
+    for sl, n in zip(tuple(idx) + (slice(None),) * (len(shape) - len(idx)), shape):
+        start, stop, step = sl.indices(n)
+        if step != 1:
+            raise ValueError(f"strided shard index {sl}")
+        out.append((start, stop))
+    return out
+
+
+def _contiguous(ranges, shape) -> tuple[int, int] | None:
+    """The flat (start, stop) of a block whose first dimension is cut and the rest are whole
+    (the row-major elements it covers are one run), or None."""
+    if any(r != (0, n) for r, n in zip(ranges[1:], shape[1:])):
+        return None
+    inner = math.prod(shape[1:])
+    return ranges[0][0] * inner, ranges[0][1] * inner
+
+
+def _hf_slice(transform: Transform, ranges, want: tuple, hf_shape: tuple):
+    """The slice of the HF tensor that holds our block `ranges` of a `want`-shaped parameter,
+    such that transform.to_ours(hf[slice], block shape) is the block; None when it is not one
+    rectangular slice (the caller reads the whole tensor)."""
+    kind = type(transform)
+    if kind is Transform and tuple(hf_shape) == tuple(want):
+        return tuple(slice(a, b) for a, b in ranges)
+    if kind in (Transform, Reshape) and len(hf_shape) == 1:       # a flat HF vector
+        flat = _contiguous(ranges, want)
+        return None if flat is None else (slice(*flat),)
+    if kind is LinearT and len(hf_shape) == 2:   # ours [in dims..., out dims...], HF [out, in]
+        n_in = transform.n_in
+        rows = _contiguous(ranges[n_in:], want[n_in:])
+        cols = _contiguous(ranges[:n_in], want[:n_in])
+        if rows is None or cols is None:
+            return None
+        return slice(*rows), slice(*cols)
+    return None
+
+
+def _shard_reader(handle, key: str, rule: KeyRule, want: tuple, dt, stats: LoadStats):
+    """read(ranges) -> our block of this tensor (converted to dt), reading only its slice."""
+    view = handle.get_slice(key)
+    hf_shape = tuple(view.get_shape())
+    if math.prod(hf_shape) != math.prod(want):
+        raise ValueError(f"{key}: shape {hf_shape} does not hold our {want}")
+    itemsize = view[tuple(slice(0, 1) for _ in hf_shape)].dtype.itemsize   # one element
+    stats.bytes_total += math.prod(hf_shape) * itemsize
+    whole = {}
+
+    def read(ranges) -> np.ndarray:
+        block = tuple(b - a for a, b in ranges)
+        sl = _hf_slice(rule.transform, ranges, want, hf_shape)
+        if sl is None:                     # not one rectangle of the HF tensor: read it all
+            if "x" not in whole:
+                x = handle.get_tensor(key)
+                stats.bytes_read += x.nbytes
+                whole["x"] = rule.transform.to_ours(x, want)
+                stats.whole.append(key)
+            return np.asarray(whole["x"][tuple(slice(a, b) for a, b in ranges)]).astype(dt)
+        part = view[sl]
+        stats.bytes_read += part.nbytes
+        return np.asarray(rule.transform.to_ours(part, block)).astype(dt)
+    return read
+
+
+def _assemble(readers: dict, shape: tuple, dt, sharding) -> jax.Array:
+    """One parameter from its tensors' readers: the whole of it without a sharding, else each
+    device's block (a stacked parameter's block spans layers: only those layers are read);
+    blocks shared by several devices (replicated axes) are read once."""
+    def block(idx) -> np.ndarray:
+        ranges = _ranges(idx, shape)
+        if None in readers:
+            return readers[None](ranges)
+        (l0, l1), rest = ranges[0], ranges[1:]
+        return np.stack([readers[i](rest) for i in range(l0, l1)]).astype(dt, copy=False)
+
+    if sharding is None:
+        return jnp.asarray(block(tuple(slice(None) for _ in shape)))
+    cache: dict = {}
+
+    def cb(idx):
+        k = tuple(_ranges(idx, shape))
+        if k not in cache:
+            cache[k] = block(idx)
+        return cache[k]
+    return jax.make_array_from_callback(shape, sharding, cb)
+
+
 def from_pretrained(path: str, *, dtype: Any = "float32", mesh=None,
-                    rules: shd.Rules | None = None) -> nnx.Module:
-    """Load an HF directory into the registered model for its config's model_type."""
+                    rules: shd.Rules | None = None, stats: LoadStats | None = None) -> nnx.Module:
+    """Load an HF directory into the registered model for its config's model_type. With a
+    mesh, each process reads only the slices its devices hold; `stats` (a LoadStats) receives
+    the bytes this process read."""
     hf_cfg = read_hf_config(path)
     mtype = hf_cfg.get("model_type")
     spec = get_spec(mtype)
@@ -394,25 +500,18 @@ def from_pretrained(path: str, *, dtype: Any = "float32", mesh=None,
         by_real.setdefault(real, []).append((key, i, rule))
     values: dict[str, jax.Array] = {}
     handles: dict[str, Any] = {}
+    stats = stats if stats is not None else LoadStats()
     try:
-        for real, parts in by_real.items():   # one (stacked) parameter on the host at a time
+        for real, parts in by_real.items():   # one (stacked) parameter at a time
             shape = tuple(flat[real].get_value().shape)
-            host = np.empty(shape, dt) if parts[0][1] is not None else None
+            readers = {}     # layer index (None: not stacked) -> read(ranges)
             for key, i, rule in parts:
                 if file_of[key] not in handles:
                     handles[file_of[key]] = safe_open(file_of[key], "numpy").__enter__()
                 want = shape if i is None else shape[1:]
-                arr = rule.transform.to_ours(handles[file_of[key]].get_tensor(key), want)
-                if arr.shape != want:
-                    raise ValueError(f"{key}: shape {arr.shape} after transform, expected "
-                                     f"{want}")
-                if i is None:
-                    host = np.asarray(arr).astype(dt)
-                else:
-                    host[i] = arr
-            # several hosts: each fills the shards its devices hold (same file everywhere)
-            values[real] = (global_array(host, shardings[real]) if shardings
-                            else jnp.asarray(host))
+                readers[i] = _shard_reader(handles[file_of[key]], key, rule, want, dt, stats)
+            values[real] = _assemble(readers, shape, dt,
+                                     shardings[real] if shardings else None)
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)

@@ -17,13 +17,13 @@ Run as a script, this file is the worker:
 """
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
+from tests._fakes.processes import run_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOSTS, DEVICES_PER_HOST, TIMEOUT_S = 2, 2, 240
@@ -96,41 +96,9 @@ def worker(out_dir: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(out_dir: str) -> list[dict]:
-    port = _free_port()
-    base = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_HOST}",
-            "BALCAP_COORDINATOR": f"127.0.0.1:{port}", "BALCAP_NUM_PROCESSES": str(HOSTS),
-            # no persistent XLA cache: several devices per process (see tests/conftest.py)
-            }
-    procs = []
-    for i in range(HOSTS):
-        log = open(os.path.join(out_dir, f"log{i}.txt"), "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, "-u", os.path.abspath(__file__), out_dir], cwd=ROOT,
-            env={**base, "BALCAP_PROCESS_ID": str(i)}, stdout=log, stderr=subprocess.STDOUT),
-            log))
-    try:
-        for p, _ in procs:
-            p.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
-            log.close()
-    logs = [open(os.path.join(out_dir, f"log{i}.txt")).read() for i in range(HOSTS)]
-    for i, (p, _) in enumerate(procs):
-        assert p.returncode == 0, (f"process {i} exited with {p.returncode} (killed after "
-                                   f"{TIMEOUT_S} s if negative):\n" + logs[i][-4000:])
+    run_processes(__file__, out_dir, processes=HOSTS, devices_per_process=DEVICES_PER_HOST,
+                  timeout_s=TIMEOUT_S)
     return [json.load(open(os.path.join(out_dir, f"result{i}.json"))) for i in range(HOSTS)]
 
 
