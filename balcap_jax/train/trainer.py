@@ -332,15 +332,24 @@ class Trainer:
             # a short last chunk is filled with copies of its last example (dropped below), so
             # evaluation reuses the one compiled prompt batch shape
             full = chunk + [chunk[-1]] * (b - len(chunk))
-            # the held-out examples are the same on every host: no gather, every host scores all
+            # the held-out examples are the same on every host: every host generates the whole
+            # chunk, scores its own share of it (the judges see each example once overall),
+            # and the shares are gathered in process order
             smp = self._host_samples(self._generate(self._inputs(full), greedy=True,
                                                     num_samples=1))
             smp = {k: v[:len(chunk)] for k, v in smp.items()}
-            caps, _, res = self._score(chunk, np.arange(len(chunk)), smp["tokens"],
-                                       smp["lengths"], smp["truncated"])
-            captions += caps
-            for k, v in res.rewards.items():
-                rewards.setdefault(k, []).append(np.asarray(v, np.float32))
+            mine = np.array_split(np.arange(len(chunk)), jax.process_count())[
+                jax.process_index()]
+            captions += completion_text(self.p.tokenizer, smp["tokens"], smp["lengths"],
+                                        smp["truncated"])
+            part = {}
+            if len(mine):
+                _, _, res = self._score(chunk, mine, smp["tokens"][mine], smp["lengths"][mine],
+                                        smp["truncated"][mine])
+                part = {k: np.asarray(v, np.float32).tolist() for k, v in res.rewards.items()}
+            for share in dist.allgather_json(part):    # NaN (a judge failure) survives JSON
+                for k, v in share.items():
+                    rewards.setdefault(k, []).append(np.asarray(v, np.float32))
         rewards = {k: np.concatenate(v) for k, v in rewards.items()}
         out = {f"eval/{k}": float(np.nanmean(v)) for k, v in rewards.items()}
         out["eval/words"] = float(np.mean([word_count(c) for c in captions]))

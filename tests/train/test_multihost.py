@@ -15,6 +15,7 @@ Run as a script, this file is the worker:
     BALCAP_COORDINATOR=127.0.0.1:PORT BALCAP_NUM_PROCESSES=2 BALCAP_PROCESS_ID=i \\
     python tests/train/test_multihost.py OUT_DIR
 """
+import dataclasses
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ def tiny_config():
     c = mod.get_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, HOSTS * DEVICES_PER_HOST, 1
     c.train.batch_size = 4          # global: 2 prompts per host, 16 rollouts, micro-batches of 8
-    c.data.num_eval = 0             # no held-out evaluation (its references also train the BPE)
+    c.data.num_eval = 3             # held-out examples: an odd count, so the hosts' shares differ
     return c
 
 
@@ -72,6 +73,21 @@ def worker(out_dir: str) -> None:
                 for x in jax.tree.leaves(trainer.state.params))
             return seen["metrics"]
         trainer.train_step = train_step
+        real_eval = trainer.evaluate
+
+        def evaluate(*a, **k):      # count the examples this host's judges see
+            scorer = trainer.p.scorer
+
+            def counting(images, *args, **kw):
+                seen["eval_rows"] = seen.get("eval_rows", 0) + len(images)
+                return scorer(images, *args, **kw)
+            trainer.p = dataclasses.replace(trainer.p, scorer=counting)
+            try:
+                seen["eval"] = real_eval(*a, **k)[0]
+            finally:
+                trainer.p = dataclasses.replace(trainer.p, scorer=scorer)
+            return seen["eval"], []
+        trainer.evaluate = evaluate
         return trainer
     build.build_trainer = build_trainer
 
@@ -86,6 +102,7 @@ def worker(out_dir: str) -> None:
               "devices": jax.device_count(), "spans_hosts": seen["spans_hosts"],
               "image_ids": [e["image_id"] for e in seen["examples"]],
               "metrics": {k: seen["metrics"][k] for k in METRICS},
+              "eval": seen["eval"], "eval_rows": seen.get("eval_rows", 0),
               "params": param_summary(values)}
     if jax.process_index() == 0:    # the full parameters, for the single-process comparison
         np.savez(os.path.join(out_dir, "params.npz"), *values)
@@ -135,6 +152,9 @@ def test_two_processes_run_a_step_and_agree(tmp_path):
     assert a["metrics"] == b["metrics"]
     assert a["params"] == b["params"]
     assert np.isfinite(a["metrics"]["loss"]) and a["metrics"]["grad_norm"] > 0
+    # the held-out set is scored once overall: each host judges its own share, all agree
+    assert (a["eval_rows"], b["eval_rows"]) == (2, 1)
+    assert a["eval"] == b["eval"] and np.isfinite(a["eval"]["eval/frequency"])
 
     # ... and it is the step one process takes on the same global batch and mesh size
     trainer, metrics = _single_process_reference(tiny_config(), a["image_ids"] + b["image_ids"])
@@ -143,6 +163,8 @@ def test_two_processes_run_a_step_and_agree(tmp_path):
         assert metrics[k] == pytest.approx(a["metrics"][k], rel=1e-6, abs=1e-7), k
     for k in ("loss", "grad_norm", "logp_gap_sampler_trainer"):
         assert metrics[k] == pytest.approx(a["metrics"][k], rel=1e-4, abs=1e-6), k
+    ev, _ = trainer.evaluate()      # one process judges all three
+    assert ev == pytest.approx(a["eval"], rel=1e-5), (ev, a["eval"])
     # what main wrote: process 0's metrics row, one checkpoint of both hosts' shards, the export
     run = os.path.join(tmp_path, "run")
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
