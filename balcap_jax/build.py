@@ -315,12 +315,21 @@ def build_scorer(cfg, tokenizer, *, mesh=None, rules=None):
     raise ValueError(f"unknown scorer.name={name!r}")
 
 
+def judge_cache(cfg):
+    """The judges' reference-unit cache (SQLite) as a workdir.Mirror: in the workdir, or in a
+    local copy synced to a bucket workdir (SQLite cannot live in a bucket)."""
+    from balcap_jax.workdir import Mirror, join
+    return Mirror(cfg.judges.cache_dir or join(cfg.workdir, "judge_cache"))
+
+
 def _judges_scorer(cfg, *, mesh=None, rules=None):
     """BalCapScorer from the `judges` block: in-process judges (local checkpoints) or an
     OpenAI-compatible endpoint; every field and default in config.base_config()."""
     from balcap_jax.rewards.balcap import REWARDS, BalCapScorer
     j = cfg.judges
-    cache_dir = j.cache_dir or os.path.join(cfg.workdir, "judge_cache")
+    cache = judge_cache(cfg)
+    cache.pull("reference_units.sqlite")       # a bucket workdir: the units of earlier runs
+    cache_dir = cache.local
     rewards = tuple(r for r in cfg.rl.rewards if r in REWARDS) or REWARDS
     if j.backend == "remote":
         from balcap_jax.rewards.remote import RemoteBackend
@@ -399,9 +408,13 @@ def build_trainer(cfg, mesh=None, rules=None):
 
 
 def export(trainer, path: str) -> str | None:
-    """Writes the policy with save_pretrained (transformers-loadable) and the tokenizer."""
+    """Writes the policy with save_pretrained (transformers-loadable) and the tokenizer; to a
+    bucket URL through a local copy."""
     from balcap_jax import models
-    models.save_pretrained(trainer.model(), path)
-    trainer.p.tokenizer.save_pretrained(path)
+    from balcap_jax.workdir import Mirror
+    out = Mirror(path)
+    models.save_pretrained(trainer.model(), out.local)
+    trainer.p.tokenizer.save_pretrained(out.local)
+    out.sync()
     return path
 

@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from balcap_jax import workdir as wd
+
 __all__ = ["Checkpointer", "save_config", "SigtermFlag"]
 
 
@@ -32,7 +34,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint.every must be >= 1, got {every}")
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        # a bucket URL goes to orbax as it is (it writes gs:// itself)
+        self.directory = (wd.join(workdir, "checkpoints") if wd.is_remote(workdir)
+                          else os.path.abspath(os.path.join(workdir, "checkpoints")))
         self.every = every
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
@@ -80,12 +84,9 @@ class Checkpointer:
 
 def save_config(workdir: str, config: Any) -> str:
     """Writes the resolved config beside the checkpoints (JSON; ConfigDict or dict)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
+    path = wd.join(workdir, "config.json")
     as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    with open(path + ".tmp", "w") as f:
-        json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
+    wd.write_text(path, json.dumps(as_dict, indent=2, sort_keys=True, default=str))
     return path
 
 

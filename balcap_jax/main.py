@@ -37,7 +37,7 @@ def run(cfg) -> dict:
     import jax
     from tqdm.auto import tqdm
 
-    from balcap_jax import build, checkpoint
+    from balcap_jax import build, checkpoint, workdir
     from balcap_jax.metrics import MetricsWriter
     from balcap_jax.run import postfix, start, train_steps
     from balcap_jax.sharding import use_sharding
@@ -54,6 +54,9 @@ def run(cfg) -> dict:
         # rows past the restored step (logged after the last checkpoint) are dropped
         writer = MetricsWriter(cfg.workdir, resume_step=trainer.state.step) \
             if jax.process_index() == 0 else None
+        judge_cache = build.judge_cache(cfg)
+        remote_cache = judge_cache.is_remote and jax.process_index() == 0 and \
+            os.path.exists(judge_cache.path("reference_units.sqlite"))
         sigterm = checkpoint.SigtermFlag()
         row: dict = {}
         bar = tqdm(total=cfg.train.steps, initial=trainer.state.step, desc="balcap",
@@ -69,12 +72,15 @@ def run(cfg) -> dict:
                     row = writer.write(step, metrics)
                 bar.update(1)
                 bar.set_postfix(postfix(metrics, cfg.rl.rewards))
-                ckpt.save(step, trainer.state.tree(), trainer.meta())
+                if ckpt.save(step, trainer.state.tree(), trainer.meta()) and remote_cache:
+                    judge_cache.sync()   # a bucket workdir: the judges' cache goes up too
         finally:
             bar.close()
             # Always leave a restorable checkpoint: at the end, on SIGTERM, and on a crash.
             ckpt.save(trainer.state.step, trainer.state.tree(), trainer.meta(), force=True)
             ckpt.close()
+            if remote_cache:
+                judge_cache.sync()
             sigterm.restore()
             if writer:
                 writer.close()
@@ -84,7 +90,7 @@ def run(cfg) -> dict:
                 trainer.state.params = jax.tree.map(to_host, trainer.state.params)
                 trainer.rest = jax.tree.map(to_host, trainer.rest)
             if jax.process_index() == 0:
-                path = build.export(trainer, os.path.join(cfg.workdir, "export"))
+                path = build.export(trainer, workdir.join(cfg.workdir, "export"))
                 if path:
                     print(f"[balcap_jax] exported the policy to {path}", flush=True)
     return row

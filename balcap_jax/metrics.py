@@ -8,6 +8,9 @@ A run resumed from the checkpoint of step k (`resume_step=k`) first drops every 
 metrics.jsonl and completions.jsonl (a crash between a step's line and its checkpoint would
 otherwise log the steps after k twice), and starts its TensorBoard writer with purge_step k + 1,
 so TensorBoard hides the old events past k too: each step appears once.
+
+A workdir in a bucket (gs://...) is written through a local `workdir.Mirror`: the files are
+appended locally and copied up after each row (an object store cannot append).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+
+from balcap_jax.workdir import Mirror
 
 __all__ = ["MetricsWriter", "to_float", "truncate_jsonl"]
 
@@ -54,9 +59,13 @@ class MetricsWriter:
         """`resume_step`: the step the run restarts from (0 for a fresh start in a workdir
         that may hold rows of a run killed before its first checkpoint); rows past it are
         dropped. None appends to whatever is there."""
-        os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
-        paths = [os.path.join(workdir, n) for n in ("metrics.jsonl", "completions.jsonl")]
+        self._files = ("metrics.jsonl", "completions.jsonl") + (
+            ("tensorboard",) if tensorboard else ())
+        self._mirror = Mirror(workdir)
+        os.makedirs(self._mirror.local, exist_ok=True)
+        self._mirror.pull(*self._files)      # a bucket's rows so far (a resumed run)
+        paths = [self._mirror.path(n) for n in self._files[:2]]
         if resume_step is not None:
             for path in paths:
                 truncate_jsonl(path, int(resume_step))
@@ -66,7 +75,7 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter  # no TensorFlow needed
             self._tb = SummaryWriter(
-                os.path.join(workdir, "tensorboard"),
+                self._mirror.path("tensorboard"),
                 purge_step=None if resume_step is None else int(resume_step) + 1)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
@@ -80,6 +89,7 @@ class MetricsWriter:
         self._metrics.flush()
         if self._tb is not None:   # tensorboardX queues events: a crash would lose them
             self._tb.flush()
+        self._mirror.sync("metrics.jsonl", *self._files[2:])
         return row
 
     def write_completions(self, step: int, records: list[dict]) -> None:
@@ -87,12 +97,14 @@ class MetricsWriter:
             self._completions.write(json.dumps({"step": int(step), **r}, default=_json_default)
                                     + "\n")
         self._completions.flush()
+        self._mirror.sync("completions.jsonl")
 
     def close(self) -> None:
         self._metrics.close()
         self._completions.close()
         if self._tb is not None:
             self._tb.close()
+        self._mirror.sync(*self._files)
 
 
 def _json_default(x):

@@ -13,7 +13,7 @@ def start(cfg, *, memory_plan: bool = True):
     plan printed and checked, the resolved config saved; returns (mesh, rules)."""
     import jax
 
-    from balcap_jax import build, checkpoint
+    from balcap_jax import build, checkpoint, workdir
     from balcap_jax import config as config_lib
     from balcap_jax.distributed import initialize_from_env
     initialize_from_env()
@@ -32,7 +32,7 @@ def start(cfg, *, memory_plan: bool = True):
             print(f"[balcap_jax] mesh {mesh_sizes}; memory plan per device:\n{plan.table()}",
                   flush=True)
         plan.check()
-    os.makedirs(cfg.workdir, exist_ok=True)
+    workdir.makedirs(cfg.workdir)      # a local path or a bucket URL
     if jax.process_index() == 0:
         checkpoint.save_config(cfg.workdir, cfg)
     return build.mesh_and_rules(cfg, mesh_sizes)

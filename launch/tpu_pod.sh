@@ -20,12 +20,11 @@
 #   configs/qwen.py), --worker N, --lines N (logs), --force (stop), --dry-run (print each command,
 #   one a line after "+ ", quoted to be pasted; run nothing).
 # Everything after -- goes to balcap_jax.main. Every host writes under --config.workdir (orbax
-#   writes each host's checkpoint shards; process 0 the metrics): give a directory all workers
-#   share, e.g. a bucket mounted with gcsfuse or a Filestore mount (the metrics writer uses
-#   plain files, so a gs:// URL itself does not work). A pod run, end to end:
+#   writes each host's checkpoint shards; process 0 the metrics): give a gs:// URL (or a
+#   directory all workers share, e.g. a Filestore mount). A pod run, end to end:
 #   bash launch/tpu_pod.sh create  --name pod --zone us-central2-b --type v4-32
 #   bash launch/tpu_pod.sh install --name pod --zone us-central2-b --repo https://host/b.git
-#   bash launch/tpu_pod.sh run     --name pod --zone us-central2-b -- --config.workdir=/mnt/runs/a
+#   bash launch/tpu_pod.sh run     --name pod --zone us-central2-b -- --config.workdir=gs://bucket/runs/a
 #   bash launch/tpu_pod.sh logs    --name pod --zone us-central2-b --worker 0
 #   bash launch/tpu_pod.sh delete  --name pod --zone us-central2-b
 
@@ -139,7 +138,7 @@ case "$sub" in
     remote+=".venv/bin/python -m pip install -q -c launch/constraints.txt "
     remote+="$(printf '%q' "jax[tpu]==$jax_pin") "
     remote+="-f https://storage.googleapis.com/jax-releases/libtpu_releases.html; "
-    remote+=".venv/bin/python -m pip install -q -c launch/constraints.txt -e .; "
+    remote+=".venv/bin/python -m pip install -q -c launch/constraints.txt -e . gcsfs; "
     remote+="echo \"\$(hostname): \$(git rev-parse --short HEAD), jax \$(.venv/bin/python -c "
     remote+="'import jax; print(jax.__version__)')\""
     run_cmd "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all "--command=$remote"

@@ -28,7 +28,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -40,6 +39,7 @@ from flax import nnx
 from balcap_jax import distributed as dist
 from balcap_jax import sampling
 from balcap_jax import sharding as shd
+from balcap_jax import workdir as wd
 from balcap_jax.rl import advantages as adv_lib
 from balcap_jax.rl import loss as loss_lib
 from balcap_jax.train.optim import is_vision_path, make_optimizer
@@ -140,9 +140,8 @@ class Trainer:
         metrics.jsonl holds floats only)."""
         meta = getattr(scorer, "metadata", None)
         if callable(meta) and cfg.workdir and jax.process_index() == 0:
-            os.makedirs(cfg.workdir, exist_ok=True)
-            with open(os.path.join(cfg.workdir, "scorer_metadata.json"), "w") as f:
-                json.dump(meta(), f, indent=1, sort_keys=True)
+            wd.write_text(wd.join(cfg.workdir, "scorer_metadata.json"),
+                          json.dumps(meta(), indent=1, sort_keys=True))
 
     # -- helpers ---------------------------------------------------------------------------
     def model(self):

@@ -114,7 +114,7 @@ def test_tpu_create_install_run_on_a_4_host_pod():
     commands = " ".join(words).split(" ; ")
     assert ".venv/bin/python -m pip install -q -c launch/constraints.txt "  \
         f"jax[tpu]=={_jax_pin()} -f {LIBTPU}" in commands     # the pin of constraints.txt
-    assert ".venv/bin/python -m pip install -q -c launch/constraints.txt -e ." in commands
+    assert ".venv/bin/python -m pip install -q -c launch/constraints.txt -e . gcsfs" in commands
     assert "uv venv --seed --python 3.11 .venv" in text
     assert _run(TPU, "install", *POD, "--dry-run").returncode != 0     # --repo is required
 
