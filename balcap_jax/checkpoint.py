@@ -29,18 +29,24 @@ __all__ = ["Checkpointer", "save_config", "SigtermFlag"]
 class Checkpointer:
     """Saves every ``every`` steps (and on demand), keeps the last ``keep``."""
 
-    def __init__(self, workdir: str, *, every: int = 100, keep: int = 3, async_save: bool = False):
+    def __init__(self, workdir: str, *, every: int = 100, keep: int = 3, async_save: bool = False,
+                 directory: str | None = None):
+        """Checkpoints in `directory` (a path or bucket URL), by default workdir/checkpoints."""
         if every < 1:
             raise ValueError(f"checkpoint.every must be >= 1, got {every}")
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        directory = directory or wd.join(workdir, "checkpoints")
         # a bucket URL goes to orbax as it is (it writes gs:// itself)
-        self.directory = (wd.join(workdir, "checkpoints") if wd.is_remote(workdir)
-                          else os.path.abspath(os.path.join(workdir, "checkpoints")))
+        self.directory = directory if wd.is_remote(directory) else os.path.abspath(directory)
         self.every = every
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self._mngr = ocp.CheckpointManager(self.directory, options=opts)
+        # handlers named up front: metadata (`read`) is readable before any save or restore
+        self._mngr = ocp.CheckpointManager(
+            self.directory, options=opts,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     @property
     def latest_step(self) -> int | None:
@@ -71,10 +77,16 @@ class Checkpointer:
         return out.state, dict(out.meta), step
 
     def read(self, step: int | None = None) -> tuple[dict, dict]:
-        """Reads a checkpoint without a target (inspection, tests): (state tree, meta)."""
+        """Reads a checkpoint without a target (inspection, tests): (state tree, meta), every
+        array whole on this process's first device, whatever mesh or hosts saved it."""
         step = self._mngr.latest_step() if step is None else step
+        meta = self._mngr.item_metadata(step)["state"]
+        tree = getattr(meta, "tree", meta)
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                              tree, is_leaf=lambda m: hasattr(m, "shape"))
         out = self._mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out.state, dict(out.meta)
 
     def close(self) -> None:

@@ -154,6 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50
     c.checkpoint.keep = 3
+    c.checkpoint.directory = ""  # "" = <workdir>/checkpoints; else a path or bucket URL of its own
 
     c.scorer = ml_collections.ConfigDict()
     c.scorer.name = "token_frequency"

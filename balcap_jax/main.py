@@ -45,7 +45,8 @@ def run(cfg) -> dict:
     mesh, rules = start(cfg)
     with use_sharding(mesh, rules):
         trainer = build.build_trainer(cfg, mesh, rules)
-        ckpt = checkpoint.Checkpointer(cfg.workdir, every=cfg.checkpoint.every,
+        ckpt = checkpoint.Checkpointer(cfg.workdir, directory=cfg.checkpoint.directory or None,
+                                       every=cfg.checkpoint.every,
                                        keep=cfg.checkpoint.keep)
         if ckpt.latest_step is not None:
             tree, meta, step = ckpt.restore(trainer.state.tree())

@@ -53,20 +53,14 @@ def _copy_file(src: epath.Path, dst: epath.Path) -> None:
 
 
 def _copy(src: epath.Path, dst: epath.Path) -> int:
-    """A file or a directory tree from src to dst; returns the number of files copied."""
+    """A file or a directory tree from src to dst; returns the number of files copied. Walks
+    with iterdir (base names on every backend; fsspec's walk names roots per backend)."""
     if not src.exists():
         return 0
     if not src.is_dir():
         _copy_file(src, dst)
         return 1
-    n = 0
-    for root, _, files in src.walk():
-        rel = os.path.relpath(os.fspath(root), os.fspath(src))
-        for name in files:
-            _copy_file(epath.Path(root) / name, dst.joinpath(rel, name) if rel != "." else
-                       dst / name)
-            n += 1
-    return n
+    return sum(_copy(child, dst / child.name) for child in src.iterdir())
 
 
 class Mirror:

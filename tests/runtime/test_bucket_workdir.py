@@ -108,13 +108,13 @@ def test_a_run_with_its_workdir_in_a_bucket(bucket, tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     monkeypatch.setattr(build, "mesh_and_rules", lambda cfg, sizes: (
         make_mesh((1, 1, 1), jax.devices()[:1]), None))
-    real = checkpoint.Checkpointer      # orbax: local disk here (see the module docstring)
-    monkeypatch.setattr(checkpoint, "Checkpointer",
-                        lambda _, **kw: real(str(tmp_path / "ckpt"), **kw))
-    main.run(_tiny(steps=2))
+    cfg = _tiny(steps=2)
+    cfg.checkpoint.directory = str(tmp_path / "ckpt")   # orbax: local (the module docstring)
+    main.run(cfg)
     # resumed to step 3 on a new machine (a fresh local mirror)
     monkeypatch.setattr(wd, "MIRROR_ROOT", str(tmp_path / "mirror1"))
-    main.run(_tiny(steps=3))
+    cfg.train.steps = 3
+    main.run(cfg)
 
     keys = set(bucket.store)
     assert [r["step"] for r in _rows(bucket, "gs://b/run/metrics.jsonl")] == [1, 2, 3]
@@ -128,7 +128,7 @@ def test_a_run_with_its_workdir_in_a_bucket(bucket, tmp_path, monkeypatch):
     down = wd.Mirror("gs://b/run/export")
     down.pull("config.json", "model.safetensors")
     policy = from_pretrained(down.local)
-    final, _ = real(str(tmp_path / "ckpt")).read(3)
+    final, _ = checkpoint.Checkpointer("", directory=str(tmp_path / "ckpt")).read(3)
     got = jax.tree.leaves(nnx.state(policy))
     want = jax.tree.leaves(final["params"])
     assert len(got) == len(want) > 0
