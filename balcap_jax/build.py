@@ -360,6 +360,19 @@ def _judges_scorer(cfg, *, mesh=None, rules=None):
                         pointability=bool(j.pointability), rewards=rewards, cache_dir=cache_dir)
 
 
+def _ready_policy(cfg, mesh=None, rules=None):
+    """The policy with the model block's kernels and the data block's fixed vision slot."""
+    policy = build_policy(cfg, mesh, rules)
+    from balcap_jax.models.attention import resolve
+    policy.set_attention(resolve(cfg.model.attention, cfg.model.dtype))
+    policy.set_decode_layers(cfg.model.decode_layers)
+    if cfg.data.max_image_tokens > 0 and hasattr(policy, "vision_slot"):
+        # every image padded to a slot of max_image_tokens: the vision shapes are fixed
+        policy.vision_slot = int(cfg.data.max_image_tokens) * \
+            policy.vl_cfg.vision.spatial_merge_size ** 2
+    return policy
+
+
 def build_parts(cfg, mesh=None, rules=None):
     from balcap_jax.train import RunParts
     loader, evals = _loader_and_eval(cfg)
@@ -384,22 +397,42 @@ def build_parts(cfg, mesh=None, rules=None):
     processor = _processor(cfg, tokenizer, hf_config)
     buckets = prompt_buckets(cfg)
     _check_prompt_fits(cfg, processor, buckets)
-    policy = build_policy(cfg, mesh, rules)
+    policy = _ready_policy(cfg, mesh, rules)
     if cfg.train.remat:
         policy.set_remat(True)
-    from balcap_jax.models.attention import resolve
-    policy.set_attention(resolve(cfg.model.attention, cfg.model.dtype))
-    policy.set_decode_layers(cfg.model.decode_layers)
-    if cfg.data.max_image_tokens > 0 and hasattr(policy, "vision_slot"):
-        # every image padded to a slot of max_image_tokens: the vision shapes are fixed
-        policy.vision_slot = int(cfg.data.max_image_tokens) * \
-            policy.vl_cfg.vision.spatial_merge_size ** 2
     sizes = {"data": 1, "fsdp": 1, "tensor": 1} if mesh is None else dict(mesh.shape)
     return RunParts(model=policy, tokenizer=tokenizer, processor=processor,
                     scorer=build_scorer(cfg, tokenizer, mesh=None if mesh is None else
                                         judge_mesh(cfg, mesh), rules=rules), loader=loader,
                     eval_examples=evals, eos_token_ids=eos, pad_id=int(tokenizer.pad_token_id),
                     prompt_buckets=buckets, rollout_layout=rollout_layout(cfg, sizes))
+
+
+@dataclasses.dataclass
+class Captioner:
+    """A policy with what sampling needs, for captioning outside a training run."""
+    model: object
+    tokenizer: object
+    processor: object
+    eos_token_ids: tuple
+    pad_id: int
+    prompt_buckets: tuple | None
+
+
+def build_captioner(cfg, mesh=None, rules=None) -> Captioner:
+    """model.path (a checkpoint directory with its tokenizer, e.g. a run's export) ready to
+    caption: the processor and fixed shapes of the data block, the sampler's settings."""
+    if not cfg.model.path:
+        raise ValueError("captioning needs model.path: a checkpoint directory (a run's export "
+                         "or a Hugging Face Qwen2.5-VL / LLaVA-1.5 directory)")
+    from balcap_jax.tokenizers import stop_token_ids
+    tokenizer = build_tokenizer(cfg)
+    processor = _processor(cfg, tokenizer, hf_config_of(cfg))
+    buckets = prompt_buckets(cfg)
+    _check_prompt_fits(cfg, processor, buckets)
+    policy = _ready_policy(cfg, mesh, rules)
+    return Captioner(policy, tokenizer, processor, tuple(stop_token_ids(tokenizer)),
+                     int(tokenizer.pad_token_id), buckets)
 
 
 def build_trainer(cfg, mesh=None, rules=None):

@@ -1,0 +1,100 @@
+"""`python -m balcap_jax.caption`: a folder captioned with a run's export, bad images skipped
+by reason, and a killed run resumed without duplicates."""
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from balcap_jax import build
+from balcap_jax.caption import caption, done_images, image_files
+from balcap_jax.sharding import make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tiny():
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs/tiny.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+@pytest.fixture(scope="module")
+def export_and_images(tmp_path_factory):
+    """A tiny policy's export (weights + its BPE tokenizer) and a folder of 5 images, one
+    corrupt file and one text file."""
+    d = tmp_path_factory.mktemp("caption")
+    trainer = build.build_trainer(_tiny(), make_mesh((1, 1, 1), jax.devices()[:1]))
+    build.export(trainer, str(d / "export"))
+    rng = np.random.default_rng(0)
+    os.makedirs(d / "images" / "sub")
+    for i in range(5):
+        sub = "sub" if i == 4 else ""
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), np.uint8)).save(
+            d / "images" / sub / f"img{i}.png")
+    (d / "images" / "broken.png").write_bytes(b"not a png at all")
+    (d / "images" / "notes.txt").write_text("ignored: not an image suffix")
+    return d
+
+
+def _cfg(export):
+    c = _tiny()
+    c.model.path, c.model.tokenizer = str(export), ""
+    c.sampling.max_new_tokens = 8
+    return c
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    monkeypatch.setattr(build, "mesh_and_rules", lambda cfg, sizes: (
+        make_mesh((1, 1, 1), jax.devices()[:1]), None))
+
+
+def test_a_folder_is_captioned_once_and_a_killed_run_resumes(export_and_images, tmp_path,
+                                                              one_device):
+    d = export_and_images
+    paths = image_files(str(d / "images"))
+    assert [os.path.basename(p) for p in paths] == [
+        "broken.png", "img0.png", "img1.png", "img2.png", "img3.png", "img4.png"]
+    out = str(tmp_path / "caps.jsonl")
+    res = caption(_cfg(d / "export"), paths, out, batch=2)
+    full = _lines(out)
+    assert [r["image"] for r in full] == paths[1:]
+    assert res["skipped"] == {"undecodable_image": 1} and res["kept"] == 5
+    assert all(r["decoding"] == {"greedy": True, "max_new_tokens": 8} for r in full)
+    assert json.load(open(out + ".summary.json"))["captioned_now"] == 5
+
+    # killed mid-run: two whole lines and a torn third
+    cut = str(tmp_path / "cut.jsonl")
+    text = open(out).read().splitlines(keepends=True)
+    open(cut, "w").write("".join(text[:2]) + text[2][:17])
+    assert done_images(cut) == {full[0]["image"], full[1]["image"]}
+    res = caption(_cfg(d / "export"), paths, cut, batch=2)
+    again = _lines(cut)
+    assert res["already_done"] == 2 and res["kept"] == 3
+    assert [r["image"] for r in again] == [r["image"] for r in full]     # each image once
+    assert [r["caption"] for r in again] == [r["caption"] for r in full]  # greedy: the same
+
+
+def test_the_entry_point_names_what_is_missing(export_and_images):
+    from balcap_jax.caption import inputs
+    c = _cfg(export_and_images / "export")
+    c.data.files = ""
+    with pytest.raises(ValueError, match="--images=FOLDER"):
+        inputs(c)
+    c.model.path = ""
+    with pytest.raises(ValueError, match="model.path"):
+        build.build_captioner(c)
+    c = _cfg(export_and_images / "export")          # 8 devices: batches of 8 rows at least
+    c.train.batch_size = 8
+    with pytest.raises(ValueError, match="--batch=2 must be a positive multiple of the 8"):
+        caption(c, [], "/nonexistent/out.jsonl", batch=2)
