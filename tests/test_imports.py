@@ -108,7 +108,7 @@ def _violations(graph) -> list[str]:
         if not _under(mod, f"{p}.shapes", f"{p}.build", f"{p}.shapes_demo"):
             forbid((f"{p}.shapes",), "only build.py and the demo import ShapesWorld")
         if not _under(mod, f"{p}.main", f"{p}.run", f"{p}.shapes_demo", f"{p}.build",
-                      f"{p}.caption"):
+                      f"{p}.caption", f"{p}.evaluate"):
             forbid((f"{p}.build",), "only the entry points import build")
     return bad
 
