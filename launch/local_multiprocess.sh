@@ -17,8 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; }
-die() { echo "local_multiprocess.sh: $*" >&2; exit 2; }
+# shellcheck source=launch/common.sh
+source launch/common.sh
 
 processes=2 devices=1 config=configs/tiny.py logdir=logs/local port="" dry_run=0 grace=20
 extra=()
@@ -44,7 +44,7 @@ done
 [[ "$devices" =~ ^[1-9][0-9]*$ ]] || die "--devices-per-process takes a positive number," \
   "got '$devices'"
 
-if [ -x .venv/bin/python ]; then sys_py=.venv/bin/python; else sys_py=python3; fi
+sys_py=$(venv_python)
 py=${BALCAP_PYTHON:-$sys_py}
 if [ -z "$port" ]; then   # a port free now (the coordinator, process 0, binds it a moment later)
   port=$("$sys_py" -c 'import socket
@@ -67,8 +67,7 @@ set_cmd() {
 if [ "$dry_run" = 1 ]; then
   for ((i = 0; i < processes; i++)); do
     set_cmd "$i"
-    printf '+'
-    printf ' %q' "${cmd[@]}"
+    print_cmd "${cmd[@]}"
     printf ' > %q 2>&1 &\n' "$logdir/proc$i.log"
   done
   exit 0

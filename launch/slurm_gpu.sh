@@ -26,23 +26,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; }
-die() { echo "slurm_gpu.sh: $*" >&2; exit 2; }
-
-# prints the command (after "+ ", each word quoted) under --dry-run, runs it otherwise
-run_cmd() {
-  if [ "$dry_run" = 1 ]; then
-    printf '+'
-    printf ' %q' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
-
-python_bin() {
-  if [ -x "$root/.venv/bin/python" ]; then echo "$root/.venv/bin/python"; else echo python3; fi
-}
+# shellcheck source=launch/common.sh
+source launch/common.sh
 
 # the environment and command of task $1 of $2, coordinator $3 (one word each)
 task_cmd=()
@@ -50,7 +35,7 @@ set_task_cmd() {
   local devices
   devices=$(seq -s, 0 $((gpus - 1)))
   task_cmd=(env "BALCAP_COORDINATOR=$3" "BALCAP_NUM_PROCESSES=$2" "BALCAP_PROCESS_ID=$1"
-            "JAX_LOCAL_DEVICE_IDS=$devices" "$(python_bin)" -m balcap_jax.main "--config=$config"
+            "JAX_LOCAL_DEVICE_IDS=$devices" "$(venv_python)" -m balcap_jax.main "--config=$config"
             ${extra[@]+"${extra[@]}"})
 }
 

@@ -31,19 +31,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; }
-die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
-
-# prints the command (after "+ ", each word quoted) under --dry-run, runs it otherwise
-run_cmd() {
-  if [ "$dry_run" = 1 ]; then
-    printf '+'
-    printf ' %q' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source launch/common.sh
 
 # the words, each quoted for the worker's bash, joined by spaces
 quote_words() {
