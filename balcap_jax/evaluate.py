@@ -76,7 +76,8 @@ def coco_metrics(refs: dict[str, list[str]], caps: dict[str, str]) -> dict:
         skipped["METEOR"] = "no java on PATH (METEOR and the PTB tokenizer need it)"
     res = {i: [c if c.strip() else "<empty>"] for i, (c,) in res.items()}   # scorers need a word
     corpus, per_image = {}, {}
-    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    # per-image BLEU is not what corpus BLEU averages: it gets no interval
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     corpus["BLEU-4"] = float(bleu[3])
     for name, scorer in (("ROUGE-L", Rouge()), ("CIDEr", Cider())):
         value, each = scorer.compute_score(gts, res)
@@ -85,7 +86,6 @@ def coco_metrics(refs: dict[str, list[str]], caps: dict[str, str]) -> dict:
         from pycocoevalcap.meteor.meteor import Meteor
         value, each = Meteor().compute_score(gts, res)    # its Java process ends with it
         corpus["METEOR"], per_image["METEOR"] = float(value), np.asarray(each, np.float64)
-    del bleu_each   # per-image BLEU is not what corpus BLEU averages: no interval for it
     return {"corpus": corpus, "per_image": per_image, "tokenizer": "ptb" if java else "simple",
             "skipped": skipped}
 

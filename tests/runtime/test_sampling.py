@@ -425,6 +425,16 @@ def test_vl_num_samples_share_prefill_equal_repeated_prompts(vl_pair):
     np.testing.assert_allclose(lp, grouped.logprobs, atol=LP_ATOL)
 
 
+def _same_rollouts(ours, sharded, inputs, kw):
+    """Rollouts of the unsharded model and of its 8-device copy: equal tokens and log-probs."""
+    a = sampling.generate(ours, inputs, **kw)
+    b = sampling.generate(sharded, inputs, **kw)
+    assert len(b.tokens.sharding.device_set) == 8
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LP_ATOL)
+    return a, b
+
+
 @pytest.mark.heavy
 def test_sharded_on_8_devices_equals_unsharded(text_pair, tmp_path):
     from balcap_jax import sharding
@@ -437,11 +447,7 @@ def test_sharded_on_8_devices_equals_unsharded(text_pair, tmp_path):
     inputs = _prompts(lengths=(9, 4, 12, 6), vocab=160)
     kw = dict(max_new_tokens=8, num_samples=2, temperature=1.0, top_k=50, eos_token_ids=[2],
               rng=jax.random.key(11))
-    a = sampling.generate(ours, inputs, **kw)
-    b = sampling.generate(sharded, inputs, **kw)
-    assert len(b.tokens.sharding.device_set) == 8
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LP_ATOL)
+    a, b = _same_rollouts(ours, sharded, inputs, kw)
     lp = sampling.token_logprobs(sharded, {k: np.repeat(v, 2, 0) for k, v in inputs.items()},
                                  b.tokens, b.mask, temperature=1.0)
     np.testing.assert_allclose(lp, a.logprobs, atol=LP_ATOL)
@@ -457,11 +463,7 @@ def test_vl_sharded_on_8_devices_equals_unsharded(vl_pair):
     inputs = F.make_batch(F.MIXED_ROWS + [[1, (1, 4, 4), 30, 31]])   # 4 prompts: batch divides 4
     kw = dict(max_new_tokens=6, num_samples=2, temperature=1.0, eos_token_ids=[2],
               rng=jax.random.key(5))
-    a = sampling.generate(ours, inputs, **kw)
-    b = sampling.generate(sharded, inputs, **kw)
-    assert len(b.tokens.sharding.device_set) == 8
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=LP_ATOL)
+    _same_rollouts(ours, sharded, inputs, kw)
 
 
 # ---------------------------------------------------------------------------------------------
