@@ -376,7 +376,6 @@ def _ready_policy(cfg, mesh=None, rules=None):
 def build_parts(cfg, mesh=None, rules=None):
     from balcap_jax.train import RunParts
     loader, evals = _loader_and_eval(cfg)
-    hf_config = hf_config_of(cfg)
     corpus = None
     if cfg.model.tokenizer == "tiny" and cfg.data.source == "shapes":
         from balcap_jax.shapes import SHAPES_PROMPT, tokenizer_corpus
@@ -387,25 +386,16 @@ def build_parts(cfg, mesh=None, rules=None):
         corpus = [r for _ in range(4) for e in next(probe) for r in e["references"]]
         corpus += [r for e in evals for r in e["references"]] + [cfg.data.prompt]
     tokenizer = build_tokenizer(cfg, corpus)
-    text = hf_config.get("text_config") or hf_config
-    vocab = text.get("vocab_size", hf_config.get("vocab_size"))
-    if len(tokenizer) > vocab:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{vocab}; raise the model's vocab_size or pick a matching tokenizer")
-    from balcap_jax.tokenizers import stop_token_ids
-    eos = stop_token_ids(tokenizer)
-    processor = _processor(cfg, tokenizer, hf_config)
-    buckets = prompt_buckets(cfg)
-    _check_prompt_fits(cfg, processor, buckets)
-    policy = _ready_policy(cfg, mesh, rules)
+    cap = build_captioner(cfg, mesh, rules, tokenizer=tokenizer)
+    policy = cap.model
     if cfg.train.remat:
         policy.set_remat(True)
     sizes = {"data": 1, "fsdp": 1, "tensor": 1} if mesh is None else dict(mesh.shape)
-    return RunParts(model=policy, tokenizer=tokenizer, processor=processor,
+    return RunParts(model=policy, tokenizer=tokenizer, processor=cap.processor,
                     scorer=build_scorer(cfg, tokenizer, mesh=None if mesh is None else
                                         judge_mesh(cfg, mesh), rules=rules), loader=loader,
-                    eval_examples=evals, eos_token_ids=eos, pad_id=int(tokenizer.pad_token_id),
-                    prompt_buckets=buckets, rollout_layout=rollout_layout(cfg, sizes))
+                    eval_examples=evals, eos_token_ids=cap.eos_token_ids, pad_id=cap.pad_id,
+                    prompt_buckets=cap.prompt_buckets, rollout_layout=rollout_layout(cfg, sizes))
 
 
 @dataclasses.dataclass
@@ -419,19 +409,23 @@ class Captioner:
     prompt_buckets: tuple | None
 
 
-def build_captioner(cfg, mesh=None, rules=None) -> Captioner:
-    """model.path (a checkpoint directory with its tokenizer, e.g. a run's export) ready to
-    caption: the processor and fixed shapes of the data block, the sampler's settings."""
-    if not cfg.model.path:
-        raise ValueError("captioning needs model.path: a checkpoint directory (a run's export "
-                         "or a Hugging Face Qwen2.5-VL / LLaVA-1.5 directory)")
+def build_captioner(cfg, mesh=None, rules=None, *, tokenizer=None) -> Captioner:
+    """The policy and what sampling it needs: its tokenizer (`tokenizer`, else
+    model.tokenizer or model.path's), the data block's processor and fixed shapes, the stop and
+    pad ids. A training run (build_parts) and `balcap_jax.caption` both start here."""
     from balcap_jax.tokenizers import stop_token_ids
-    tokenizer = build_tokenizer(cfg)
-    processor = _processor(cfg, tokenizer, hf_config_of(cfg))
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
+    hf_config = hf_config_of(cfg)
+    text = hf_config.get("text_config") or hf_config
+    vocab = text.get("vocab_size", hf_config.get("vocab_size"))
+    if len(tokenizer) > vocab:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{vocab}; raise the model's vocab_size or pick a matching tokenizer")
+    processor = _processor(cfg, tokenizer, hf_config)
     buckets = prompt_buckets(cfg)
     _check_prompt_fits(cfg, processor, buckets)
     policy = _ready_policy(cfg, mesh, rules)
-    return Captioner(policy, tokenizer, processor, tuple(stop_token_ids(tokenizer)),
+    return Captioner(policy, tokenizer, processor, stop_token_ids(tokenizer),
                      int(tokenizer.pad_token_id), buckets)
 
 

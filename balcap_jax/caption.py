@@ -77,6 +77,9 @@ def caption(cfg, paths: list[str], out: str, *, batch: int, sample: bool = False
     from balcap_jax import config as config_lib
     from balcap_jax.sharding import use_sharding
 
+    if not cfg.model.path:
+        raise ValueError("captioning needs model.path: a checkpoint directory (a run's export "
+                         "or a Hugging Face Qwen2.5-VL / LLaVA-1.5 directory)")
     done = done_images(out)
     todo = [p for p in paths if p not in done]
     # sharded as training is: the config's mesh over this process's devices

@@ -92,8 +92,8 @@ def test_the_entry_point_names_what_is_missing(export_and_images):
     with pytest.raises(ValueError, match="--images=FOLDER"):
         inputs(c)
     c.model.path = ""
-    with pytest.raises(ValueError, match="model.path"):
-        build.build_captioner(c)
+    with pytest.raises(ValueError, match="captioning needs model.path"):
+        caption(c, [], "/nonexistent/out.jsonl", batch=2)
     c = _cfg(export_and_images / "export")          # 8 devices: batches of 8 rows at least
     c.train.batch_size = 8
     with pytest.raises(ValueError, match="--batch=2 must be a positive multiple of the 8"):
