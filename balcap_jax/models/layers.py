@@ -109,17 +109,39 @@ class Proj(nnx.Module):
         self.kernel = _param(rngs, _normal, self.in_shape + self.out_shape, dtype, names)
         self.bias = (_param(rngs, _zeros, self.out_shape, dtype, names[len(self.in_shape):])
                      if bias else None)
+        # set by balcap_jax.models.lora: a quantised frozen kernel (QLoRA) and a low-rank adapter
+        self.quant = None        # None | "int8" | "nf4": `kernel` holds codes, `kernel_scale`
+        self.kernel_scale = None
+        self.lora_a = None       # [in..., r] and [r, out...]: y += scale * (x A) B
+        self.lora_b = None
+        self.lora_scale = 0.0
+
+    def weight(self, dtype) -> Array:
+        """The dense kernel in `dtype` (dequantised on the fly when the base is quantised)."""
+        if self.quant is None:
+            return self.kernel[...].astype(dtype)
+        from balcap_jax.models.quant import dequantize
+        return dequantize(self.quant, self.kernel[...], self.kernel_scale[...], dtype)
+
+    def adapt(self, x: Array, y: Array) -> Array:
+        """y plus the adapter's low-rank update of x (y unchanged without an adapter)."""
+        if self.lora_a is None:
+            return y
+        n = len(self.in_shape)
+        h = jnp.tensordot(x, self.lora_a[...].astype(x.dtype),
+                          axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
+        d = jnp.tensordot(h, self.lora_b[...].astype(x.dtype), axes=((h.ndim - 1,), (0,)))
+        return y + (d * self.lora_scale).astype(y.dtype)
 
     def __call__(self, x: Array) -> Array:
         n = len(self.in_shape)
         if x.shape[x.ndim - n:] != self.in_shape:
             raise ValueError(f"Proj expects trailing dims {self.in_shape}, got input {x.shape}")
-        k = self.kernel[...]
-        y = jnp.tensordot(x, k.astype(x.dtype), axes=(tuple(range(x.ndim - n, x.ndim)),
-                                                     tuple(range(n))))
+        y = jnp.tensordot(x, self.weight(x.dtype), axes=(tuple(range(x.ndim - n, x.ndim)),
+                                                        tuple(range(n))))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
-        return y
+        return self.adapt(x, y)
 
 
 def _tensor_parallel() -> bool:
@@ -151,14 +173,13 @@ def fused_proj(x: Array, projs: Sequence[Proj]) -> list[Array]:
             raise ValueError(f"cannot fuse projections {first.out_shape} and {p.out_shape}")
     if x.shape[x.ndim - n:] != first.in_shape:
         raise ValueError(f"Proj expects trailing dims {first.in_shape}, got input {x.shape}")
-    k = jnp.concatenate([p.kernel[...] for p in projs], axis=n)
-    y = jnp.tensordot(x, k.astype(x.dtype),
-                      axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
+    k = jnp.concatenate([p.weight(x.dtype) for p in projs], axis=n)
+    y = jnp.tensordot(x, k, axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
     if first.bias is not None:
         y = y + jnp.concatenate([p.bias[...] for p in projs], axis=0).astype(y.dtype)
     axis = y.ndim - len(first.out_shape)
     splits = np.cumsum([p.out_shape[0] for p in projs])[:-1]
-    return jnp.split(y, splits, axis=axis)
+    return [p.adapt(x, part) for p, part in zip(projs, jnp.split(y, splits, axis=axis))]
 
 
 class Embed(nnx.Module):

@@ -1,0 +1,225 @@
+"""Low-rank adapters (LoRA) and a quantised frozen base (QLoRA) on our own projections.
+
+An adapted `layers.Proj` computes ``x W + (alpha / r) (x A) B`` with A [in..., r] drawn as
+PEFT does (uniform, bound 1/sqrt(fan_in)) and B [r, out...] zero, so a fresh adapter leaves
+the model's logits exactly unchanged. A and B are `LoRAParam`s, a subclass of nnx.Param: the
+trainer splits the model on that type, so the optimiser, the gradient accumulator and the
+checkpoint hold the adapters alone while the base weights ride along as constants (no
+gradient is computed for them, no moments are kept). Stacked layers (models.stack) get
+stacked adapters, so scan and the unrolled decode slice them with their layer.
+
+With `quantize` the adapted kernels are stored as int8 or NF4 codes (models.quant) and
+dequantised inside each matmul.
+
+Exports: `merged(model)` is a plain model with W + (alpha / r) A B folded in (save it with
+models.save_pretrained); `save_peft(model, path, base)` writes the adapters in PEFT's layout
+(adapter_config.json, adapter_model.safetensors) for `peft.PeftModel.from_pretrained`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from balcap_jax import sharding as shd
+from balcap_jax.models import hf, quant
+from balcap_jax.models.layers import Proj
+
+__all__ = ["LoRAParam", "DEFAULT_MODULES", "PARTS", "apply_lora", "adapted", "has_lora",
+           "without_adapters", "merged", "save_peft"]
+
+DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PARTS = ("language", "projector", "vision")
+_PROJECTORS = ("merger", "multi_modal_projector")
+
+
+class LoRAParam(nnx.Param):
+    """An adapter matrix: the only trainable parameters of a LoRA run."""
+
+
+def _part(path: tuple) -> str:
+    names = [str(p) for p in path]
+    if any(n.startswith(("visual", "vision")) for n in names):
+        return "projector" if any(n in _PROJECTORS for n in names) else "vision"
+    return "projector" if any(n in _PROJECTORS for n in names) else "language"
+
+
+def _targets(model, modules: Sequence[str], parts: Sequence[str]) -> list[tuple[tuple, Proj]]:
+    bad = sorted(set(parts) - set(PARTS))
+    if bad:
+        raise ValueError(f"model.lora.parts {bad}: choose from {PARTS}")
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Proj) and path and str(path[-1]) in modules \
+                and _part(path) in parts and str(path[0]) != "lm_head":
+            out.append((tuple(path), node))
+    return out
+
+
+def adapted(model) -> list[tuple[tuple, Proj]]:
+    """(path, projection) of every adapted projection."""
+    return [(tuple(p), n) for p, n in nnx.iter_graph(model)
+            if isinstance(n, Proj) and n.lora_a is not None]
+
+
+def has_lora(model) -> bool:
+    return bool(adapted(model))
+
+
+def _split_names(node: Proj):
+    k = node.kernel
+    lead = k.ndim - len(node.in_shape) - len(node.out_shape)
+    names = tuple(k.get_metadata().get("out_sharding") or (None,) * k.ndim)
+    n_in = len(node.in_shape)
+    return lead, names[:lead], names[lead:lead + n_in], names[lead + n_in:]
+
+
+def _place(value, names, mesh, rules):
+    if mesh is None:
+        return value
+    return jax.device_put(value, shd.named_sharding(names, value.shape, mesh, rules))
+
+
+def apply_lora(model, *, rank: int, alpha: float, modules: Iterable[str] = DEFAULT_MODULES,
+               parts: Iterable[str] = ("language",), quantize: str = "", seed: int = 0,
+               mesh=None, rules=None) -> list[str]:
+    """Adds float32 adapters of `rank` to the projections named `modules` in `parts` of
+    `model` (in place; placed on `mesh` by their logical axes) and, with `quantize` ("int8" or
+    "nf4"), stores those projections' kernels quantised. Returns the adapted paths."""
+    modules, parts = tuple(modules), tuple(parts)
+    if rank < 1:
+        raise ValueError(f"model.lora.rank must be >= 1, got {rank}")
+    targets = _targets(model, modules, parts)
+    if not targets:
+        raise ValueError(f"model.lora.modules {list(modules)} match no projection in the parts "
+                         f"{list(parts)} of this {type(model).__name__}; names are the HF module "
+                         "names, e.g. q_proj, o_proj, gate_proj (qkv in a Qwen vision tower)")
+    rules = rules or (shd.Rules() if mesh is not None else None)
+    key = jax.random.key(seed)
+    for path, node in targets:
+        lead, lead_names, in_names, out_names = _split_names(node)
+        lead_shape = tuple(node.kernel.shape[:lead])
+        fan_in = math.prod(node.in_shape)
+        key, sub = jax.random.split(key)
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(sub, lead_shape + node.in_shape + (rank,), jnp.float32,
+                               -bound, bound)
+        b = jnp.zeros(lead_shape + (rank,) + node.out_shape, jnp.float32)
+        a_names, b_names = lead_names + in_names + (None,), lead_names + (None,) + out_names
+        node.lora_a = nnx.data(LoRAParam(_place(a, a_names, mesh, rules), out_sharding=a_names,
+                                                eager_sharding=False))
+        node.lora_b = nnx.data(LoRAParam(_place(b, b_names, mesh, rules), out_sharding=b_names,
+                                                eager_sharding=False))
+        node.lora_scale = float(alpha) / rank
+        if quantize:
+            names = lead_names + in_names + out_names
+            in_axes = tuple(range(lead, lead + len(node.in_shape)))
+            codes, scale = jax.jit(quant.quantize, static_argnums=(0, 2))(
+                quantize, node.kernel[...], in_axes)
+            s_names = (tuple(None if i in in_axes else n for i, n in enumerate(names))
+                       if quantize == "int8" else names[:-1] + (None,))
+            node.kernel = nnx.data(nnx.Param(_place(codes, names, mesh, rules),
+                                             out_sharding=names, eager_sharding=False))
+            node.kernel_scale = nnx.data(nnx.Param(_place(scale, s_names, mesh, rules),
+                                                   out_sharding=s_names,
+                                                   eager_sharding=False))
+            node.quant = quantize
+    return ["/".join(map(str, p)) for p, _ in targets]
+
+
+def without_adapters(model):
+    """The model with its adapters off: a new module over the same base arrays (no copy; a
+    quantised base stays quantised). For a judge that shares the policy's frozen base."""
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state)
+    for _, node in adapted(view):
+        node.lora_a = node.lora_b = None
+        node.lora_scale = 0.0
+    return view
+
+
+def _delta(node: Proj) -> jax.Array:
+    """(alpha / r) A B in the kernel's layout, float32."""
+    a, b = node.lora_a[...], node.lora_b[...]
+    lead = a.ndim - len(node.in_shape) - 1
+    lead_shape = a.shape[:lead]
+    n = math.prod(lead_shape)
+    d = jnp.einsum("lir,lro->lio", a.reshape(n, -1, a.shape[-1]),
+                   b.reshape(n, b.shape[lead], -1))
+    return (d * node.lora_scale).reshape(lead_shape + node.in_shape + node.out_shape)
+
+
+def merged(model, dtype=None):
+    """A plain model (no adapters, no quantisation) with the adapters folded into the kernels,
+    in `dtype` (default: the dtype of the unadapted parameters)."""
+    view = without_adapters(model)
+    pairs = dict(adapted(model))
+    if dtype is None:   # the policy's dtype: that of its unadapted floating parameters
+        dtype = next(v.get_value().dtype for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                     if not isinstance(v, LoRAParam) and str(p[-1]) != "kernel_scale"
+                     and jnp.issubdtype(v.get_value().dtype, jnp.floating))
+    for path, node in nnx.iter_graph(view):
+        path = tuple(path)
+        if path not in pairs:
+            continue
+        src = pairs[path]
+        names = src.kernel.get_metadata().get("out_sharding")
+        w = src.weight(jnp.float32) + _delta(src)
+        node.kernel = nnx.data(nnx.Param(w.astype(dtype), out_sharding=names, eager_sharding=False))
+        node.kernel_scale = None
+        node.quant = None
+    return view
+
+
+def _module_name(rule: hf.KeyRule, ours_path: str) -> str:
+    """The projection's module name in transformers v5 (its first alias spelling, else the
+    hub key) without `.weight`: the name peft targets."""
+    fields = rule._regex(rule.ours).match(ours_path).groupdict()
+    return (rule.aliases[0] if rule.aliases else rule.hf).format(**fields)[:-len(".weight")]
+
+
+def save_peft(model, path: str, *, base_model: str = "") -> list[str]:
+    """Writes the adapters as a PEFT LoRA adapter directory; returns the adapted module
+    names. `base_model` goes to adapter_config.json's base_model_name_or_path."""
+    from safetensors.numpy import save_file
+    pairs = adapted(model)
+    if not pairs:
+        raise ValueError("the model has no adapters to save (model.lora.rank is 0)")
+    rules = hf.get_spec(model.cfg.model_type).key_rules(model.cfg)
+    tensors, names, rank, scale = {}, [], None, None
+    for mpath, node in pairs:
+        a = np.asarray(jax.device_get(node.lora_a[...]), np.float32)
+        b = np.asarray(jax.device_get(node.lora_b[...]), np.float32)
+        rank, scale = a.shape[-1], node.lora_scale
+        kpath = "/".join(map(str, mpath)) + "/kernel"
+        kshape = tuple(node.kernel.shape)
+        for ps, i, _ in hf._per_layer(kpath, kshape):
+            key = rule = None
+            for rule in rules:
+                key = rule.match_ours(ps)
+                if key is not None:
+                    break
+            if key is None:
+                raise ValueError(f"no HF key rule for adapted projection {ps}")
+            ai, bi = (a, b) if i is None else (a[i], b[i])
+            module = _module_name(rule, ps)
+            names.append(module)
+            prefix = f"base_model.model.{module}"
+            tensors[prefix + ".lora_A.weight"] = np.ascontiguousarray(ai.reshape(-1, rank).T)
+            tensors[prefix + ".lora_B.weight"] = np.ascontiguousarray(bi.reshape(rank, -1).T)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": None, "r": int(rank),
+              "lora_alpha": float(scale * rank), "lora_dropout": 0.0, "bias": "none",
+              "target_modules": sorted(names), "base_model_name_or_path": base_model,
+              "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
+              "use_dora": False, "modules_to_save": None, "inference_mode": True}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return sorted(names)
