@@ -79,13 +79,15 @@ def _judge_plan_items(cfg, mesh_sizes: dict) -> list:
     for role in roles:
         name = os.path.basename(os.path.normpath(j[f"{role}_path"] or "")) or \
             j[f"{role}_preset"] or role
-        items += mp.judge_items(
+        shared = shares_policy_base(cfg, role)
+        items += [it for it in mp.judge_items(
             name, _judge_hf_config(j, role), dtype=j.dtype, shard=shard,
             batch_shards=batch_shards, tensor=tensor, caption_tokens=cfg.sampling.max_new_tokens,
             image_tokens=int(j.max_image_tokens or cfg.data.max_image_tokens or 1024),
             list_max_tokens=int(j.list_max_tokens), generate_batch=int(j.generate_batch),
             prefix_batch=int(j.prefix_batch), item_batch=int(j.item_batch),
             text_roles=role == "text" or len(roles) == 1)
+            if not (shared and it.name.startswith("judge weights"))]   # the policy's own
     return items
 
 
@@ -121,7 +123,9 @@ def memory_plan(cfg, mesh_sizes: dict, *, query_device: bool = True,
         prompt_len=max(buckets) if buckets else 1024, max_new_tokens=s.max_new_tokens,
         micro_batch=t.micro_batch_size, remat=t.remat, freeze_vision=t.freeze_vision,
         reference_model=cfg.rl.beta > 0, image_tokens=d.max_image_tokens or 1024,
-        device_bytes=limit, rollout_replicated=rollout == "replicated")
+        device_bytes=limit, rollout_replicated=rollout == "replicated",
+        optimizer=t.optimizer, moment_dtype=t.moment_dtype,
+        lora_rank=int(cfg.model.lora.rank), lora_quantize=cfg.model.lora.quantize)
     judges = _judge_plan_items(cfg, mesh_sizes)
     if judge_devices(cfg):
         plan.others.append(mp.MemoryPlan(judges, limit,
@@ -293,9 +297,10 @@ def _check_prompt_fits(cfg, processor, buckets) -> None:
                          f">= {need} (or lower data.max_image_tokens)")
 
 
-def build_scorer(cfg, tokenizer, *, mesh=None, rules=None):
+def build_scorer(cfg, tokenizer, *, mesh=None, rules=None, policy=None):
     """The scorer named by `scorer.name`: the scripted token-frequency reward, ShapesWorld's
-    exact scorer, or BalCapRL's judges (on `mesh`: the policy's, or their own devices)."""
+    exact scorer, or BalCapRL's judges (on `mesh`: the policy's, or their own devices). A
+    judge whose checkpoint is a LoRA `policy`'s base runs on that policy's frozen weights."""
     name = cfg.scorer.name
     if name == "token_frequency":
         from balcap_jax.rewards.scripted import TokenFrequencyScorer
@@ -311,7 +316,7 @@ def build_scorer(cfg, tokenizer, *, mesh=None, rules=None):
         from balcap_jax.shapes.scorer import ShapesScorer
         return ShapesScorer()
     if name == "judges":
-        return _judges_scorer(cfg, mesh=mesh, rules=rules)
+        return _judges_scorer(cfg, mesh=mesh, rules=rules, policy=policy)
     raise ValueError(f"unknown scorer.name={name!r}")
 
 
@@ -322,7 +327,17 @@ def judge_cache(cfg):
     return Mirror(cfg.judges.cache_dir or join(cfg.workdir, "judge_cache"))
 
 
-def _judges_scorer(cfg, *, mesh=None, rules=None):
+def shares_policy_base(cfg, role: str) -> bool:
+    """True when judge `role`'s checkpoint is the policy's own and the policy trains LoRA
+    adapters on the judges' devices: the judge then runs on the policy's frozen base weights,
+    adapters off, with no second copy (a fully fine-tuned policy's weights move, so a judge
+    from the same checkpoint is loaded on its own)."""
+    path, own = cfg.judges[f"{role}_path"], cfg.model.path
+    return bool(path and own and cfg.model.lora.rank > 0 and not judge_devices(cfg) and
+                os.path.realpath(path) == os.path.realpath(own))
+
+
+def _judges_scorer(cfg, *, mesh=None, rules=None, policy=None):
     """BalCapScorer from the `judges` block: in-process judges (local checkpoints) or an
     OpenAI-compatible endpoint; every field and default in config.base_config()."""
     from balcap_jax.rewards.balcap import REWARDS, BalCapScorer
@@ -351,9 +366,19 @@ def _judges_scorer(cfg, *, mesh=None, rules=None):
         kw = dict(list_max_tokens=int(j.list_max_tokens), generate_batch=int(j.generate_batch),
                   prefix_batch=int(j.prefix_batch), item_batch=int(j.item_batch),
                   max_image_tokens=int(j.max_image_tokens or cfg.data.max_image_tokens))
-        mm = text = load_backend(j.multimodal_path, dtype=j.dtype, mesh=mesh, rules=rules, **kw)
+
+        def backend(role):
+            path = j[f"{role}_path"]
+            shared = None
+            if policy is not None and shares_policy_base(cfg, role):
+                from balcap_jax.models import lora
+                shared = lora.without_adapters(policy)
+                print(f"[balcap_jax] judge {path}: runs on the policy's frozen base weights "
+                      f"(adapters off, {cfg.model.dtype}); no second copy is loaded", flush=True)
+            return load_backend(path, dtype=j.dtype, mesh=mesh, rules=rules, model=shared, **kw)
+        mm = text = backend("multimodal")
         if j.text_path:
-            text = load_backend(j.text_path, dtype=j.dtype, mesh=mesh, rules=rules, **kw)
+            text = backend("text")
     else:
         raise ValueError(f"judges.backend={j.backend!r}: use 'in_process' or 'remote'")
     return BalCapScorer(mm, text_backend=text, threshold=bool(j.threshold),
@@ -363,6 +388,12 @@ def _judges_scorer(cfg, *, mesh=None, rules=None):
 def _ready_policy(cfg, mesh=None, rules=None):
     """The policy with the model block's kernels and the data block's fixed vision slot."""
     policy = build_policy(cfg, mesh, rules)
+    lc = cfg.model.lora
+    if lc.rank > 0:   # adapters (and a quantised base) before anything reads the parameters
+        from balcap_jax.models import lora
+        lora.apply_lora(policy, rank=int(lc.rank), alpha=float(lc.alpha),
+                        modules=tuple(lc.modules), parts=tuple(lc.parts),
+                        quantize=lc.quantize, seed=cfg.seed, mesh=mesh, rules=rules)
     from balcap_jax.models.attention import resolve
     policy.set_attention(resolve(cfg.model.attention, cfg.model.dtype))
     policy.set_decode_layers(cfg.model.decode_layers)
@@ -393,7 +424,8 @@ def build_parts(cfg, mesh=None, rules=None):
     sizes = {"data": 1, "fsdp": 1, "tensor": 1} if mesh is None else dict(mesh.shape)
     return RunParts(model=policy, tokenizer=tokenizer, processor=cap.processor,
                     scorer=build_scorer(cfg, tokenizer, mesh=None if mesh is None else
-                                        judge_mesh(cfg, mesh), rules=rules), loader=loader,
+                                        judge_mesh(cfg, mesh), rules=rules, policy=policy),
+                    loader=loader,
                     eval_examples=evals, eos_token_ids=cap.eos_token_ids, pad_id=cap.pad_id,
                     prompt_buckets=cap.prompt_buckets, rollout_layout=rollout_layout(cfg, sizes))
 
@@ -436,11 +468,19 @@ def build_trainer(cfg, mesh=None, rules=None):
 
 def export(trainer, path: str) -> str | None:
     """Writes the policy with save_pretrained (transformers-loadable) and the tokenizer; to a
-    bucket URL through a local copy."""
+    bucket URL through a local copy. A LoRA policy is written merged (adapters folded into
+    dense kernels of the policy's dtype), and its adapters alone in PEFT's layout under
+    `<path>/adapter` (peft.PeftModel.from_pretrained on the base checkpoint)."""
     from balcap_jax import models
+    from balcap_jax.models import lora
     from balcap_jax.workdir import Mirror
     out = Mirror(path)
-    models.save_pretrained(trainer.model(), out.local)
+    model = trainer.model()
+    if lora.has_lora(model):
+        lora.save_peft(model, os.path.join(out.local, "adapter"),
+                       base_model=trainer.cfg.model.path)
+        model = lora.merged(model)
+    models.save_pretrained(model, out.local)
     trainer.p.tokenizer.save_pretrained(out.local)
     out.sync()
     return path

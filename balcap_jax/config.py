@@ -34,6 +34,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.decode_layers = "unroll"  # the sampler's decode step: unroll (a loop over per-layer
                                  # caches: no per-token copies of weights or cache; compile
                                  # time grows with depth) | scan (compile time flat in depth)
+    # LoRA (balcap_jax.models.lora): rank > 0 trains adapters only; the base stays frozen
+    # (no gradient, no optimiser state) and is re-read from model.path on resume
+    c.model.lora = lc = ml_collections.ConfigDict()
+    lc.rank = 0                  # 0: full fine-tuning
+    lc.alpha = 16.0              # the adapters' scale is alpha / rank
+    lc.dropout = 0.0             # only 0: rollouts are sampled without dropout, so a dropped
+                                 # forward would make the PPO ratio off-policy noise
+    lc.modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lc.parts = ("language",)     # language | projector | vision (qkv names a Qwen vision qkv)
+    lc.quantize = ""             # QLoRA: "int8" or "nf4" stores the adapted kernels quantised
     c.model.tokenizer = ""       # "qwen2.5" (offline vocabulary), "tiny" (a BPE trained on
                                  # the data's references), a path, or "" = model.path
     c.model.tiny_vocab = 400     # vocabulary size of the "tiny" tokenizer
@@ -121,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0
     c.train.b1 = 0.9
     c.train.b2 = 0.999
+    c.train.optimizer = "adamw"  # adamw | adafactor (factored second moments, no first)
+    c.train.moment_dtype = "float32"  # adamw moments stored in float32 | bfloat16 (half the
+                                      # state; the update is computed in float32)
     c.train.freeze_vision = False
     c.train.remat = False
     c.train.rollout_layout = "auto"  # fsdp: decode on the training layout (weights gathered at
@@ -237,6 +250,9 @@ _CHOICES = {
     "train.schedule": ("constant", "cosine"),
     "train.rollout_layout": ("auto", "fsdp", "replicated"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.lora.quantize": ("", "int8", "nf4"),
+    "train.optimizer": ("adamw", "adafactor"),
+    "train.moment_dtype": ("float32", "bfloat16"),
     "model.attention": ("auto", "xla", "cudnn", "splash"),
     "model.decode_layers": ("unroll", "scan"),
     "data.source": ("synthetic", "shapes", "tfds"),
@@ -342,6 +358,16 @@ def validate(c, n_devices: int) -> dict:
         if j.backend == "in_process" and not j.multimodal_path:
             errors.append("judges.backend='in_process' needs judges.multimodal_path (a local "
                           "checkpoint directory); or judges.backend='remote'")
+    lc = c.model.lora
+    if lc.rank < 0:
+        errors.append(f"model.lora.rank={lc.rank} must be >= 0 (0: full fine-tuning)")
+    if lc.dropout != 0:
+        errors.append(f"model.lora.dropout={lc.dropout}: only 0 is supported (rollouts are "
+                      "sampled without dropout, so the update's ratio would compare two "
+                      "different models); use a lower rank or weight decay to regularise")
+    if lc.quantize and lc.rank < 1:
+        errors.append(f"model.lora.quantize={lc.quantize!r} needs model.lora.rank >= 1: a "
+                      "quantised base is frozen, only adapters can train")
     if c.sampling.temperature < 0:
         errors.append(f"sampling.temperature must be >= 0, got {c.sampling.temperature}")
     if not c.model.path and not c.model.preset and not c.model.hf_config:

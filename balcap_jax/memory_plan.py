@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
-__all__ = ["count_params", "Item", "MemoryPlan", "plan_memory", "judge_items",
+__all__ = ["count_params", "lora_counts", "Item", "MemoryPlan", "plan_memory", "judge_items",
            "device_memory_bytes"]
 
 GiB = 1024 ** 3
@@ -176,7 +176,9 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
                 max_new_tokens: int, micro_batch: int, remat: bool, freeze_vision: bool,
                 reference_model: bool, image_tokens: int = 1024, prompts_per_step: int = 0,
                 device_bytes: float | None = None, logprob_chunk: int = 256,
-                rollout_replicated: bool = False) -> MemoryPlan:
+                rollout_replicated: bool = False, optimizer: str = "adamw",
+                moment_dtype: str = "float32", lora_rank: int = 0,
+                lora_quantize: str = "") -> MemoryPlan:
     """The plan for one device of a mesh {"data": d, "fsdp": f, "tensor": t}.
 
     Parameters, master weights and optimiser state are sharded over fsdp x tensor; rollouts and
@@ -187,6 +189,9 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
     counts = count_params(hf_config)
     n_all = counts["language"] + counts["vision"]
     n_train = counts["language"] + (0 if freeze_vision else counts["vision"])
+    n_adapt = 0          # LoRA: the adapted (possibly quantised) language projections
+    if lora_rank:
+        n_train, n_adapt = lora_counts(hf_config, lora_rank)
     d_, f_, t_ = (int(mesh_shape.get(k, 1)) for k in ("data", "fsdp", "tensor"))
     shard = f_ * t_
     pb, ob = _BYTES[param_dtype], _BYTES[opt_dtype]
@@ -197,21 +202,43 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
     seq = prompt_len + max_new_tokens
     shrink_state = "raise mesh.fsdp" + ("" if freeze_vision or not counts["vision"] else
                                         ", or train.freeze_vision=True")
-    items = [Item("parameters", n_all * pb / shard, "raise mesh.fsdp (shards parameters)",
-                  f"{n_all / 1e9:.2f}B params in {param_dtype}")]
-    if pb < 4:
+    base_bytes = n_all * pb
+    note = f"{n_all / 1e9:.2f}B params in {param_dtype}"
+    if lora_rank:
+        shrink_state = "lower model.lora.rank"
+        if lora_quantize:
+            from balcap_jax.models.quant import storage_bytes
+            base_bytes = (n_all - n_adapt) * pb + storage_bytes(lora_quantize, n_adapt)
+            note += f", {n_adapt / 1e9:.2f}B of them in {lora_quantize}"
+    items = [Item("parameters", base_bytes / shard, "raise mesh.fsdp (shards parameters)" +
+                  ("" if lora_quantize or not lora_rank else ", or model.lora.quantize=nf4"),
+                  note)]
+    if lora_rank:
+        items.append(Item("LoRA adapters", n_train * 4 / shard, shrink_state,
+                          f"{n_train / 1e6:.1f}M float32 adapter params, rank {lora_rank}"))
+    elif pb < 4:
         items.append(Item("master weights", n_train * 4 / shard, shrink_state,
                           "float32 copy of the trainable low-precision params"))
+    if optimizer == "adafactor":
+        state = Item("optimizer state", n_train * 4 * 2 / 128 / shard, shrink_state,
+                     "Adafactor: factored second moments, <= 1/64 of the params")
+    else:
+        mb = _BYTES[moment_dtype]
+        state = Item("optimizer state", 2 * n_train * mb / shard, shrink_state + (
+            "" if mb < 4 else ", or train.moment_dtype=bfloat16 / train.optimizer=adafactor"),
+            f"AdamW mu + nu in {moment_dtype}")
     items += [
-        Item("optimizer state", 2 * n_train * ob / shard, shrink_state, "AdamW mu + nu"),
+        state,
         Item("gradients", n_train * ob / shard, shrink_state,
              f"{n_train / 1e9:.2f}B trainable, {opt_dtype} accumulation", "step"),
         Item("optimizer update", n_train * ob / shard, "raise mesh.fsdp",
              "transient fp32 updates while the step is applied", "step"),
     ]
     if reference_model:
-        items.append(Item("reference model", n_all * pb / shard, "rl.beta=0 drops it, or raise "
-                          "mesh.fsdp", "frozen copy for the KL term"))
+        ref = n_train * 4 if lora_rank else n_all * pb   # LoRA: the base plus fresh adapters
+        items.append(Item("reference model", ref / shard, "rl.beta=0 drops it, or raise "
+                          "mesh.fsdp", "frozen copy for the KL term" +
+                          (" (the initial adapters)" if lora_rank else "")))
     if rollout_replicated and f_ > 1:
         items.append(Item("rollout weights", n_all * pb / t_, "train.rollout_layout=fsdp",
                           "a copy gathered over fsdp for decoding, once per step", "step"))
@@ -243,6 +270,20 @@ def plan_memory(hf_config: dict, *, mesh_shape: dict, param_dtype: str = "bfloat
                       "lower train.micro_batch_size" + ("" if remat else ", or train.remat=True"),
                       f"micro-batch {mrows} x {seq} tokens per device, remat={remat}", "step"))
     return MemoryPlan(items, device_bytes)
+
+
+def lora_counts(hf_config: dict, rank: int) -> tuple[int, int]:
+    """(adapter params, params of the adapted kernels) for rank-`rank` adapters on every
+    attention and MLP projection of the language model (model.lora's default targets)."""
+    t = _text_cfg(hf_config)
+    d, inter, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
+    h = t["num_attention_heads"]
+    kv = t.get("num_key_value_heads", h)
+    hd = t.get("head_dim") or d // h
+    shapes = [(d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d),
+              (d, inter), (d, inter), (inter, d)]
+    return (layers * sum(rank * (i + o) for i, o in shapes),
+            layers * sum(i * o for i, o in shapes))
 
 
 def judge_items(name: str, hf_config: dict, *, dtype: str, shard: int, batch_shards: int,

@@ -318,7 +318,7 @@ class CausalLM(nnx.Module):
     def lm_head_weight(self) -> Array:
         if self.lm_head is None:
             return self.model.embed_tokens.embedding[...].T
-        return self.lm_head.kernel[...]
+        return self.lm_head.dense()
 
     def logits(self, hidden: Array) -> Array:
         with shd.use_sharding(self.mesh, self.rules):

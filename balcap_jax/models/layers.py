@@ -123,6 +123,19 @@ class Proj(nnx.Module):
         from balcap_jax.models.quant import dequantize
         return dequantize(self.quant, self.kernel[...], self.kernel_scale[...], dtype)
 
+    def dense(self) -> Array:
+        """The whole map as one kernel in the parameter dtype (the adapter folded in): for
+        callers that read the kernel themselves (the chunked lm-head log-probs)."""
+        if self.lora_a is None and self.quant is None:
+            return self.kernel[...]
+        dtype = self.kernel.dtype if self.quant is None else self.kernel_scale.dtype
+        w = self.weight(jnp.float32)
+        if self.lora_a is not None:
+            n = len(self.in_shape)
+            w = w + self.lora_scale * jnp.tensordot(self.lora_a[...], self.lora_b[...],
+                                                    axes=((n,), (0,)))
+        return w.astype(dtype)
+
     def adapt(self, x: Array, y: Array) -> Array:
         """y plus the adapter's low-rank update of x (y unchanged without an adapter)."""
         if self.lora_a is None:

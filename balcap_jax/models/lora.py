@@ -32,7 +32,7 @@ from balcap_jax.models import hf, quant
 from balcap_jax.models.layers import Proj
 
 __all__ = ["LoRAParam", "DEFAULT_MODULES", "PARTS", "apply_lora", "adapted", "has_lora",
-           "without_adapters", "merged", "save_peft"]
+           "trainable", "without_adapters", "merged", "save_peft"]
 
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = ("language", "projector", "vision")
@@ -57,7 +57,7 @@ def _targets(model, modules: Sequence[str], parts: Sequence[str]) -> list[tuple[
     out = []
     for path, node in nnx.iter_graph(model):
         if isinstance(node, Proj) and path and str(path[-1]) in modules \
-                and _part(path) in parts and str(path[0]) != "lm_head":
+                and _part(path) in parts:
             out.append((tuple(path), node))
     return out
 
@@ -102,7 +102,7 @@ def apply_lora(model, *, rank: int, alpha: float, modules: Iterable[str] = DEFAU
                          "names, e.g. q_proj, o_proj, gate_proj (qkv in a Qwen vision tower)")
     rules = rules or (shd.Rules() if mesh is not None else None)
     key = jax.random.key(seed)
-    for path, node in targets:
+    for _, node in targets:
         lead, lead_names, in_names, out_names = _split_names(node)
         lead_shape = tuple(node.kernel.shape[:lead])
         fan_in = math.prod(node.in_shape)
@@ -131,6 +131,11 @@ def apply_lora(model, *, rank: int, alpha: float, modules: Iterable[str] = DEFAU
                                                    eager_sharding=False))
             node.quant = quantize
     return ["/".join(map(str, p)) for p, _ in targets]
+
+
+def trainable(model):
+    """The nnx filter of what trains: the adapters of a LoRA model, else every nnx.Param."""
+    return LoRAParam if has_lora(model) else nnx.Param
 
 
 def without_adapters(model):

@@ -398,12 +398,14 @@ class InProcessBackend:
 
 
 def load_backend(path: str, *, name: str | None = None, dtype: Any = "bfloat16", mesh=None,
-                 rules=None, max_image_tokens: int = 0, **kwargs: Any) -> InProcessBackend:
+                 rules=None, max_image_tokens: int = 0, model=None,
+                 **kwargs: Any) -> InProcessBackend:
     """An in-process judge from a local HF checkpoint directory (config.json, safetensors,
     tokenizer files; preprocessor_config.json for Qwen2.5-VL). `name` defaults to the
     directory's base name; `max_image_tokens` (> 0) bounds the tokens of each image the judge
-    sees, so its memory is bounded (the checkpoints' own bound is 16384); kwargs go to
-    InProcessBackend."""
+    sees, so its memory is bounded (the checkpoints' own bound is 16384); `model`: weights
+    already in memory for this checkpoint (a LoRA policy's frozen base, adapters off) instead
+    of loading them again; kwargs go to InProcessBackend."""
     import json
     import os
 
@@ -414,7 +416,8 @@ def load_backend(path: str, *, name: str | None = None, dtype: Any = "bfloat16",
     if not os.path.isdir(path):
         raise FileNotFoundError(f"judge checkpoint {path!r} is not a directory; point "
                                 "judges.*_path at a local Hugging Face checkpoint")
-    model = from_pretrained(path, dtype=dtype, mesh=mesh, rules=rules)
+    if model is None:
+        model = from_pretrained(path, dtype=dtype, mesh=mesh, rules=rules)
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = None
     if hasattr(model, "prepare_prompt"):          # multimodal (Qwen2.5-VL)

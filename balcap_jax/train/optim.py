@@ -1,12 +1,13 @@
-"""The RL optimiser: AdamW with a warm-up and a schedule, global-norm clipping, and an optional
-frozen vision tower (its updates exactly zero, no moments kept). The supervised warm start
-(train/sft.py) freezes the tower the same way."""
+"""The RL optimiser: AdamW (float32 or bfloat16 moments) or Adafactor, with a warm-up and a
+schedule, global-norm clipping, and an optional frozen vision tower (its updates exactly zero,
+no moments kept). The supervised warm start (train/sft.py) freezes the tower the same way."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
-__all__ = ["make_optimizer", "freeze_vision_tower", "is_vision_path"]
+__all__ = ["make_optimizer", "freeze_vision_tower", "is_vision_path", "stored_in"]
 
 
 def is_vision_path(path) -> bool:
@@ -26,12 +27,43 @@ def make_optimizer(tc, params=None) -> optax.GradientTransformation:
         lr = tc.lr
     opt = optax.chain(
         optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity(),
-        optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+        _base_optimizer(tc, lr))
     if tc.freeze_vision:
         if params is None:
             raise ValueError("make_optimizer(freeze_vision=True) needs params to label")
         opt = freeze_vision_tower(opt, params)
     return opt
+
+
+def _base_optimizer(tc, lr) -> optax.GradientTransformation:
+    """train.optimizer: AdamW (moments in train.moment_dtype) or Adafactor."""
+    name = tc.get("optimizer", "adamw")
+    if name == "adafactor":
+        # factored second moments of matrices, no first moment: state ~ rows + columns. No
+        # parameter-scale multiplier, so train.lr is an absolute step as for AdamW.
+        return optax.adafactor(lr, multiply_by_parameter_scale=False,
+                               weight_decay_rate=tc.weight_decay or None)
+    if name != "adamw":
+        raise ValueError(f"train.optimizer={name!r}: use 'adamw' or 'adafactor'")
+    opt = optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay)
+    dtype = jnp.dtype(tc.get("moment_dtype", "float32"))
+    return opt if dtype == jnp.float32 else stored_in(opt, dtype)
+
+
+def stored_in(opt: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`opt` with its floating state stored in `dtype` between steps and computed in float32
+    (bfloat16 AdamW moments: half the state memory, the same float32 update arithmetic)."""
+    def cast(tree, to):
+        return jax.tree.map(lambda x: x.astype(to) if hasattr(x, "dtype") and
+                            jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return cast(opt.init(params), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = opt.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+    return optax.GradientTransformation(init, update)
 
 
 def freeze_vision_tower(opt: optax.GradientTransformation, params) -> optax.GradientTransformation:

@@ -40,6 +40,7 @@ from balcap_jax import distributed as dist
 from balcap_jax import sampling
 from balcap_jax import sharding as shd
 from balcap_jax import workdir as wd
+from balcap_jax.models import lora
 from balcap_jax.rl import advantages as adv_lib
 from balcap_jax.rl import loss as loss_lib
 from balcap_jax.train.optim import is_vision_path, make_optimizer
@@ -97,7 +98,9 @@ class Trainer:
 
     def __init__(self, cfg, parts: RunParts):
         self.cfg, self.p = cfg, parts
-        graphdef, params, rest = nnx.split(parts.model, nnx.Param, ...)
+        # the trainable parameters: all of them, or a LoRA policy's adapters alone (the frozen
+        # base then rides in `rest`: no gradient, no optimiser state, not checkpointed)
+        graphdef, params, rest = nnx.split(parts.model, lora.trainable(parts.model), ...)
         self.graphdef, self.rest = graphdef, rest
         self.optimizer = make_optimizer(cfg.train, params)
         self.fn = RLStep(graphdef, rest, self.optimizer, cfg.rl,

@@ -330,3 +330,39 @@ def test_judges_on_devices_of_their_own(saved_text_judge, tmp_path):
     qs = _text_queries()
     np.testing.assert_allclose([a.value for a in scorer.backend.yes_no(qs)],
                                [a.value for a in single.yes_no(qs)], atol=1e-5)
+
+
+@pytest.mark.heavy
+def test_judge_on_a_lora_policys_base_loads_no_second_copy(saved_text_judge, tmp_path,
+                                                          monkeypatch):
+    """judges.multimodal_path == model.path with a LoRA policy: the judge runs on the policy's
+    frozen base arrays themselves (adapters off, trained adapters notwithstanding), loads
+    nothing, and answers as a separately loaded judge does (float32, atol 1e-5)."""
+    from flax import nnx
+
+    from balcap_jax import build
+    from balcap_jax.config import base_config
+    from balcap_jax.models import from_pretrained, lora
+    cfg = base_config()
+    cfg.workdir = str(tmp_path)
+    cfg.model.path = cfg.judges.multimodal_path = saved_text_judge
+    cfg.model.lora.rank = 4
+    cfg.scorer.name = "judges"
+    cfg.judges.dtype = "float32"
+    cfg.judges.prefix_batch, cfg.judges.item_batch = 2, 8
+    policy = from_pretrained(saved_text_judge)
+    lora.apply_lora(policy, rank=4, alpha=8)
+    for _, node in lora.adapted(policy):           # trained adapters: they must stay off
+        node.lora_b.set_value(node.lora_b.get_value() + 0.1)
+    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=8)
+    monkeypatch.setattr("balcap_jax.models.from_pretrained",
+                        lambda *a, **k: pytest.fail("the shared judge loaded a second copy"))
+    scorer = build.build_scorer(cfg, None, policy=policy)
+    judge = scorer.backend.model
+    assert not lora.has_lora(judge)
+    base = {id(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(policy, nnx.Param))}
+    assert all(id(v.get_value()) in base
+               for _, v in nnx.to_flat_state(nnx.state(judge, nnx.Param)))
+    qs = _text_queries()
+    np.testing.assert_allclose([a.value for a in scorer.backend.yes_no(qs)],
+                               [a.value for a in single.yes_no(qs)], atol=1e-5)

@@ -88,3 +88,29 @@ def test_mesh_resolution():
     c.mesh.fsdp = 4
     with pytest.raises(ConfigError, match="must equal the 8 devices"):
         resolve_mesh(c, 8)
+
+
+@pytest.mark.parametrize("variant", ["l4", "t4", "a100", "h100", "tpu", "7b"])
+def test_colab_variants_validate_and_fit_their_device(variant):
+    """configs/colab.py: each variant validates on one device and its memory plan (LoRA, the
+    judges on the shared base) fits the device it names, with the plan's 10% headroom."""
+    from balcap_jax import build
+    c = load_config("configs/colab.py", variant)
+    sizes = validate(c, 1)
+    assert c.model.lora.rank > 0 and build.shares_policy_base(c, "multimodal")
+    plan = build.memory_plan(c, sizes, query_device=False)
+    plan.check()
+    assert not any(it.name.startswith("judge weights") for it in plan.items)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: setattr(c.model.lora, "dropout", 0.05), r"model.lora.dropout=0.05: only 0"),
+    (lambda c: setattr(c.model.lora, "quantize", "nf4"), r"model.lora.quantize='nf4' needs"),
+    (lambda c: setattr(c.model.lora, "quantize", "int4"), r"model.lora.quantize='int4' is not"),
+    (lambda c: setattr(c.train, "optimizer", "sgd"), r"train.optimizer='sgd' is not one of"),
+])
+def test_bad_lora_and_optimizer_fields(edit, match):
+    c = _ok()
+    edit(c)
+    with pytest.raises(ConfigError, match=match):
+        validate(c, 2)
