@@ -23,6 +23,7 @@ XLA_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
                          ".pytest_cache", "jax_cc")
 
 import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
 
 
 def _cache_single_device_programs_only():
@@ -46,3 +47,12 @@ def _cache_single_device_programs_only():
 if _cache_single_device_programs_only():
     jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def notebook_run(tmp_path_factory):
+    """launch/colab.ipynb executed once in smoke mode (tests/launch/notebook.py): (executed
+    notebook, its workdir). Its ShapesWorld section is the shortened demo that
+    tests/shapes/test_demo.py checks; the kernel shares this suite's compile cache."""
+    from tests.launch.notebook import execute
+    return execute(str(tmp_path_factory.mktemp("notebook")), cache_dir=XLA_CACHE)

@@ -1,8 +1,10 @@
 """The ShapesWorld demo pipeline, shortened, end to end through balcap_jax.shapes_demo.run_demo.
 
-Two runs (one each per module):
+Two runs:
 - `demo_run`, from scratch: vision pretraining (10 steps) -> warm start (60 steps) -> before ->
-  4 RL steps -> after -> control; `test_summary` checks everything the pipeline writes.
+  4 RL steps -> after -> control, run as the ShapesWorld section of launch/colab.ipynb (the
+  suite executes the notebook once, tests/conftest.py::notebook_run); `test_summary` checks
+  everything the pipeline writes.
 - `direction_run`: the demo's own seed-0 warm start (tests/assets/shapes_warm_start.npz, the
   workdir/warm_start.npz of `bash launch/demo.sh` cast to float16; remake it if the policy or
   tokenizer of configs/shapes.py changes) loaded with `demo.warm_from`, then 20 BalCapRL steps,
@@ -36,11 +38,26 @@ def short_config(workdir):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    from balcap_jax.shapes_demo import run_demo
-    workdir = tmp_path_factory.mktemp("shapes_demo")
-    cfg = short_config(workdir)
-    return cfg, workdir, run_demo(cfg, progress=False)
+def demo_run(notebook_run):
+    """The Colab notebook's ShapesWorld section, run by the suite's notebook execution with
+    the shortened settings of `short_config` (one run serves both checks)."""
+    import ml_collections
+    _, work = notebook_run
+    workdir = os.path.join(work, "shapes")
+    cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
+    return cfg, workdir, json.load(open(os.path.join(workdir, "summary.json")))
+
+
+@pytest.mark.heavy
+def test_notebook_runs_the_short_demo(demo_run):
+    cfg, _, _ = demo_run
+    want = short_config("unused")
+    for key in ("data.num_train", "data.num_eval", "sft.max_steps", "sft.warmup_steps",
+                "sft.chunk", "sft.vision_pretrain_steps", "train.steps"):
+        a, b = cfg, want
+        for k in key.split("."):
+            a, b = a[k], b[k]
+        assert a == b, key
 
 
 @pytest.mark.heavy
