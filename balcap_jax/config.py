@@ -39,8 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora = lc = ml_collections.ConfigDict()
     lc.rank = 0                  # 0: full fine-tuning
     lc.alpha = 16.0              # the adapters' scale is alpha / rank
-    lc.dropout = 0.0             # only 0: rollouts are sampled without dropout, so a dropped
-                                 # forward would make the PPO ratio off-policy noise
+    lc.dropout = 0.0             # dropout of the adapters' inputs in the update's forward
+                                 # (rollouts and evaluation sample without it)
     lc.modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     lc.parts = ("language",)     # language | projector | vision (qkv names a Qwen vision qkv)
     lc.quantize = ""             # QLoRA: "int8" or "nf4" stores the adapted kernels quantised
@@ -361,10 +361,8 @@ def validate(c, n_devices: int) -> dict:
     lc = c.model.lora
     if lc.rank < 0:
         errors.append(f"model.lora.rank={lc.rank} must be >= 0 (0: full fine-tuning)")
-    if lc.dropout != 0:
-        errors.append(f"model.lora.dropout={lc.dropout}: only 0 is supported (rollouts are "
-                      "sampled without dropout, so the update's ratio would compare two "
-                      "different models); use a lower rank or weight decay to regularise")
+    if not 0 <= lc.dropout < 1:
+        errors.append(f"model.lora.dropout={lc.dropout} must be in [0, 1)")
     if lc.quantize and lc.rank < 1:
         errors.append(f"model.lora.quantize={lc.quantize!r} needs model.lora.rank >= 1: a "
                       "quantised base is frozen, only adapters can train")

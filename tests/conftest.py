@@ -53,6 +53,7 @@ if _cache_single_device_programs_only():
 def notebook_run(tmp_path_factory):
     """launch/colab.ipynb executed once in smoke mode (tests/launch/notebook.py): (executed
     notebook, its workdir). Its ShapesWorld section is the shortened demo that
-    tests/shapes/test_demo.py checks; the kernel shares this suite's compile cache."""
+    tests/shapes/test_demo.py checks. The kernel (one CPU device) has a compile cache of its
+    own: executables it wrote, read back by this 8-device process, segfaulted (jax 0.10.2)."""
     from tests.launch.notebook import execute
-    return execute(str(tmp_path_factory.mktemp("notebook")), cache_dir=XLA_CACHE)
+    return execute(str(tmp_path_factory.mktemp("notebook")), cache_dir=XLA_CACHE + "_notebook")

@@ -38,6 +38,8 @@ inside jit; the parameter layout and the HF key map stay per projection).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -50,6 +52,37 @@ from balcap_jax.sharding import active_sharding, constrain
 
 Array = jax.Array
 NEG_INF = float(np.finfo(np.float32).min)  # finite, as HF: fully masked rows give uniform, not NaN
+
+
+# LoRA dropout of the adapters' inputs, on only inside `lora_dropout` (the training loss): a
+# key, the rate, and a counter that gives each adapted projection of a trace its own mask.
+# Stacked layers fold their layer index into the key (models.stack), so layers differ too.
+_LORA_DROPOUT: contextvars.ContextVar = contextvars.ContextVar("lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key, rate: float):
+    """Drops each adapter input with probability `rate` (scaled by 1/(1-rate)) for the calls
+    traced inside; the frozen base path never sees dropout."""
+    token = _LORA_DROPOUT.set({"key": key, "rate": float(rate), "n": 0} if rate > 0 else None)
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT.reset(token)
+
+
+@contextlib.contextmanager
+def lora_dropout_layer(index):
+    """Inside a scanned layer: the active dropout key with the layer index folded in."""
+    state = _LORA_DROPOUT.get()
+    if state is None:
+        yield
+        return
+    token = _LORA_DROPOUT.set(dict(state, key=jax.random.fold_in(state["key"], index), n=0))
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT.reset(token)
 
 
 def _param(rngs: nnx.Rngs | None, init, shape, dtype, names) -> nnx.Param:
@@ -141,6 +174,12 @@ class Proj(nnx.Module):
         if self.lora_a is None:
             return y
         n = len(self.in_shape)
+        drop = _LORA_DROPOUT.get()
+        if drop is not None:
+            key = jax.random.fold_in(drop["key"], drop["n"])
+            drop["n"] += 1
+            keep = jax.random.bernoulli(key, 1.0 - drop["rate"], x.shape)
+            x = jnp.where(keep, x / (1.0 - drop["rate"]), 0).astype(x.dtype)
         h = jnp.tensordot(x, self.lora_a[...].astype(x.dtype),
                           axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
         d = jnp.tensordot(h, self.lora_b[...].astype(x.dtype), axes=((h.ndim - 1,), (0,)))

@@ -1,5 +1,13 @@
 """Low-rank adapters (LoRA) and a quantised frozen base (QLoRA) on our own projections.
 
+Why not flax's `nnx.LoRA` or qwix: `nnx.LoRA` wraps a 2-D `nnx.Linear` as a new module, which
+would change our parameter paths (and the HF key maps built on them) and cannot hold our
+multi-axis kernels ([D, H, hd] attention projections). qwix adds adapters by intercepting the
+matmuls of modules matched by a path regex while it runs the model once on example inputs; our
+layers are one module with stacked parameters run under `lax.scan` (and q/k/v fused into one
+matmul), so its adapters would not be per layer without rework. Adapters as variables of
+`Proj` itself are stacked with their layer for free and keep every key map.
+
 An adapted `layers.Proj` computes ``x W + (alpha / r) (x A) B`` with A [in..., r] drawn as
 PEFT does (uniform, bound 1/sqrt(fan_in)) and B [r, out...] zero, so a fresh adapter leaves
 the model's logits exactly unchanged. A and B are `LoRAParam`s, a subclass of nnx.Param: the
@@ -39,8 +47,9 @@ PARTS = ("language", "projector", "vision")
 _PROJECTORS = ("merger", "multi_modal_projector")
 
 
-class LoRAParam(nnx.Param):
-    """An adapter matrix: the only trainable parameters of a LoRA run."""
+class LoRAParam(nnx.LoRAParam):
+    """An adapter matrix: the only trainable parameters of a LoRA run (a flax nnx.LoRAParam,
+    so nnx filters written for flax's own LoRA select ours too)."""
 
 
 def _part(path: tuple) -> str:
@@ -80,10 +89,16 @@ def _split_names(node: Proj):
     return lead, names[:lead], names[lead:lead + n_in], names[lead + n_in:]
 
 
-def _place(value, names, mesh, rules):
+def _build(fn, names, shapes, mesh, rules, *args):
+    """fn(*args) computed by one jit whose outputs land on `mesh` by their logical `names`
+    (a tuple of name tuples for several outputs): every process runs the same program, so
+    this works on several hosts, and no array is gathered on one device first."""
     if mesh is None:
-        return value
-    return jax.device_put(value, shd.named_sharding(names, value.shape, mesh, rules))
+        return jax.jit(fn)(*args)
+    single = isinstance(names[0], (str, type(None)))
+    shard = [shd.named_sharding(n, s, mesh, rules) for n, s in
+             (zip([names], [shapes]) if single else zip(names, shapes))]
+    return jax.jit(fn, out_shardings=shard[0] if single else tuple(shard))(*args)
 
 
 def apply_lora(model, *, rank: int, alpha: float, modules: Iterable[str] = DEFAULT_MODULES,
@@ -108,26 +123,27 @@ def apply_lora(model, *, rank: int, alpha: float, modules: Iterable[str] = DEFAU
         fan_in = math.prod(node.in_shape)
         key, sub = jax.random.split(key)
         bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(sub, lead_shape + node.in_shape + (rank,), jnp.float32,
-                               -bound, bound)
-        b = jnp.zeros(lead_shape + (rank,) + node.out_shape, jnp.float32)
+        a_shape = lead_shape + node.in_shape + (rank,)
+        b_shape = lead_shape + (rank,) + node.out_shape
         a_names, b_names = lead_names + in_names + (None,), lead_names + (None,) + out_names
-        node.lora_a = nnx.data(LoRAParam(_place(a, a_names, mesh, rules), out_sharding=a_names,
-                                                eager_sharding=False))
-        node.lora_b = nnx.data(LoRAParam(_place(b, b_names, mesh, rules), out_sharding=b_names,
-                                                eager_sharding=False))
+        a = _build(lambda k, s=a_shape, lim=bound: jax.random.uniform(
+            k, s, jnp.float32, -lim, lim), a_names, a_shape, mesh, rules, sub)
+        b = _build(lambda s=b_shape: jnp.zeros(s, jnp.float32), b_names, b_shape, mesh, rules)
+        node.lora_a = nnx.data(LoRAParam(a, out_sharding=a_names, eager_sharding=False))
+        node.lora_b = nnx.data(LoRAParam(b, out_sharding=b_names, eager_sharding=False))
         node.lora_scale = float(alpha) / rank
         if quantize:
             names = lead_names + in_names + out_names
             in_axes = tuple(range(lead, lead + len(node.in_shape)))
-            codes, scale = jax.jit(quant.quantize, static_argnums=(0, 2))(
-                quantize, node.kernel[...], in_axes)
+            shapes = jax.eval_shape(lambda w, ax=in_axes: quant.quantize(quantize, w, ax),
+                                    node.kernel[...])
             s_names = (tuple(None if i in in_axes else n for i, n in enumerate(names))
                        if quantize == "int8" else names[:-1] + (None,))
-            node.kernel = nnx.data(nnx.Param(_place(codes, names, mesh, rules),
-                                             out_sharding=names, eager_sharding=False))
-            node.kernel_scale = nnx.data(nnx.Param(_place(scale, s_names, mesh, rules),
-                                                   out_sharding=s_names,
+            codes, scale = _build(lambda w, ax=in_axes: quant.quantize(quantize, w, ax),
+                                  (names, s_names), tuple(x.shape for x in shapes), mesh, rules,
+                                  node.kernel[...])
+            node.kernel = nnx.data(nnx.Param(codes, out_sharding=names, eager_sharding=False))
+            node.kernel_scale = nnx.data(nnx.Param(scale, out_sharding=s_names,
                                                    eager_sharding=False))
             node.quant = quantize
     return ["/".join(map(str, p)) for p, _ in targets]

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from balcap_jax.models.layers import lora_dropout_layer
+
 __all__ = ["StackedLayers", "REMAT_POLICIES", "remat_policy"]
 
 # name -> jax.checkpoint policy: what the backward pass keeps of each layer's forward
@@ -86,8 +88,10 @@ class StackedLayers(nnx.Module):
             state = jax.tree.map(lambda x: x[start:stop], state)
 
         def body(c, inputs):
-            st, x_i = inputs
-            return fn(nnx.merge(graphdef, st), c, x_i)
+            st, x_i, i = inputs
+            with lora_dropout_layer(i):     # a LoRA dropout mask of this layer's own
+                return fn(nnx.merge(graphdef, st), c, x_i)
         if remat is not None:
             body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-        return jax.lax.scan(body, carry, (state, xs), length=stop - start)
+        return jax.lax.scan(body, carry, (state, xs, jnp.arange(start, stop)),
+                            length=stop - start)

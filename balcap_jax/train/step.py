@@ -10,22 +10,26 @@ import optax
 from flax import nnx
 
 from balcap_jax import precision, sampling
+from balcap_jax.models import layers
 from balcap_jax.rl import loss as loss_lib
 
 __all__ = ["RLStep"]
 
 
 def _loss_fn(params, graphdef, rest, batch, adv, old_logp, ref_logp, normalizer, *, rl,
-             temperature, max_len, frozen=None):
+             temperature, max_len, frozen=None, dropout_key=None, lora_dropout=0.0):
     """(loss, (metrics, logp)). old_logp None: the parameters are the pre-update ones (the
     first pass of a step), so old_logp is stop_gradient(logp), exactly SPEC.md section 5.
     `frozen(path)`: leaves the optimiser never updates; no gradient is computed for them (a
-    frozen vision tower then runs no backward pass and keeps no activations for one)."""
+    frozen vision tower then runs no backward pass and keeps no activations for one).
+    `dropout_key`: LoRA dropout of rate `lora_dropout` on the adapters' inputs in this forward
+    (the first pass's old_logp then carries the same masks, so its ratio is exactly 1)."""
     if frozen is not None:
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: jax.lax.stop_gradient(x) if frozen(p) else x, params)
     model = nnx.merge(graphdef, params, rest)
-    logp = sampling.token_logprobs_fn(model, batch, temperature=temperature)
+    with layers.lora_dropout(dropout_key, lora_dropout if dropout_key is not None else 0.0):
+        logp = sampling.token_logprobs_fn(model, batch, temperature=temperature)
     if old_logp is None:
         old_logp = jax.lax.stop_gradient(logp)
     loss, metrics = loss_lib.policy_loss(
@@ -48,10 +52,10 @@ class RLStep:
     """
 
     def __init__(self, graphdef, rest, optimizer, rl, *, temperature: float, max_len: int,
-                 params=None, frozen=None):
+                 params=None, frozen=None, lora_dropout: float = 0.0):
         self.graphdef, self.rest, self.opt = graphdef, rest, optimizer
         loss = functools.partial(_loss_fn, rl=rl, temperature=temperature, max_len=max_len,
-                                 frozen=frozen)
+                                 frozen=frozen, lora_dropout=lora_dropout)
         gd = graphdef
 
         def init_opt(p, master=None):
@@ -78,11 +82,12 @@ class RLStep:
 
         @functools.partial(jit, out=None if psh is None else (psh, rep, rep, None),
                            donate_argnums=(0,))
-        def grad(acc, params, rest, batch, adv, old_logp, ref_logp, normalizer):
+        def grad(acc, params, rest, batch, adv, old_logp, ref_logp, normalizer, key=None):
             """Adds this micro-batch's gradient into ``acc`` (donated, updated in place);
-            returns (acc, loss, metrics, logp). ``old_logp`` None on the first pass."""
+            returns (acc, loss, metrics, logp). ``old_logp`` None on the first pass; ``key``
+            draws the LoRA dropout masks (None: no dropout)."""
             (l, (m, logp)), g = jax.value_and_grad(loss, has_aux=True)(
-                params, gd, rest, batch, adv, old_logp, ref_logp, normalizer)
+                params, gd, rest, batch, adv, old_logp, ref_logp, normalizer, dropout_key=key)
             # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
             return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m, logp
 

@@ -106,7 +106,8 @@ class Trainer:
         self.fn = RLStep(graphdef, rest, self.optimizer, cfg.rl,
                          temperature=cfg.sampling.temperature,
                          max_len=cfg.sampling.max_new_tokens, params=params,
-                         frozen=is_vision_path if cfg.train.freeze_vision else None)
+                         frozen=is_vision_path if cfg.train.freeze_vision else None,
+                         lora_dropout=float(cfg.model.lora.dropout))
         # the reference model is a frozen copy: apply() donates the live params
         self.ref_params = jax.tree.map(jnp.copy, params) if cfg.rl.beta > 0 else None
         master = self.fn.init_master(params)
@@ -296,7 +297,9 @@ class Trainer:
         for epoch in range(rl.ppo_epochs):
             grads, acc, loss = fn.zeros(st.params), None, 0.0
             for i, ((_, mb), a, r) in enumerate(zip(mbs, advs, ref)):
-                grads, l, m, logp = fn.grad(grads, st.params, self.rest, mb, a, old[i], r, norm)
+                key = self._next_key() if self.cfg.model.lora.dropout > 0 else None
+                grads, l, m, logp = fn.grad(grads, st.params, self.rest, mb, a, old[i], r, norm,
+                                            key)
                 if epoch == 0:
                     old[i] = logp
                 acc = loss_lib.accumulate_metrics(acc, m)

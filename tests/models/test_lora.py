@@ -42,7 +42,9 @@ def _randomise_b(model, seed=1):
     key = jax.random.key(seed)
     for _, node in lora.adapted(model):
         key, sub = jax.random.split(key)
-        node.lora_b.set_value(0.05 * jax.random.normal(sub, node.lora_b.get_value().shape))
+        old = node.lora_b.get_value()
+        node.lora_b.set_value(jax.device_put(0.05 * jax.random.normal(sub, old.shape),
+                                             old.sharding))
 
 
 def test_fresh_adapters_leave_logits_unchanged(setup, mixed):
@@ -131,3 +133,57 @@ def test_shared_base_view_holds_the_same_arrays(setup, mixed):
     assert all(a in base_arrays for a in view_arrays)        # no copy of any weight
     np.testing.assert_array_equal(np.asarray(view(**mixed)),
                                   np.asarray(from_pretrained(path)(**mixed)))
+
+
+@pytest.mark.heavy
+def test_adapters_and_quantised_base_sharded_on_8_devices(setup, mixed):
+    """On a (2, 2, 2) mesh: adapters, codes and scales are created in place by their logical
+    axes (one program per array, as every host of a pod runs it), and the logits equal the
+    same adapted, NF4-quantised model on one device."""
+    from balcap_jax import sharding as shd
+    _, path = setup
+    one = from_pretrained(path)
+    lora.apply_lora(one, rank=4, alpha=8, quantize="nf4")
+    mesh = shd.make_mesh((2, 2, 2))
+    many = from_pretrained(path, mesh=mesh)
+    lora.apply_lora(many, rank=4, alpha=8, quantize="nf4", mesh=mesh)
+    _randomise_b(one)
+    _randomise_b(many)
+    q = many.model.layers.stack.mlp.gate_proj
+    for var in (q.lora_a, q.lora_b, q.kernel, q.kernel_scale):
+        want = shd.named_sharding(var.get_metadata()["out_sharding"], var.get_value().shape,
+                                  mesh, shd.Rules())
+        assert var.get_value().sharding.is_equivalent_to(want, var.get_value().ndim)
+    assert not q.kernel[...].sharding.is_fully_replicated
+    np.testing.assert_allclose(np.asarray(many(**mixed)), np.asarray(one(**mixed)), atol=ATOL)
+
+
+def _dropout_logits(model, key, rate):
+    """Text-only logits with LoRA dropout at `rate` inside the traced forward."""
+    from balcap_jax.models import layers
+    graphdef, state = nnx.split(model)
+    ids = jnp.arange(10, 26, dtype=jnp.int32)[None]
+    pos = jnp.broadcast_to(jnp.arange(16)[None, None], (3, 1, 16))
+
+    @jax.jit
+    def f(state, key):
+        m = nnx.merge(graphdef, state)
+        with layers.lora_dropout(key, rate):
+            h, _ = m.forward_embeds(m.embed(ids), pos, jnp.ones_like(ids))
+        return m.logits(h)
+    return np.asarray(f(state, key))
+
+
+def test_lora_dropout_touches_only_the_adapter_path(setup):
+    _, path = setup
+    model = from_pretrained(path)
+    lora.apply_lora(model, rank=4, alpha=8)
+    k0, k1 = jax.random.key(0), jax.random.key(1)
+    plain = _dropout_logits(model, k0, 0.0)
+    # B = 0: the adapters add nothing, dropped or not
+    np.testing.assert_allclose(_dropout_logits(model, k0, 0.5), plain, atol=1e-5, rtol=0)
+    _randomise_b(model)
+    plain = _dropout_logits(model, k0, 0.0)
+    a, b, c = (_dropout_logits(model, k, 0.5) for k in (k0, k0, k1))
+    np.testing.assert_array_equal(a, b)                  # the key fixes the masks
+    assert np.abs(a - plain).max() > 1e-3 and np.abs(a - c).max() > 1e-3

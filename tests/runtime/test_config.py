@@ -104,7 +104,7 @@ def test_colab_variants_validate_and_fit_their_device(variant):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda c: setattr(c.model.lora, "dropout", 0.05), r"model.lora.dropout=0.05: only 0"),
+    (lambda c: setattr(c.model.lora, "dropout", 1.0), r"model.lora.dropout=1.0 must be in"),
     (lambda c: setattr(c.model.lora, "quantize", "nf4"), r"model.lora.quantize='nf4' needs"),
     (lambda c: setattr(c.model.lora, "quantize", "int4"), r"model.lora.quantize='int4' is not"),
     (lambda c: setattr(c.train, "optimizer", "sgd"), r"train.optimizer='sgd' is not one of"),

@@ -27,6 +27,7 @@ def lora_config(**train):
     c.model.lora.rank = 8
     c.model.lora.alpha = 16.0
     c.model.lora.modules = tuple(c.model.lora.modules) + ("lm_head",)
+    c.model.lora.dropout = 0.05
     return c
 
 
@@ -35,16 +36,22 @@ def lora_run():
     trainer = build.build_trainer(lora_config(), make_mesh((1, 1, 1), jax.devices()[:1]))
     trainer.p.scorer = _target_scorer()
     base = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(trainer.rest)}
-    curve = [trainer.train_step(next(trainer.p.loader))["reward/frequency"] for _ in range(30)]
-    return trainer, base, curve
+    steps = [trainer.train_step(next(trainer.p.loader)) for _ in range(30)]
+    return trainer, base, steps
 
 
 @pytest.mark.heavy
 def test_lora_learns_the_scripted_reward(lora_run):
-    _, _, curve = lora_run
+    """With LoRA dropout 0.05: the update's forward drops adapter inputs (the sampler does
+    not), so the sampler-trainer log-prob gap is no longer 0, while the first pass's ratio
+    stays exactly 1 (old_logp comes from the same dropped-out forward)."""
+    _, _, steps = lora_run
+    curve = [m["reward/frequency"] for m in steps]
     start, end = np.mean(curve[:5]), np.mean(curve[-5:])
     assert start > 0.02, curve
     assert end >= 2 * start, f"reward went {start:.3f} -> {end:.3f}: {np.round(curve, 3)}"
+    assert all(m["ratio"] == 1.0 for m in steps)
+    assert max(abs(m["logp_gap_sampler_trainer"]) for m in steps[1:]) > 1e-4
 
 
 @pytest.mark.heavy
