@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before JAX initialises its backend, so it is done at import time here.
 Single-device tests are unaffected: jit places work on device 0 unless told otherwise.
 """
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -47,6 +48,17 @@ def _cache_single_device_programs_only():
 if _cache_single_device_programs_only():
     jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. Every XLA:CPU executable keeps
+    memory mappings for its code, and jit caches keep executables for the whole session: over
+    the suite the process reached vm.max_map_count (65530 mappings), where the next compile
+    or cache read segfaulted inside XLA. Later modules recompile (or read the persistent cache)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
