@@ -156,17 +156,22 @@ class Proj(nnx.Module):
         from balcap_jax.models.quant import dequantize
         return dequantize(self.quant, self.kernel[...], self.kernel_scale[...], dtype)
 
-    def dense(self) -> Array:
-        """The whole map as one kernel in the parameter dtype (the adapter folded in): for
-        callers that read the kernel themselves (the chunked lm-head log-probs)."""
+    def dense(self, dtype=None) -> Array:
+        """The whole map as one kernel (the adapter folded in, dequantised) in `dtype` (default:
+        the parameter's): for callers that read the kernel themselves (the chunked lm-head
+        log-probs, the merged export)."""
         if self.lora_a is None and self.quant is None:
-            return self.kernel[...]
-        dtype = self.kernel.dtype if self.quant is None else self.kernel_scale.dtype
+            return self.kernel[...] if dtype is None else self.kernel[...].astype(dtype)
+        if dtype is None:
+            dtype = self.kernel.dtype if self.quant is None else self.kernel_scale.dtype
         w = self.weight(jnp.float32)
-        if self.lora_a is not None:
-            n = len(self.in_shape)
-            w = w + self.lora_scale * jnp.tensordot(self.lora_a[...], self.lora_b[...],
-                                                    axes=((n,), (0,)))
+        if self.lora_a is not None:   # A [lead..., in..., r] B [lead..., r, out...]: per layer
+            a, b = self.lora_a[...], self.lora_b[...]
+            lead = a.shape[:a.ndim - len(self.in_shape) - 1]
+            m = math.prod(lead)
+            d = jnp.einsum("lir,lro->lio", a.reshape(m, -1, a.shape[-1]).astype(jnp.float32),
+                           b.reshape(m, b.shape[len(lead)], -1).astype(jnp.float32))
+            w = w + self.lora_scale * d.reshape(lead + self.in_shape + self.out_shape)
         return w.astype(dtype)
 
     def adapt(self, x: Array, y: Array) -> Array:

@@ -165,17 +165,6 @@ def without_adapters(model):
     return view
 
 
-def _delta(node: Proj) -> jax.Array:
-    """(alpha / r) A B in the kernel's layout, float32."""
-    a, b = node.lora_a[...], node.lora_b[...]
-    lead = a.ndim - len(node.in_shape) - 1
-    lead_shape = a.shape[:lead]
-    n = math.prod(lead_shape)
-    d = jnp.einsum("lir,lro->lio", a.reshape(n, -1, a.shape[-1]),
-                   b.reshape(n, b.shape[lead], -1))
-    return (d * node.lora_scale).reshape(lead_shape + node.in_shape + node.out_shape)
-
-
 def merged(model, dtype=None):
     """A plain model (no adapters, no quantisation) with the adapters folded into the kernels,
     in `dtype` (default: the dtype of the unadapted parameters)."""
@@ -191,8 +180,8 @@ def merged(model, dtype=None):
             continue
         src = pairs[path]
         names = src.kernel.get_metadata().get("out_sharding")
-        w = src.weight(jnp.float32) + _delta(src)
-        node.kernel = nnx.data(nnx.Param(w.astype(dtype), out_sharding=names, eager_sharding=False))
+        node.kernel = nnx.data(nnx.Param(src.dense(jnp.float32).astype(dtype),
+                                         out_sharding=names, eager_sharding=False))
         node.kernel_scale = None
         node.quant = None
     return view
