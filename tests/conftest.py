@@ -50,15 +50,28 @@ if _cache_single_device_programs_only():
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+MAX_MAPPINGS = 30_000   # half of Linux's default vm.max_map_count (65530)
+
+
+def _mappings() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:          # not Linux: nothing to watch
+        return 0
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drops JAX's compiled programs after each test module. Every XLA:CPU executable keeps
-    memory mappings for its code, and jit caches keep executables for the whole session: over
-    the suite the process reached vm.max_map_count (65530 mappings), where the next compile
-    or cache read segfaulted inside XLA. Later modules recompile (or read the persistent cache)."""
+    """Drops JAX's compiled programs after a test module once the process holds many memory
+    mappings. Every XLA:CPU executable maps its code, and jit caches keep executables for the
+    whole session: over the suite the process reached vm.max_map_count (65530), where the next
+    compile or cache read segfaulted inside XLA. Clearing only past MAX_MAPPINGS keeps the
+    in-memory programs that later modules reuse (clearing after every module cost minutes)."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    if _mappings() > MAX_MAPPINGS:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
