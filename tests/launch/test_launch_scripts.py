@@ -3,10 +3,9 @@
 The cluster scripts are checked through --dry-run (each command printed after "+ ", quoted as
 bash would read it: shlex parses it back), and the commands they send to the workers are run
 here where that is possible without the cluster (the TPU `run` command, against a fake
-interpreter). local_multiprocess.sh runs for real: two processes of two fake CPU devices each
-take one step of configs/tiny.py on one 4-device mesh (about a minute on two cores).
+interpreter). local_multiprocess.sh runs for real in tests/train/test_multihost.py: two
+processes of two fake CPU devices each take one step of configs/tiny.py on one 4-device mesh.
 """
-import json
 import os
 import re
 import shlex
@@ -286,24 +285,6 @@ def test_local_one_failure_stops_the_others(tmp_path):
     assert codes == {"0": "143", "1": "3", "2": "143"}, r.stdout     # SIGTERM: 128 + 15
     assert "process 1 exited with 3" in r.stderr
     assert (tmp_path / "logs" / "proc2.log").read_text() == "process 2 of 3\n"
-
-
-@pytest.mark.heavy
-def test_local_two_processes_take_a_step_of_tiny(tmp_path):
-    workdir = tmp_path / "run"
-    r = _run(LOCAL, "--processes", "2", "--devices-per-process", "2", "--logdir",
-             str(tmp_path / "logs"), "--config", "configs/tiny.py", "--",
-             "--config.train.steps=1", "--config.train.batch_size=4",
-             "--config.data.num_eval=0", "--config.mesh.fsdp=4", f"--config.workdir={workdir}",
-             timeout=480)
-    logs = [(tmp_path / "logs" / f"proc{i}.log").read_text() for i in range(2)]
-    assert r.returncode == 0, (r.stdout, r.stderr, [log[-3000:] for log in logs])
-    assert re.findall(r"process (\d): exit (\d+)", r.stdout) == [("0", "0"), ("1", "0")]
-    # one 4-device mesh over both processes, and process 0's metrics: one row, step 1
-    assert "'fsdp': 4" in logs[0], logs[0][-3000:]
-    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    assert [row["step"] for row in rows] == [1]
-    assert os.path.exists(workdir / "export" / "model.safetensors")
 
 
 if __name__ == "__main__":

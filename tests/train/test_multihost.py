@@ -1,5 +1,7 @@
 """Multi-host: two JAX processes on localhost (gloo collectives, 2 fake CPU devices each, one
 global 4-device mesh) run one train step of configs/tiny.py, each on its own half of the batch.
+They are started by launch/local_multiprocess.sh, so this is also the real run of that script
+(its environment, its exit codes, its logs).
 
 They must agree (the same metrics and the same parameter checksums, replicated leaves
 included: a host that computed different advantages would update its replicas differently)
@@ -11,25 +13,34 @@ Time: about a minute on two shared cores, most of it the workers' one step (~35 
 even with every compile served from the persistent cache: the per-parameter cross-process
 collectives over gloo, not compiles).
 
-Run as a script, this file is the worker:
-    BALCAP_COORDINATOR=127.0.0.1:PORT BALCAP_NUM_PROCESSES=2 BALCAP_PROCESS_ID=i \\
-    python tests/train/test_multihost.py OUT_DIR
+Run as a script, this file is the worker: the launch script's interpreter (BALCAP_PYTHON) is a
+shim that runs
+    python tests/train/test_multihost.py OUT_DIR -m balcap_jax.main --config=... [flags]
+with BALCAP_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID set by the script.
 """
 import dataclasses
 import json
 import os
+import re
+import shlex
+import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests._fakes.processes import run_processes
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOSTS, DEVICES_PER_HOST, TIMEOUT_S = 2, 2, 240
 METRICS = ("loss", "grad_norm", "reward/frequency", "reward/frequency_std", "advantage_abs",
            "length/tokens", "logp_gap_sampler_trainer", "scorer/target_token_share")
+
+
+FLAGS = ("--config.mesh.data=1", f"--config.mesh.fsdp={HOSTS * DEVICES_PER_HOST}",
+         "--config.mesh.tensor=1",
+         "--config.train.batch_size=4",   # global: 2 prompts per host, 16 rollouts, micro 8
+         "--config.data.num_eval=3",      # held-out examples: odd, so the hosts' shares differ
+         "--config.train.steps=1", "--config.compile_cache_dir=")
 
 
 def tiny_config():
@@ -50,9 +61,10 @@ def param_summary(values) -> list:
             for v in values]
 
 
-def worker(out_dir: str) -> None:
-    """``balcap_jax.main.run`` for one step (it initialises jax.distributed from BALCAP_*),
-    with the Trainer it builds recorded, then this process's view of the result as JSON."""
+def worker(out_dir: str, argv: list[str]) -> None:
+    """``balcap_jax.main`` with the launch script's arguments (it initialises jax.distributed
+    from BALCAP_*), with the Trainer it builds recorded, then this process's view of the result
+    as JSON."""
     import jax
 
     from balcap_jax import build, main
@@ -91,11 +103,13 @@ def worker(out_dir: str) -> None:
         return trainer
     build.build_trainer = build_trainer
 
-    cfg = tiny_config()
-    cfg.workdir = os.path.join(out_dir, "run")    # shared: orbax writes each host's shards
-    cfg.train.steps = 1
-    cfg.compile_cache_dir = ""      # keep the test's cache (JAX_COMPILATION_CACHE_DIR)
-    main.run(cfg)
+    assert argv[:2] == ["-m", "balcap_jax.main"], argv
+    from absl import app
+    try:
+        app.run(main.main, argv=["balcap_jax.main", *argv[2:]])
+    except SystemExit as e:
+        if e.code:
+            raise
     # the run has ended: main gathered the parameters to every host for the export
     values = [np.asarray(x) for x in jax.tree.leaves(seen["trainer"].state.params)]
     result = {"process": jax.process_index(), "processes": jax.process_count(),
@@ -113,10 +127,37 @@ def worker(out_dir: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 
-def _run_workers(out_dir: str) -> list[dict]:
-    run_processes(__file__, out_dir, processes=HOSTS, devices_per_process=DEVICES_PER_HOST,
-                  timeout_s=TIMEOUT_S)
-    return [json.load(open(os.path.join(out_dir, f"result{i}.json"))) for i in range(HOSTS)]
+def _run_workers(out_dir: str) -> tuple[list[dict], str, list[str]]:
+    """launch/local_multiprocess.sh with a shim interpreter that runs `worker`: the workers'
+    results, the script's output and the processes' logs."""
+    shim = os.path.join(out_dir, "python")
+    with open(shim, "w") as f:
+        f.write(f"#!/bin/sh\nPYTHONPATH={shlex.quote(ROOT)} exec {shlex.quote(sys.executable)} "
+                f"-u {shlex.quote(os.path.abspath(__file__))} {shlex.quote(out_dir)} \"$@\"\n")
+    os.chmod(shim, 0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # no persistent cache: several devices a process
+    env["BALCAP_PYTHON"] = shim
+    logdir = os.path.join(out_dir, "logs")
+    p = subprocess.Popen(
+        ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "--processes",
+         str(HOSTS), "--devices-per-process", str(DEVICES_PER_HOST), "--logdir", logdir,
+         "--config", "configs/tiny.py", "--", *FLAGS,
+         f"--config.workdir={os.path.join(out_dir, 'run')}"],   # shared: each host's shards
+        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, _ = p.communicate()
+    logs = []
+    for i in range(HOSTS):
+        path = os.path.join(logdir, f"proc{i}.log")
+        logs.append(open(path).read() if os.path.exists(path) else "")
+    assert p.returncode == 0, (out, [log[-4000:] for log in logs])
+    results = [json.load(open(os.path.join(out_dir, f"result{i}.json"))) for i in range(HOSTS)]
+    return results, out, logs
 
 
 def _single_process_reference(cfg, image_ids):
@@ -141,8 +182,11 @@ def test_two_processes_run_a_step_and_agree(tmp_path):
     import jax
 
     from balcap_jax.checkpoint import Checkpointer
-    results = _run_workers(str(tmp_path))
+    results, out, logs = _run_workers(str(tmp_path))
     a, b = results
+    # the launch script's report: both processes exited 0; main logged the one 4-device mesh
+    assert re.findall(r"process (\d): exit (\d+)", out) == [("0", "0"), ("1", "0")], out
+    assert "'fsdp': 4" in logs[0], logs[0][-3000:]
     assert [(r["process"], r["processes"], r["devices"]) for r in results] == [
         (0, 2, 4), (1, 2, 4)]
     assert a["spans_hosts"], "no parameter was sharded across the two processes"
@@ -188,4 +232,4 @@ def test_two_processes_run_a_step_and_agree(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], sys.argv[2:])
