@@ -15,7 +15,8 @@ import shutil
 
 from etils import epath
 
-__all__ = ["is_remote", "join", "makedirs", "write_text", "Mirror"]
+__all__ = ["is_remote", "join", "exists", "makedirs", "write_text", "download_dir",
+           "upload_dir", "Mirror"]
 
 MIRROR_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "balcap_jax", "mirror")
 
@@ -28,6 +29,10 @@ def join(workdir, *names: str) -> str:
     if is_remote(workdir):
         return os.fspath(epath.Path(workdir).joinpath(*names))
     return os.path.join(workdir, *names)
+
+
+def exists(path) -> bool:
+    return epath.Path(path).exists()
 
 
 def makedirs(path) -> None:
@@ -61,6 +66,27 @@ def _copy(src: epath.Path, dst: epath.Path) -> int:
         _copy_file(src, dst)
         return 1
     return sum(_copy(child, dst / child.name) for child in src.iterdir())
+
+
+def download_dir(remote, local: str) -> int:
+    """A remote folder copied to the local `local`, replacing it whole: the copy is made
+    beside it and renamed, so a crash never leaves a partial folder under the final name."""
+    tmp = f"{local}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    n = _copy(epath.Path(remote), epath.Path(tmp))
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(tmp, local)
+    return n
+
+
+def upload_dir(local: str, remote, *, last: str | None = None) -> int:
+    """A local folder copied up to `remote`; its top-level file `last` goes after all the rest
+    (a marker whose presence tells readers the folder is complete)."""
+    src, dst = epath.Path(local), epath.Path(remote)
+    n = sum(_copy(child, dst / child.name) for child in src.iterdir() if child.name != last)
+    if last is not None:
+        n += _copy(src / last, dst / last)
+    return n
 
 
 class Mirror:

@@ -30,12 +30,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import tensorflow_datasets as tfds
 from etils import epath
 
+from balcap_jax import workdir
 from balcap_jax.data import images as images_lib
 from balcap_jax.data import records as records_lib
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "build_summary.json"
+INFO_FILE = "dataset_info.json"     # TFDS writes it last: its presence means prepared
 DEFAULT_DATA_DIR = os.path.join("workdir", "tfds")
 
 
@@ -207,8 +209,43 @@ def _image_fingerprint(fmt: str, splits, root: str, options: dict, workers: int)
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
-    """The given data dir, or `workdir/tfds` under the current directory."""
+    """The given data dir (a bucket URL as it is), or `workdir/tfds` under the current
+    directory."""
+    if data_dir and workdir.is_remote(data_dir):
+        return data_dir
     return os.path.abspath(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
+
+
+def open_builder(cls, config, data_dir: str | None):
+    """`cls(config)` on `data_dir`, ready to read when the dataset is prepared there.
+
+    A bucket `data_dir` (gs://...) is read from a local copy (a `workdir.Mirror`), because
+    array_record reads local files: when the bucket holds the prepared dataset (an earlier
+    run's, or another host's build) and the copy does not, the dataset's own directory is
+    copied down. A dataset built into the copy goes up with `publish`. The copy needs the
+    dataset's size on local disk."""
+    data_dir = resolve_data_dir(data_dir)
+    if not workdir.is_remote(data_dir):
+        return cls(config=config, data_dir=data_dir, file_format="array_record")
+    local = workdir.Mirror(data_dir).local
+    builder = cls(config=config, data_dir=local, file_format="array_record")
+    remote = workdir.join(data_dir, os.path.relpath(builder.data_dir, local))
+    if not builder.is_prepared() and workdir.exists(workdir.join(remote, INFO_FILE)):
+        log.info("copying prepared dataset %s down to %s", remote, builder.data_dir)
+        workdir.download_dir(remote, builder.data_dir)
+        builder = cls(config=config, data_dir=local, file_format="array_record")
+    return builder
+
+
+def publish(builder, data_dir: str | None) -> None:
+    """Copies a dataset just built for a bucket `data_dir` up to it, dataset_info.json last,
+    so that no reader takes a half-copied dataset for a prepared one (local: nothing to do)."""
+    data_dir = resolve_data_dir(data_dir)
+    if workdir.is_remote(data_dir):
+        local = workdir.Mirror(data_dir).local
+        remote = workdir.join(data_dir, os.path.relpath(builder.data_dir, local))
+        workdir.upload_dir(builder.data_dir, remote, last=INFO_FILE)
+        log.info("prepared dataset copied up to %s", remote)
 
 
 def make_config(fmt: str, files, *, split: str = "train", image_root: str | None = None,
@@ -256,8 +293,7 @@ def build_dataset(fmt: str, files, *, split: str = "train", image_root: str | No
                          max_caption_chars=max_caption_chars,
                          allow_outside_root=allow_outside_root, num_workers=num_workers,
                          name=name)
-    data_dir = resolve_data_dir(data_dir)
-    builder = BUILDERS[fmt](config=config, data_dir=data_dir, file_format="array_record")
+    builder = open_builder(BUILDERS[fmt], config, data_dir)
     summary_path = os.path.join(builder.data_dir, SUMMARY_FILE)
     if builder.is_prepared():
         log.info("reusing prepared dataset %s", builder.data_dir)
@@ -285,6 +321,7 @@ def build_dataset(fmt: str, files, *, split: str = "train", image_root: str | No
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1, sort_keys=True)
         log.info("build summary written to %s", summary_path)
+        publish(builder, data_dir)
     return builder, summary
 
 

@@ -54,18 +54,19 @@ def _build(cfg: ml_collections.ConfigDict, *, is_builder_host: bool):
         return builders.build_dataset(cfg.builder, cfg.files, split=cfg.split,
                                       data_dir=cfg.data_dir or None, name=cfg.name or None,
                                       **_options(cfg))[0]
-    return builders.BUILDERS[cfg.builder](
-        config=builders.make_config(cfg.builder, cfg.files, split=cfg.split,
-                                    name=cfg.name or None, **_options(cfg)),
-        data_dir=builders.resolve_data_dir(cfg.data_dir or None), file_format="array_record")
+    return builders.open_builder(
+        builders.BUILDERS[cfg.builder],
+        builders.make_config(cfg.builder, cfg.files, split=cfg.split, name=cfg.name or None,
+                             **_options(cfg)), cfg.data_dir or None)
 
 
 def make_loader(cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int = 0,
                 shard_index: int | None = None, shard_count: int | None = None) -> CaptionLoader:
     """Prepares (or reuses) the dataset of `cfg` and returns this host's CaptionLoader.
 
-    With several JAX processes, process 0 builds while the others wait at a barrier (the data
-    dir must be on a shared file system); shard index/count default to the process's.
+    With several JAX processes, process 0 builds while the others wait at a barrier; then they
+    read it from the data dir, which must be a file system all hosts share or a bucket (each
+    host copies the dataset down); shard index/count default to the process's.
     """
     import jax  # deferred: data-only tools need not start JAX
 
@@ -85,7 +86,8 @@ def make_loader(cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int = 
         builder = _build(cfg, is_builder_host=False)
         if not builder.is_prepared():
             raise RuntimeError(f"dataset {builder.data_dir} was built by process 0 but is not "
-                               "visible here: data_dir must be on a file system all hosts share")
+                               "visible here: data_dir must be on a file system all hosts "
+                               "share, or a bucket (gs://...)")
     source = builders.open_source(builder, cfg.split)
     return CaptionLoader(source, batch_size=batch_size, seed=seed, prompt=cfg.prompt,
                          prompts=tuple(cfg.prompts), use_data_prompt=cfg.use_data_prompt,

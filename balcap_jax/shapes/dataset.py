@@ -157,15 +157,16 @@ class ShapesWorld(builders.LocalBuilder):
 
 def build_shapes_dataset(*, seed: int = 0, num_train: int = 4000, num_eval: int = 256,
                          image_size: int = 112, data_dir: str | None = None) -> ShapesWorld:
-    """Prepares the dataset under `data_dir` (default workdir/tfds), or reuses a prepared one."""
+    """Prepares the dataset under `data_dir` (default workdir/tfds; a bucket URL works, see
+    builders.open_builder), or reuses a prepared one."""
     config = make_config(seed=seed, num_train=num_train, num_eval=num_eval,
                          image_size=image_size)
-    builder = ShapesWorld(config=config, data_dir=builders.resolve_data_dir(data_dir),
-                          file_format="array_record")
+    builder = builders.open_builder(ShapesWorld, config, data_dir)
     if builder.is_prepared():
         log.info("reusing prepared ShapesWorld %s", builder.data_dir)
     else:
         builder.download_and_prepare()
+        builders.publish(builder, data_dir)
     return builder
 
 

@@ -8,36 +8,24 @@ import importlib.util
 import json
 import os
 
-import fsspec
 import jax
 import numpy as np
 import pytest
 from flax import nnx
-from fsspec.implementations.memory import MemoryFileSystem
 
 from balcap_jax import build, checkpoint, main
 from balcap_jax import workdir as wd
 from balcap_jax.metrics import MetricsWriter
 from balcap_jax.sharding import make_mesh
+from tests._fakes.bucket import memory_bucket
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class MemoryBucket(MemoryFileSystem):
-    protocol = ("gs", "gcs")
-    store: dict = {}
-    pseudo_dirs = [""]
 
 
 @pytest.fixture
 def bucket(monkeypatch, tmp_path):
     """gs:// in memory, emptied per test, and a fresh local mirror root (a new machine)."""
-    for name in ("gs", "gcs"):
-        fsspec.register_implementation(name, MemoryBucket, clobber=True)
-    MemoryBucket.store.clear()
-    MemoryBucket.pseudo_dirs[:] = [""]
-    monkeypatch.setattr(wd, "MIRROR_ROOT", str(tmp_path / "mirror0"))
-    return MemoryBucket
+    return memory_bucket(monkeypatch, str(tmp_path / "mirror0"))
 
 
 def _read(bucket, url):
