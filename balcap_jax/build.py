@@ -320,6 +320,23 @@ def build_scorer(cfg, tokenizer, *, mesh=None, rules=None, policy=None):
     raise ValueError(f"unknown scorer.name={name!r}")
 
 
+def build_eval_judge(kind: str, scorer=None, load_image=None):
+    """The evaluation's judge (balcap_jax.eval.judges): "none", "llm" (the judge model of a
+    `judges` scorer answers the questions) or "shapes" (ShapesWorld's exact judge)."""
+    if kind == "none":
+        return None
+    if kind == "llm":
+        from balcap_jax.eval.judges import LLMJudge
+        if not hasattr(scorer, "backend"):
+            raise ValueError("eval_judge=llm needs scorer.name=judges: its judge model answers "
+                             "the evaluation's questions")
+        return LLMJudge(scorer.backend, load_image)
+    if kind == "shapes":
+        from balcap_jax.shapes.eval_judge import ShapesEvalJudge
+        return ShapesEvalJudge()
+    raise ValueError(f"eval_judge={kind!r}: use none, llm or shapes")
+
+
 def judge_cache(cfg):
     """The judges' reference-unit cache (SQLite) as a workdir.Mirror: in the workdir, or in a
     local copy synced to a bucket workdir (SQLite cannot live in a bucket)."""

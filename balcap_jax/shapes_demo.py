@@ -238,6 +238,45 @@ def _evaluate(trainer, params, name: str, progress=True) -> tuple[dict, list, di
     return out, records, attrs
 
 
+def evaluate_policies(workdir: str, examples: list, captions: dict[str, list[str]], *,
+                      samples: int = 1000, meteor: bool = True, progress: bool = True) -> dict:
+    """The evaluation harness (balcap_jax.evaluate) on each policy's held-out captions, with
+    ShapesWorld's exact judges standing in for the LLM judges: b-CapScore from the exact
+    scorer, QA accuracy on the world's questions, fact P/R/F1, and the pairwise score against
+    the warm start ("before"). Writes workdir/captions/<policy>.jsonl, workdir/eval/results.json
+    and .md, and workdir/report.html; returns {policy: {metric: value}}."""
+    from balcap_jax.data.records import Record
+    from balcap_jax.evaluate import evaluate
+    from balcap_jax.shapes import world
+    from balcap_jax.shapes.eval_judge import ShapesEvalJudge, shapes_questions
+    from balcap_jax.shapes.scorer import ShapesScorer
+    ids = [str(e["image_id"]) for e in examples]
+    files = {}
+    os.makedirs(os.path.join(workdir, "captions"), exist_ok=True)
+    for name, caps in captions.items():
+        files[name] = os.path.join(workdir, "captions", f"{name}.jsonl")
+        with open(files[name], "w") as f:
+            for i, c in zip(ids, caps):
+                f.write(json.dumps({"image": i, "caption": c, "model": name,
+                                    "decoding": "greedy"}) + "\n")
+    records = [Record(image=i, image_id=i, references=list(e["references"]))
+               for i, e in zip(ids, examples)]
+    t = time.perf_counter()
+    res = evaluate(records, files, os.path.join(workdir, "eval"), scorer=ShapesScorer(),
+                   load_image=lambda k: world.render(world.scene_from_id(k)),
+                   scorer_context=lambda keys: {"image_ids": list(keys)},
+                   eval_judge=ShapesEvalJudge(), questions=shapes_questions(ids),
+                   baselines=("before",), samples=samples, meteor=meteor,
+                   html_path=os.path.join(workdir, "report.html"),
+                   title="ShapesWorld: warm start, RL, supervised control")
+    out = {n: {m: e["value"] for m, e in p["metrics"].items()}
+           for n, p in res["policies"].items()}
+    if progress:
+        print(f"[demo] evaluation harness ({time.perf_counter() - t:.0f} s): "
+              f"{os.path.join(workdir, 'report.html')}", flush=True)
+    return out
+
+
 def run_demo(cfg, *, progress: bool = True) -> dict:
     """The whole pipeline (module doc); returns the summary written to workdir/summary.json."""
     from balcap_jax import build
@@ -308,6 +347,12 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
                        "sft_control": control_attrs},
         "examples": {"before": before_rec[:4], "after": after_rec[:4],
                      "sft_control": control_rec[:4]},
+        "evaluation": evaluate_policies(
+            cfg.workdir, parts.eval_examples,
+            {"before": [r["caption"] for r in before_rec],
+             "after": [r["caption"] for r in after_rec],
+             "sft_control": [r["caption"] for r in control_rec]},
+            meteor=bool(cfg.demo.get("meteor", True)), progress=progress),
     }
     with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

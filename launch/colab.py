@@ -96,6 +96,7 @@ if SMOKE:   # tests/shapes/test_demo.py checks what this run writes
     shapes.sft.max_steps, shapes.sft.warmup_steps, shapes.sft.chunk = 60, 5, 20
     shapes.sft.vision_pretrain_steps = 10
     shapes.train.steps = 4
+    shapes.demo.meteor = False   # METEOR's Java start-up (~5 s a policy) for 16 images
 summary = run_demo(shapes, progress=True)
 display(Image(filename=f"{shapes.workdir}/curves.png"))
 for name in ("before", "after", "sft_control"):
