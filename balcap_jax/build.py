@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -14,6 +15,8 @@ import jax
 
 from balcap_jax import memory_plan as mp
 from balcap_jax.sharding import Rules, make_mesh
+
+log = logging.getLogger(__name__)
 
 __all__ = ["hf_config_of", "memory_plan", "mesh_and_rules", "judge_mesh", "judge_devices",
            "prompt_buckets", "bound_image_processor", "build_policy", "build_tokenizer",
@@ -406,7 +409,14 @@ def _ready_policy(cfg, mesh=None, rules=None):
     """The policy with the model block's kernels and the data block's fixed vision slot."""
     policy = build_policy(cfg, mesh, rules)
     lc = cfg.model.lora
-    if lc.rank > 0:   # adapters (and a quantised base) before anything reads the parameters
+    adapter = cfg.model.get("adapter", "")
+    if adapter:       # trained adapters onto model.path's weights, with their own settings
+        from balcap_jax.models import lora
+        lora.apply_lora(policy, **lora.peft_settings(adapter), quantize=lc.quantize,
+                        seed=cfg.seed, mesh=mesh, rules=rules)
+        n = lora.load_peft(policy, adapter)
+        log.info("loaded %d adapted projections from %s", n, adapter)
+    elif lc.rank > 0:  # adapters (and a quantised base) before anything reads the parameters
         from balcap_jax.models import lora
         lora.apply_lora(policy, rank=int(lc.rank), alpha=float(lc.alpha),
                         modules=tuple(lc.modules), parts=tuple(lc.parts),

@@ -7,7 +7,8 @@
         --config.data.image_root=/data/val2017 --out=caps.jsonl
 
 The config's model block picks the checkpoint (a run's export or a Hugging Face Qwen2.5-VL /
-LLaVA-1.5 directory with its tokenizer), its data block the prompt, the image bounds and the
+LLaVA-1.5 directory with its tokenizer; for a LoRA run, the base there and
+`--config.model.adapter=RUN/export/adapter`, the PEFT adapter put back on), its data block the prompt, the image bounds and the
 fixed shapes, its sampling block the decoding (greedy by default: --sample draws at
 sampling.temperature / top_p / top_k with --seed). Images are read with the data builders'
 checks; a bad one is skipped and counted by reason (the summary is printed and written to

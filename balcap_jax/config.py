@@ -44,6 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     lc.modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     lc.parts = ("language",)     # language | projector | vision (qkv names a Qwen vision qkv)
     lc.quantize = ""             # QLoRA: "int8" or "nf4" stores the adapted kernels quantised
+    c.model.adapter = ""         # a PEFT LoRA adapter directory (a run's export/adapter) put
+                                 # onto model.path's weights, with its own rank, alpha and
+                                 # targets (adapter_config.json): captioning a LoRA run
     c.model.tokenizer = ""       # "qwen2.5" (offline vocabulary), "tiny" (a BPE trained on
                                  # the data's references), a path, or "" = model.path
     c.model.tiny_vocab = 400     # vocabulary size of the "tiny" tokenizer

@@ -40,7 +40,7 @@ from balcap_jax.models import hf, quant
 from balcap_jax.models.layers import Proj
 
 __all__ = ["LoRAParam", "DEFAULT_MODULES", "PARTS", "apply_lora", "adapted", "has_lora",
-           "trainable", "without_adapters", "merged", "save_peft"]
+           "trainable", "without_adapters", "merged", "save_peft", "peft_settings", "load_peft"]
 
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = ("language", "projector", "vision")
@@ -233,3 +233,57 @@ def save_peft(model, path: str, *, base_model: str = "") -> list[str]:
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     return sorted(names)
+
+
+def peft_settings(path: str) -> dict:
+    """rank, alpha, modules and parts of a PEFT LoRA adapter directory (its
+    adapter_config.json), as `apply_lora` takes them."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        c = json.load(f)
+    if c.get("peft_type") != "LORA" or c.get("use_dora") or c.get("use_rslora"):
+        raise ValueError(f"{path}: a plain LoRA adapter is needed (peft_type LORA, no DoRA or "
+                         f"rsLoRA); got {c.get('peft_type')}")
+    targets = c["target_modules"]
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return {"rank": int(c["r"]), "alpha": float(c["lora_alpha"]),
+            "modules": tuple(sorted({t.rsplit(".", 1)[-1] for t in targets})),
+            "parts": tuple(sorted({_part(tuple(t.split("."))) for t in targets}))}
+
+
+def load_peft(model, path: str) -> int:
+    """Reads a PEFT LoRA adapter directory (`save_peft`'s, or peft's for the same base) into
+    the model's adapters (`apply_lora` with `peft_settings(path)` first); returns the number
+    of projections read. The inverse of save_peft's layout: lora_A [r, in], lora_B [out, r]."""
+    from safetensors.numpy import load_file
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    pairs = adapted(model)
+    if not pairs:
+        raise ValueError("the model has no adapters to load into: apply_lora first")
+    rules = hf.get_spec(model.cfg.model_type).key_rules(model.cfg)
+    n = 0
+    for mpath, node in pairs:
+        a = np.array(jax.device_get(node.lora_a[...]), np.float32)
+        b = np.array(jax.device_get(node.lora_b[...]), np.float32)
+        rank = a.shape[-1]
+        kpath = "/".join(map(str, mpath)) + "/kernel"
+        for ps, i, _ in hf._per_layer(kpath, tuple(node.kernel.shape)):
+            rule = next((r for r in rules if r.match_ours(ps) is not None), None)
+            if rule is None:
+                raise ValueError(f"no HF key rule for adapted projection {ps}")
+            fields = rule._regex(rule.ours).match(ps).groupdict()
+            names = [t.format(**fields)[:-len(".weight")] for t in (*rule.aliases, rule.hf)]
+            key = next((f"base_model.model.{m}" for m in names
+                        if f"base_model.model.{m}.lora_A.weight" in tensors), None)
+            if key is None:
+                raise ValueError(f"{path}: no adapter for {names[0]} (looked for "
+                                 f"base_model.model.<{' | '.join(names)}>.lora_A.weight)")
+            la, lb = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
+            if la.shape[0] != rank or lb.shape[1] != rank:
+                raise ValueError(f"{path}: {key} has rank {la.shape[0]}, the model {rank}")
+            at, bt = (a, b) if i is None else (a[i], b[i])
+            at[...] = la.T.reshape(at.shape)
+            bt[...] = lb.T.reshape(bt.shape)
+            n += 1
+        node.lora_a[...] = jax.device_put(a, node.lora_a[...].sharding)
+        node.lora_b[...] = jax.device_put(b, node.lora_b[...].sharding)
+    return n

@@ -106,6 +106,19 @@ def test_lora_resume_is_exact_and_export_is_merged_plus_peft(tmp_path, monkeypat
     want = trainer.model()(input_ids=ids, attention_mask=np.ones_like(ids))
     got = from_pretrained(export)(input_ids=ids, attention_mask=np.ones_like(ids))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+    # ... and so is the base with the PEFT adapter put back on (model.adapter: what captioning
+    # a LoRA run uses), from the adapter's own settings alone
+    c = lora_config()
+    c.model.lora.rank, c.model.adapter = 0, os.path.join(export, "adapter")
+    policy = build.build_captioner(c, make_mesh((1, 1, 1), jax.devices()[:1]),
+                                   tokenizer=trainer.p.tokenizer).model
+    got = policy(input_ids=ids, attention_mask=np.ones_like(ids))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+    c.model.adapter = ""
+    base = build.build_captioner(c, make_mesh((1, 1, 1), jax.devices()[:1]),
+                                 tokenizer=trainer.p.tokenizer).model
+    base = base(input_ids=ids, attention_mask=np.ones_like(ids))
+    assert np.abs(np.asarray(base) - np.asarray(want)).max() > 1e-3    # the adapters matter
 
 
 def test_bf16_moments_track_float32_adamw():
