@@ -5,12 +5,15 @@
     python -m balcap_jax.caption --config=configs/qwen.py --config.model.path=... \
         --config.data.builder=coco --config.data.files=captions_val2017.json \
         --config.data.image_root=/data/val2017 --out=caps.jsonl
+    python -m balcap_jax.caption --config=configs/qwen.py --config.model.path=... \
+        [data block of the run] --split=eval --out=caps.jsonl   # a prepared TFDS split
 
 The config's model block picks the checkpoint (a run's export or a Hugging Face Qwen2.5-VL /
 LLaVA-1.5 directory with its tokenizer; for a LoRA run, the base there and
-`--config.model.adapter=RUN/export/adapter`, the PEFT adapter put back on), its data block the prompt, the image bounds and the
-fixed shapes, its sampling block the decoding (greedy by default: --sample draws at
-sampling.temperature / top_p / top_k with --seed). Images are read with the data builders'
+`--config.model.adapter=RUN/export/adapter`, the PEFT adapter put back on), its data block
+the prompt, the image bounds and the fixed shapes (with --split, the prepared TFDS split),
+its sampling block the decoding (greedy by default: --sample draws at sampling.temperature /
+top_p / top_k with --seed). Images are read with the data builders'
 checks; a bad one is skipped and counted by reason (the summary is printed and written to
 OUT.summary.json). Each caption is one JSONL line {"image", "caption", "model", "decoding"},
 flushed as written: a killed run started again skips the images already in OUT (a torn last
@@ -69,9 +72,10 @@ def inputs(cfg, folder: str = "") -> list[str]:
 
 
 def caption(cfg, paths: list[str], out: str, *, batch: int, sample: bool = False,
-            seed: int = 0) -> dict:
+            seed: int = 0, load=None) -> dict:
     """Captions `paths` into `out` (JSONL), skipping those already there; returns the
-    summary (kept, skipped by reason, fixes)."""
+    summary (kept, skipped by reason, fixes). `load(key) -> image array` reads keys that are
+    not files (a prepared split's image ids, `data.config.prepared_split`)."""
     import jax
 
     from balcap_jax import build
@@ -92,10 +96,11 @@ def caption(cfg, paths: list[str], out: str, *, batch: int, sample: bool = False
     mesh, rules = build.mesh_and_rules(cfg, sizes)
     with use_sharding(mesh, rules):
         cap = build.build_captioner(cfg, mesh, rules)
-        return _caption(cfg, cap, paths, todo, out, batch=batch, sample=sample, seed=seed)
+        return _caption(cfg, cap, paths, todo, out, batch=batch, sample=sample, seed=seed,
+                        load=load)
 
 
-def _caption(cfg, cap, paths, todo, out, *, batch, sample, seed) -> dict:
+def _caption(cfg, cap, paths, todo, out, *, batch, sample, seed, load=None) -> dict:
     import jax
     import numpy as np
     from tqdm.auto import tqdm
@@ -120,6 +125,10 @@ def _caption(cfg, cap, paths, todo, out, *, batch, sample, seed) -> dict:
         for start in range(0, len(todo), batch):
             chunk, arrays = [], []
             for path in todo[start:start + batch]:
+                if load is not None:    # a prepared split: checked when it was built
+                    chunk.append(path)
+                    arrays.append(np.asarray(load(path)))
+                    continue
                 try:
                     img = images_lib.load_image(path, max_side=d.max_side,
                                                 max_pixels=d.max_pixels,
@@ -172,9 +181,17 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch", 8, "images per generate call")
     flags.DEFINE_bool("sample", False, "sample at the config's temperature instead of greedy")
     flags.DEFINE_integer("seed", 0, "the sampling seed")
+    flags.DEFINE_string("split", "", "train | eval: the data block's prepared TFDS split "
+                        "(built as training builds it if it is not yet); keys are image ids")
 
     def main(_):
         cfg = FLAGS.config
+        if FLAGS.split:
+            from balcap_jax.data.config import prepared_split
+            ids, example = prepared_split(cfg.data, FLAGS.split)
+            caption(cfg, ids, FLAGS.out, batch=FLAGS.batch, sample=FLAGS.sample,
+                    seed=FLAGS.seed, load=lambda k: example(k)["image"])
+            return
         caption(cfg, inputs(cfg, FLAGS.images), FLAGS.out, batch=FLAGS.batch,
                 sample=FLAGS.sample, seed=FLAGS.seed)
 

@@ -288,6 +288,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("baselines", None, "NAME[,NAME...]: policies to compare each against")
     flags.DEFINE_integer("bootstrap", None, "bootstrap resamples for the intervals")
     flags.DEFINE_integer("seed", None, "bootstrap and option-shuffle seed")
+    flags.DEFINE_string("split", "", "train | eval: score captions of the data block's "
+                        "prepared TFDS split (keys: image ids; `caption --split`)")
 
     def main(_):
         from balcap_jax import build
@@ -301,13 +303,23 @@ if __name__ == "__main__":
         pairs = [p.split("=", 1) for p in e["captions"].split(",") if p]
         if not pairs or any(len(p) != 2 for p in pairs):
             raise app.UsageError("--captions=NAME=FILE[,NAME=FILE...] (or eval.captions)")
-        summary = Summary()
-        files = [f.strip() for f in cfg.data.files.split(",") if f.strip()]
-        records = read_records(cfg.data.builder, files, cfg.data.image_root or None, summary,
-                               allow_outside=cfg.data.allow_outside_root)
+        if FLAGS.split:     # a prepared TFDS split: image ids, its references and images
+            from balcap_jax.data.config import prepared_split
+            from balcap_jax.data.records import Record
+            ids, example = prepared_split(cfg.data, FLAGS.split)
+            records = [Record(image=i, image_id=i, references=example(i)["references"])
+                       for i in ids]
 
-        def load(path):
-            return images_lib.load_image(path, max_side=cfg.data.max_side).to_array()
+            def load(key):
+                return example(key)["image"]
+        else:
+            summary = Summary()
+            files = [f.strip() for f in cfg.data.files.split(",") if f.strip()]
+            records = read_records(cfg.data.builder, files, cfg.data.image_root or None,
+                                   summary, allow_outside=cfg.data.allow_outside_root)
+
+            def load(path):
+                return images_lib.load_image(path, max_side=cfg.data.max_side).to_array()
         scorer, meta = None, {}
         if e["judges"] or e["eval_judge"] == "llm":
             scorer = build.build_scorer(cfg, build.build_tokenizer(cfg))

@@ -108,3 +108,31 @@ def eval_examples(cfg) -> list[dict]:
                            prompts=tuple(cfg.prompts)[:1], shard_index=0, shard_count=1)
     examples = [loader.example_at_index(i) for i in range(len(source))]
     return sorted(examples, key=lambda e: e["image_id"])[:cfg.num_eval]
+
+
+def prepared_split(cfg, split: str):
+    """(image ids, id -> example) of a split of the data block's TFDS dataset ("train": the
+    `files`, "eval": the `eval_files`), prepared as training prepares it, or reused. For
+    captioning and evaluating a prepared split; examples are the source's (image arrays,
+    references)."""
+    cfg = with_defaults(cfg)
+    files = {"train": cfg.files, "eval": cfg.eval_files}.get(split)
+    if files is None:
+        raise ValueError(f"split {split!r}: use train (data.files) or eval (data.eval_files)")
+    if not files:
+        field = "files" if split == "train" else "eval_files"
+        raise ValueError(f"the {split} split needs data.{field}")
+    builder, _ = builders.build_dataset(cfg.builder, files, split=split,
+                                        data_dir=cfg.data_dir or None,
+                                        name=(cfg.name or None) if split == "train" else None,
+                                        **_options(cfg))
+    source = builders.open_source(builder, split)
+
+    def text(x):
+        return x.decode() if isinstance(x, bytes) else str(x)
+    index = {text(source[i]["image_id"]): i for i in range(len(source))}
+
+    def example(image_id: str) -> dict:
+        ex = source[index[image_id]]
+        return {"image": ex["image"], "references": [text(r) for r in ex["references"]]}
+    return sorted(index), example

@@ -98,3 +98,26 @@ def test_the_entry_point_names_what_is_missing(export_and_images):
     c.train.batch_size = 8
     with pytest.raises(ValueError, match="--batch=2 must be a positive multiple of the 8"):
         caption(c, [], "/nonexistent/out.jsonl", batch=2)
+
+
+def test_a_prepared_split_is_captioned_by_image_id(export_and_images, tmp_path, one_device):
+    """--split: the data block's TFDS split (built as training builds it) captioned by image
+    id, its pixels those of the files."""
+    from balcap_jax.data.config import prepared_split
+    d = export_and_images
+    ann = tmp_path / "ann.jsonl"
+    with open(ann, "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"image": f"img{i}.png", "image_id": f"id{i}",
+                                "caption": f"reference {i}"}) + "\n")
+    c = _cfg(d / "export")
+    c.data.builder, c.data.files = "captions", str(ann)
+    c.data.image_root, c.data.data_dir = str(d / "images"), str(tmp_path / "tfds")
+    ids, example = prepared_split(c.data, "train")
+    assert ids == ["id0", "id1", "id2"] and example("id1")["references"] == ["reference 1"]
+    out = str(tmp_path / "split.jsonl")
+    res = caption(c, ids, out, batch=2, load=lambda k: example(k)["image"])
+    assert res["kept"] == 3 and [r["image"] for r in _lines(out)] == ids
+    for i in range(3):      # the split's images are the files' pixels (PNG kept exactly)
+        np.testing.assert_array_equal(example(f"id{i}")["image"], np.asarray(
+            Image.open(d / "images" / f"img{i}.png").convert("RGB")))
