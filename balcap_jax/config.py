@@ -193,7 +193,8 @@ def base_config() -> ml_collections.ConfigDict:
                                  # the policy's devices
     j.max_image_tokens = 0       # tokens per image the judge sees; 0 = data.max_image_tokens
     j.list_max_tokens = 512      # longest decomposition (a longer list is a judge failure)
-    j.generate_batch = 16        # rows per decomposition generate call
+    j.decode_batch = 64          # rows of the one decomposition decode a step makes (its
+                                 # captions and uncached references; more become more calls)
     j.prefix_batch = 16          # heads (images) / shared prefixes per prefix-tree pass
     j.item_batch = 64            # item rows (assertions, units, criteria) per pass
     # remote: an OpenAI-compatible endpoint (vLLM, SGLang, a hosted API)
@@ -344,7 +345,7 @@ def validate(c, n_devices: int) -> dict:
     j = c.judges
     for f, low in (("judges.timeout", 1e-9), ("judges.max_retries", 0),
                    ("judges.concurrency", 1), ("judges.top_logprobs", 1),
-                   ("judges.list_max_tokens", 1), ("judges.generate_batch", 1),
+                   ("judges.list_max_tokens", 1), ("judges.decode_batch", 1),
                    ("judges.prefix_batch", 1), ("judges.item_batch", 1),
                    ("judges.max_image_tokens", 0), ("judges.devices", 0)):
         if _get(c, f) < low:

@@ -288,10 +288,10 @@ def lora_counts(hf_config: dict, rank: int) -> tuple[int, int]:
 
 def judge_items(name: str, hf_config: dict, *, dtype: str, shard: int, batch_shards: int,
                 caption_tokens: int, image_tokens: int, list_max_tokens: int,
-                generate_batch: int, prefix_batch: int, item_batch: int,
+                decode_batch: int, prefix_batch: int, item_batch: int,
                 tensor: int = 1, text_roles: bool = True) -> list[Item]:
     """An in-process judge: its weights (sharded like the policy's over `shard` devices) and
-    its scoring caches (est.): the larger of a decomposition's greedy decode (generate_batch
+    its scoring caches (est.): the larger of a decomposition's greedy decode (decode_batch
     rows of a caption prompt + list_max_tokens) and a yes/no pass over the prefix tree (heads,
     their extensions and the item rows, each holding a cache of head + shared + item slots).
     Multimodal judges also count their vision attention for prefix_batch images."""
@@ -307,14 +307,14 @@ def judge_items(name: str, hf_config: dict, *, dtype: str, shard: int, batch_sha
         slots = rows * (image_tokens + 64 + 256 + 64)
     if text_roles:                                   # decomposition, coverage, linguistic
         slots = max(slots, rows * (64 + caption + 64),
-                    generate_batch * (caption + list_max_tokens))
+                    decode_batch * (caption + list_max_tokens))
     cache = slots / batch_shards * per_tok
-    cache += generate_batch * t["vocab_size"] * 4 if text_roles else 0   # fp32 decode logits
+    cache += decode_batch * t["vocab_size"] * 4 if text_roles else 0   # fp32 decode logits
     cache += _vision_attention(hf_config.get("vision_config"), prefix_batch, image_tokens)
     return [Item(f"judge weights: {name}", n * b / shard, JUDGE_KNOB,
                  f"{n / 1e9:.2f}B params in {dtype}"),
             Item(f"judge caches: {name} (est.)", cache,
-                 "lower judges.prefix_batch / item_batch / generate_batch",
+                 "lower judges.prefix_batch / item_batch / decode_batch",
                  f"KV for {slots} slots, while scoring", "scoring")]
 
 

@@ -166,7 +166,7 @@ if SMOKE:
     cfg.data.max_image_tokens, cfg.data.max_prompt_tokens, cfg.data.num_eval = 4, 128, 2
     cfg.data.image_processor = dict(min_pixels=56 * 56, max_pixels=56 * 56)
     cfg.judges.max_image_tokens, cfg.judges.list_max_tokens = 4, 8
-    cfg.judges.generate_batch, cfg.judges.prefix_batch, cfg.judges.item_batch = 4, 2, 8
+    cfg.judges.decode_batch, cfg.judges.prefix_batch, cfg.judges.item_batch = 4, 2, 8
     cfg.compile_cache_dir = ""
 print(f"variant {VARIANT}: LoRA rank {cfg.model.lora.rank}, base "
       f"{cfg.model.lora.quantize or cfg.model.dtype}, {cfg.train.batch_size} prompts x "

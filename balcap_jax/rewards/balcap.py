@@ -171,10 +171,38 @@ class BalCapScorer:
         return float(value >= 0.5) if self.threshold else float(value)
 
     # -- rewards ---------------------------------------------------------------------------
-    def _precision(self, images, captions, live, out, diag, nan, times):
-        decomp = _ask(self.text_backend.decompose,
-                      [Query(*P.render("decompose_caption", caption=captions[i])) for i in live],
-                      "decompose_caption", times)
+    def _decompose(self, captions, references, live, diag, times):
+        """Every decomposition of a call in ONE backend call (an in-process judge decodes
+        them as one batch, up to judges.decode_batch rows): the live captions' (precision)
+        and the references not in the cache (recall). Returns (caption answers, reference
+        units, reference failures)."""
+        cap_q = [Query(*P.render("decompose_caption", caption=captions[i])) for i in live] \
+            if "precision" in self.rewards else []
+        refs, keys, units, todo = [], {}, {}, []
+        if "recall" in self.rewards:
+            refs = list(dict.fromkeys(r for i in live for r in references[i] if r.strip()))
+            judge = str(getattr(self.text_backend, "name", "?"))
+            version = P.get_prompt("decompose_reference").version
+            keys = {r: ReferenceUnitCache.key(r, judge, version) for r in refs}
+            cached = self.cache.get(list(keys.values()))
+            units = {r: cached[k] for r, k in keys.items() if k in cached}
+            todo = [r for r in refs if r not in units]
+            diag["reference_cache/hits"] = float(len(units))
+            diag["reference_cache/misses"] = float(len(todo))
+        ref_q = [Query(*P.render("decompose_reference", reference=r)) for r in todo]
+        answers = _ask(self.text_backend.decompose, cap_q + ref_q, "decompose", times)
+        nan_refs: dict[str, str] = {}
+        new = []
+        for r, ans in zip(todo, answers[len(cap_q):]):
+            if ans.ok:
+                units[r] = list(ans.value)
+                new.append((keys[r], units[r], judge, version, r))
+            else:
+                nan_refs[r] = f"decompose_reference:{ans.error}"
+        self.cache.put(new)
+        return answers[:len(cap_q)], units, nan_refs
+
+    def _precision(self, images, captions, live, out, diag, nan, times, decomp):
         counts, queries, owners = [], [], []
         for i, ans in zip(live, decomp):
             if not ans.ok:
@@ -222,32 +250,7 @@ class BalCapScorer:
             if vals:
                 diag[f"{role}_mean"] = float(np.mean(vals))
 
-    def _reference_units(self, refs: list[str], diag, nan_refs: dict, times) -> dict[str, list]:
-        judge = str(getattr(self.text_backend, "name", "?"))
-        version = P.get_prompt("decompose_reference").version
-        keys = {r: ReferenceUnitCache.key(r, judge, version) for r in refs}
-        cached = self.cache.get(list(keys.values()))
-        units = {r: cached[k] for r, k in keys.items() if k in cached}
-        todo = [r for r in refs if r not in units]
-        diag["reference_cache/hits"] = float(len(units))
-        diag["reference_cache/misses"] = float(len(todo))
-        answers = _ask(self.text_backend.decompose,
-                       [Query(*P.render("decompose_reference", reference=r)) for r in todo],
-                       "decompose_reference", times)
-        new = []
-        for r, ans in zip(todo, answers):
-            if ans.ok:
-                units[r] = list(ans.value)
-                new.append((keys[r], units[r], judge, version, r))
-            else:
-                nan_refs[r] = f"decompose_reference:{ans.error}"
-        self.cache.put(new)
-        return units
-
-    def _recall(self, captions, references, live, out, diag, nan, times):
-        refs = list(dict.fromkeys(r for i in live for r in references[i] if r.strip()))
-        nan_refs: dict[str, str] = {}
-        units = self._reference_units(refs, diag, nan_refs, times)
+    def _recall(self, captions, references, live, out, diag, nan, times, units, nan_refs):
         queries, owners = [], []
         for i in live:
             for j, r in enumerate(references[i]):
@@ -315,12 +318,14 @@ class BalCapScorer:
         times: dict[str, float] = {}
         diag["caption_zero/empty_caption"] = float(n - len(live))
         rewards = {}
+        decomp, units, nan_refs = self._decompose(captions, references, live, diag, times)
         for name in self.rewards:
             out = np.zeros(n, np.float32)          # empty captions stay 0 (caption-side)
             if name == "precision":
-                self._precision(images, captions, live, out, diag, nan, times)
+                self._precision(images, captions, live, out, diag, nan, times, decomp)
             elif name == "recall":
-                self._recall(captions, references, live, out, diag, nan, times)
+                self._recall(captions, references, live, out, diag, nan, times, units,
+                             nan_refs)
             else:
                 self._linguistic(captions, live, out, nan, times)
             rewards[name] = out

@@ -8,7 +8,9 @@
 The judge keeps its own parameters (and mesh); the policy never shares weights with it.
 
 decompose: greedy generation with balcap_jax.sampling.generate, the text parsed by
-    parsing.parse_json_list (a list cut off at `list_max_tokens` is "truncated_list").
+    parsing.parse_json_list (a list cut off at `list_max_tokens` is "truncated_list"); a call's
+    queries decode as one batch of up to `decode_batch` rows (the scorer sends a step's
+    captions and uncached references in one call).
 yes_no / digits: no generation. p(yes) (softmax over the yes and no spellings' ids) or E[digit]
     (softmax over the ids of 1..5) is read from the logits at the answer position of one
     forward pass. Every query is a chat prompt in three segments,
@@ -188,14 +190,14 @@ class InProcessBackend:
 
     def __init__(self, model, tokenizer, *, name: str, processor=None,
                  chat_template: str | None = None, system_prompt: str | None = None,
-                 list_max_tokens: int = 512, generate_batch: int = 16, prefix_batch: int = 16,
+                 list_max_tokens: int = 512, decode_batch: int = 64, prefix_batch: int = 16,
                  item_batch: int = 64, eos_token_ids: Sequence[int] | None = None,
                  pad_id: int | None = None, seed: int = 0, share_prefix: bool = True):
         self.share_prefix = bool(share_prefix)
         self.model, self.tokenizer, self.processor, self.name = model, tokenizer, processor, name
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.list_max_tokens = int(list_max_tokens)
-        self.generate_batch, self.prefix_batch = int(generate_batch), int(prefix_batch)
+        self.decode_batch, self.prefix_batch = int(decode_batch), int(prefix_batch)
         self.item_batch = _pow2(item_batch)
         self.pad_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
         if eos_token_ids is None:
@@ -248,14 +250,14 @@ class InProcessBackend:
     # -- decompose: greedy generation ------------------------------------------------------
     def decompose(self, queries: Sequence[Query]) -> list[Answer]:
         out: list[Answer] = []
-        for chunk in _chunks(list(queries), self.generate_batch):
+        for chunk in _chunks(list(queries), self.decode_batch):
             texts, images = [], []
             for q in chunk:
                 head, tail = self._head_tail(q.image is not None)
                 texts.append(head + q.shared + q.item + tail)
                 images.append(q.image)
             n = len(chunk)
-            rows = _rows(n, self.generate_batch)   # padded with copies of the first row
+            rows = _rows(n, self.decode_batch)   # padded with copies of the first row
             texts += [texts[0]] * (rows - n)
             images += [images[0]] * (rows - n)
             start = time.perf_counter()

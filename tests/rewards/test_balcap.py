@@ -54,8 +54,10 @@ def test_hand_computed_rewards_and_caption_side_zeros():
     assert d["caption_zero/no_assertions"] == 1          # CAP_C decomposes into []
     assert d["assertions_mean"] == 1.5 and d["assertions_max"] == 3
     assert d["nan/precision"] == d["nan/recall"] == d["nan/linguistic"] == 0
-    assert {"time_s/decompose_caption", "time_s/verify_pointable",
-            "time_s/decompose_reference", "time_s/coverage", "time_s/linguistic"} <= set(d)
+    assert {"time_s/decompose", "time_s/verify_pointable", "time_s/coverage",
+            "time_s/linguistic"} <= set(d)
+    # the captions' and the reference's decompositions go to the judge as one batch
+    assert [bt for bt in b.batches if bt[0] == "decompose"] == [("decompose", 3)]
     # empty captions never reach a judge
     assert b.calls["decompose_caption"] == 2 and b.calls["clarity"] == 2
     # verification and pointability of all assertions go to the judge in one batch

@@ -55,7 +55,7 @@ def _text_cfg(vocab, mrope=None):
 def text_judge(tokenizer):
     model = _random_model(lambda: CausalLM(_text_cfg(len(tokenizer)), rngs=nnx.Rngs(0)), 1)
     return J.InProcessBackend(model, tokenizer, name="tiny-text", prefix_batch=2, item_batch=4,
-                              list_max_tokens=12, generate_batch=2)
+                              list_max_tokens=12, decode_batch=2)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_decode_lists_parses_generated_json(tokenizer):
 
 
 @pytest.mark.heavy
-def test_decompose_runs_greedy_generation(text_judge):
+def test_decompose_runs_greedy_generation(text_judge, monkeypatch):
     qs = [Query(*P.render("decompose_caption", caption=c)) for c in ("A car.", "A tree.", "X")]
     text_judge.stats.clear()
     answers = text_judge.decompose(qs)
@@ -216,6 +216,25 @@ def test_decompose_runs_greedy_generation(text_judge):
         assert (a.error is None and isinstance(a.value, list)) or a.error in {
             "no_list", "truncated_list", "bad_json", "bad_items", "empty_output"}
     assert text_judge.stats["decompose_rows"] == 2 + 2    # chunks of 2, the last one padded
+    # one decode batch (decode_batch 4: 3 rows padded to 4) generates the same greedy tokens
+    seen = []
+
+    def record(tok, toks, lens, cut, stop):
+        seen.append([list(r[:n]) for r, n in zip(np.asarray(toks), np.asarray(lens))])
+        return J.decode_lists.__wrapped__(tok, toks, lens, cut, stop)
+    record.__wrapped__ = J.decode_lists
+    monkeypatch.setattr(J, "decode_lists", record)
+    text_judge.decompose(qs)
+    chunked = [r for rows in seen for r in rows]
+    seen.clear()
+    text_judge.decode_batch = 4
+    try:
+        text_judge.stats.clear()
+        assert text_judge.decompose(qs) == answers
+        assert text_judge.stats["decompose_rows"] == 4 and len(seen) == 1
+    finally:
+        text_judge.decode_batch = 2
+    assert seen[0] == chunked and sum(map(len, chunked)) > 3      # tokens, not just verdicts
 
 
 @pytest.mark.heavy
