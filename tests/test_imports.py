@@ -6,7 +6,8 @@
 3. models/ and sampling never import rewards, data, train, shapes or build;
 4. train/ never imports build, config, shapes or a concrete scorer (only rewards.types);
 5. only build.py and the ShapesWorld demo (balcap_jax.shapes_demo) import shapes/;
-6. only main, run and the demo import build.
+6. only the entry points (main, run, the demo, caption, evaluate, prepare_references) import
+   build.
 """
 import ast
 import os
@@ -108,7 +109,7 @@ def _violations(graph) -> list[str]:
         if not _under(mod, f"{p}.shapes", f"{p}.build", f"{p}.shapes_demo"):
             forbid((f"{p}.shapes",), "only build.py and the demo import ShapesWorld")
         if not _under(mod, f"{p}.main", f"{p}.run", f"{p}.shapes_demo", f"{p}.build",
-                      f"{p}.caption", f"{p}.evaluate"):
+                      f"{p}.caption", f"{p}.evaluate", f"{p}.prepare_references"):
             forbid((f"{p}.build",), "only the entry points import build")
     return bad
 

@@ -171,6 +171,30 @@ class BalCapScorer:
         return float(value >= 0.5) if self.threshold else float(value)
 
     # -- rewards ---------------------------------------------------------------------------
+    def _cached_units(self, refs: Sequence[str]) -> tuple[dict, dict, list]:
+        """(cache key per reference, units of those cached, those not cached)."""
+        judge = str(getattr(self.text_backend, "name", "?"))
+        version = P.get_prompt("decompose_reference").version
+        keys = {r: ReferenceUnitCache.key(r, judge, version) for r in refs}
+        cached = self.cache.get(list(keys.values()))
+        units = {r: cached[k] for r, k in keys.items() if k in cached}
+        return keys, units, [r for r in refs if r not in units]
+
+    def _store_units(self, todo, answers, keys, units) -> dict[str, str]:
+        """Decomposed references into `units` and the cache; returns the failures' reasons."""
+        judge = str(getattr(self.text_backend, "name", "?"))
+        version = P.get_prompt("decompose_reference").version
+        nan_refs: dict[str, str] = {}
+        new = []
+        for r, ans in zip(todo, answers):
+            if ans.ok:
+                units[r] = list(ans.value)
+                new.append((keys[r], units[r], judge, version, r))
+            else:
+                nan_refs[r] = f"decompose_reference:{ans.error}"
+        self.cache.put(new)
+        return nan_refs
+
     def _decompose(self, captions, references, live, diag, times):
         """Every decomposition of a call in ONE backend call (an in-process judge decodes
         them as one batch, up to judges.decode_batch rows): the live captions' (precision)
@@ -178,29 +202,29 @@ class BalCapScorer:
         units, reference failures)."""
         cap_q = [Query(*P.render("decompose_caption", caption=captions[i])) for i in live] \
             if "precision" in self.rewards else []
-        refs, keys, units, todo = [], {}, {}, []
+        keys, units, todo = {}, {}, []
         if "recall" in self.rewards:
             refs = list(dict.fromkeys(r for i in live for r in references[i] if r.strip()))
-            judge = str(getattr(self.text_backend, "name", "?"))
-            version = P.get_prompt("decompose_reference").version
-            keys = {r: ReferenceUnitCache.key(r, judge, version) for r in refs}
-            cached = self.cache.get(list(keys.values()))
-            units = {r: cached[k] for r, k in keys.items() if k in cached}
-            todo = [r for r in refs if r not in units]
+            keys, units, todo = self._cached_units(refs)
             diag["reference_cache/hits"] = float(len(units))
             diag["reference_cache/misses"] = float(len(todo))
         ref_q = [Query(*P.render("decompose_reference", reference=r)) for r in todo]
         answers = _ask(self.text_backend.decompose, cap_q + ref_q, "decompose", times)
-        nan_refs: dict[str, str] = {}
-        new = []
-        for r, ans in zip(todo, answers[len(cap_q):]):
-            if ans.ok:
-                units[r] = list(ans.value)
-                new.append((keys[r], units[r], judge, version, r))
-            else:
-                nan_refs[r] = f"decompose_reference:{ans.error}"
-        self.cache.put(new)
+        nan_refs = self._store_units(todo, answers[len(cap_q):], keys, units)
         return answers[:len(cap_q)], units, nan_refs
+
+    def prepare_references(self, references: Sequence[str]) -> dict[str, int]:
+        """Decomposes the references not yet in the cache (one backend call) and caches them,
+        so that a run over them never decomposes a reference; returns counts (cached before,
+        decomposed now, failed: not cached, tried again by the run)."""
+        refs = list(dict.fromkeys(r for r in references if r.strip()))
+        keys, units, todo = self._cached_units(refs)
+        answers = _ask(self.text_backend.decompose,
+                       [Query(*P.render("decompose_reference", reference=r)) for r in todo],
+                       "decompose", {})
+        failed = self._store_units(todo, answers, keys, units)
+        return {"cached": len(refs) - len(todo), "decomposed": len(todo) - len(failed),
+                "failed": len(failed)}
 
     def _precision(self, images, captions, live, out, diag, nan, times, decomp):
         counts, queries, owners = [], [], []
