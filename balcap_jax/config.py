@@ -122,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.eps_high = 0.2
     c.rl.aggregation = "dapo"
     c.rl.ppo_epochs = 1
+    c.rl.dynamic_sampling = 0    # DAPO: up to this many extra rounds of prompts per step, to
+                                 # fill the batch with groups whose rewards differ (0 = off)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 100
@@ -324,6 +326,9 @@ def validate(c, n_devices: int) -> dict:
               "checkpoint.every", "checkpoint.keep"):
         if int(_get(c, f)) < 1:
             errors.append(f"{f} must be >= 1, got {_get(c, f)}")
+    if int(c.rl.get("dynamic_sampling", 0)) < 0:
+        errors.append(f"rl.dynamic_sampling={c.rl.dynamic_sampling} must be >= 0 (extra "
+                      "sampling rounds per step; 0 = off)")
     if c.sampling.num_samples < 2 and c.rl.advantage in ("cgdpo", "grpo"):
         errors.append("sampling.num_samples must be >= 2: group-relative advantages of a "
                       "single sample are always 0")

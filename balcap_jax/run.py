@@ -41,7 +41,8 @@ def start(cfg, *, memory_plan: bool = True):
 def train_steps(trainer, until: int, stop=lambda: False):
     """(step, metrics) of each RL step until the trainer reaches step `until` or `stop()`."""
     while trainer.state.step < until and not stop():
-        metrics = trainer.train_step(next(trainer.p.loader))
+        metrics = trainer.train_step(next(trainer.p.loader),
+                                     more=lambda: next(trainer.p.loader))
         yield trainer.state.step, metrics
 
 

@@ -195,14 +195,19 @@ _CURVE_KEYS = ("reward/precision", "reward/recall", "reward/linguistic", "length
                "entropy_est", "length/masked_fraction")
 
 
-def rl_phase(trainer, steps: int, *, progress=True, writer=None) -> dict:
-    """`steps` BalCapRL steps (main.train_steps); per-step rewards (precision, recall,
-    linguistic as scored, the linguistic one after length masking) and caption length."""
+def rl_phase(trainer, steps: int, *, progress=True, writer=None,
+             seconds: float | None = None) -> dict:
+    """`steps` BalCapRL steps (main.train_steps), or fewer when `seconds` of wall time run out
+    first; per-step rewards (precision, recall, linguistic as scored, the linguistic one after
+    length masking) and caption length."""
     from balcap_jax.run import postfix, train_steps
     rows, t0 = [], time.perf_counter()
     bar = _bar(steps, "BalCapRL", progress)
+
+    def out_of_time():
+        return seconds is not None and time.perf_counter() - t0 >= seconds
     try:
-        for step, m in train_steps(trainer, trainer.state.step + int(steps)):
+        for step, m in train_steps(trainer, trainer.state.step + int(steps), out_of_time):
             rows.append({k: float(m[k]) for k in _CURVE_KEYS if k in m})
             if writer:
                 writer.write(step, m)

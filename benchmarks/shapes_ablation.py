@@ -19,6 +19,9 @@ evaluated greedily on the same held-out images (SPEC.md section 6). Variants:
   no_linguistic   rewards precision and recall only (no length control: the mask has nothing to
                   act on); evaluation still reports linguistic
   ppo_epochs_4    four updates per rollout batch, so the PPO clip acts (with one it never does)
+  dynamic_sampling  DAPO's dynamic sampling (rl.dynamic_sampling = 2: up to two extra rounds of
+                  prompts per step to fill the batch with groups whose rewards differ), for the
+                  wall time balcap took (when balcap ran first), not the same number of steps
 
 Prints one table (held-out precision, recall, linguistic, b-CapScore, words, and the change of
 b-CapScore against the warm start), averaged over seeds, and writes it as JSON under --workdir.
@@ -37,7 +40,7 @@ import time
 import numpy as np
 
 VARIANTS = ("balcap", "grpo", "linear_length", "no_length", "no_pointability", "no_linguistic",
-            "ppo_epochs_4")
+            "ppo_epochs_4", "dynamic_sampling")
 
 
 class NoPointabilityScorer:
@@ -80,6 +83,8 @@ def variant_config(cfg, name: str):
         c.rl.length_control, c.rl.length_reward = "none", "precision"
     elif name == "ppo_epochs_4":
         c.rl.ppo_epochs = 4
+    elif name == "dynamic_sampling":
+        c.rl.dynamic_sampling = 2
     elif name not in ("balcap", "no_pointability"):
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
     return c
@@ -128,10 +133,13 @@ def run_seed(cfg, variants, *, progress: bool, warm_from: str = "",
             vparts = dataclasses.replace(parts, scorer=scorer, loader=loader)
             tr = Trainer(vcfg, vparts)
             tr.reset_params(warm_params)
-            rl = demo.rl_phase(tr, vcfg.train.steps, progress=progress)
+            same_time = out.get("balcap", {}).get("rl_seconds") \
+                if name == "dynamic_sampling" else None
+            rl = demo.rl_phase(tr, vcfg.train.steps, progress=progress, seconds=same_time)
             tr.p = dataclasses.replace(vparts, scorer=parts.scorer)  # evaluate with the full one
             out[name] = demo._evaluate(tr, tr.state.params, name, progress)[0]
             out[name]["rl_seconds"] = rl["seconds"]
+            out[name]["rl_steps"] = rl["steps"]
             on_result(out)
     return out
 

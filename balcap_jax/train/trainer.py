@@ -217,25 +217,100 @@ class Trainer:
         return captions, refs, result
 
     # -- one RL step -----------------------------------------------------------------------
-    def train_step(self, examples: list[dict]) -> dict:
-        """One RL step on this host's ``examples`` (all of the batch with one process)."""
-        cfg, rl = self.cfg, self.cfg.rl
-        g = cfg.sampling.num_samples
+    def _round(self, examples: list[dict]) -> dict:
+        """G rollouts of each prompt, this host's scored: the global prompt batch, the samples
+        (every host holds all rows), the global rewards [B, G, K] after length control."""
+        rl, g = self.cfg.rl, self.cfg.sampling.num_samples
         t0 = time.perf_counter()
         # every host holds the global prompt batch; (off, n): this host's prompts in it
         inputs, (off, n) = dist.gather_inputs(self._inputs(examples))
-        b = len(inputs["input_ids"])
         smp = self._host_samples(self._generate(inputs, greedy=False, num_samples=g))
-        tokens, mask, truncated = smp["tokens"], smp["mask"], smp["truncated"]
         t1 = time.perf_counter()
-
         mine = dist.host_slice(off, n, g)
-        captions, refs, result = self._score(examples, np.repeat(np.arange(n), g), tokens[mine],
-                                             smp["lengths"][mine], truncated[mine])
+        captions, refs, result = self._score(examples, np.repeat(np.arange(n), g),
+                                             smp["tokens"][mine], smp["lengths"][mine],
+                                             smp["truncated"][mine])
         rewards, names, weights, ldiag = rollout_rewards(result, rl, captions, refs, n, g)
         rewards, _ = dist.allgather_rows(rewards)      # [B, G, K]: global statistics below
-        ldiag = dist.mean_over_hosts(ldiag)
-        sdiag = dist.mean_over_hosts(result.diagnostics)
+        return {"examples": examples, "inputs": inputs, "smp": smp, "rewards": rewards,
+                "names": names, "weights": weights, "n": n,
+                "ldiag": dist.mean_over_hosts(ldiag),
+                "sdiag": dist.mean_over_hosts(result.diagnostics),
+                "time/rollout": t1 - t0, "time/scoring": time.perf_counter() - t1}
+
+    @staticmethod
+    def _signal(rewards: np.ndarray) -> np.ndarray:
+        """[B] True for groups whose rewards differ in some channel (a group with no spread
+        in any channel gets zero advantages: no gradient)."""
+        with np.errstate(invalid="ignore"):
+            spread = np.nanstd(rewards, axis=1)
+        return np.any(spread > 0, axis=-1)
+
+    def _sampled(self, examples: list[dict], more) -> tuple[dict, dict]:
+        """The step's groups: one round, or with rl.dynamic_sampling (DAPO) up to that many
+        extra rounds of prompts from `more()` until every host has its n groups with signal;
+        each host keeps its own first n with signal (then, if short, its earliest without).
+        Returns the selected round-like dict and the dynamic-sampling metrics."""
+        rounds = [self._round(examples)]
+        extra = int(self.cfg.rl.get("dynamic_sampling", 0) or 0)
+        if extra <= 0 or more is None:
+            return rounds[0], {}
+        n, hosts = rounds[0]["n"], jax.process_count()
+
+        def chosen():
+            sel = [[] for _ in range(hosts)]
+            for p in range(hosts):
+                cand = [(r, j) for r, rd in enumerate(rounds) for j in range(n)]
+                sig = [c for c in cand if self._signal(rounds[c[0]]["rewards"])[p * n + c[1]]]
+                sel[p] = sorted(sig[:n] + [c for c in cand if c not in sig][:n - len(sig[:n])])
+            return sel, min(sum(self._signal(rd["rewards"])[p * n:(p + 1) * n].sum()
+                                for rd in rounds) for p in range(hosts))
+        sel, fewest = chosen()
+        while fewest < n and len(rounds) <= extra:     # the same decision on every host
+            rounds.append(self._round(more()))
+            sel, fewest = chosen()
+        first = self._signal(rounds[0]["rewards"])
+        dyn = {"dynamic/rounds": float(len(rounds)),
+               "dynamic/signal_groups_first_round": float(first.mean()),
+               "dynamic/extra_prompts": float((len(rounds) - 1) * len(first))}
+        if len(rounds) == 1:          # every host's groups all have signal: nothing to pick
+            return rounds[0], {**dyn, "dynamic/signal_groups": float(first.mean())}
+        me, g = jax.process_index(), self.cfg.sampling.num_samples
+        groups = [(r, p * n + j) for p in range(hosts) for r, j in sel[p]]
+        rows = np.concatenate([np.arange(gid * g, (gid + 1) * g) for _, gid in groups])
+        by_round = [np.asarray([k for k, (r, _) in enumerate(groups) if r == q])
+                    for q in range(len(rounds))]
+        smp = {}
+        for k in rounds[0]["smp"]:
+            smp[k] = np.empty((len(rows),) + rounds[0]["smp"][k].shape[1:],
+                              rounds[0]["smp"][k].dtype)
+            for q, rd in enumerate(rounds):
+                for k_out in by_round[q]:
+                    gid = groups[k_out][1]
+                    smp[k][k_out * g:(k_out + 1) * g] = rd["smp"][k][gid * g:(gid + 1) * g]
+        rewards = np.stack([rounds[r]["rewards"][gid] for r, gid in groups])
+        mine = [rounds[r]["examples"][j] for r, j in sel[me]]
+        inputs, _ = dist.gather_inputs(self._inputs(mine))
+        out = {"inputs": inputs, "smp": smp, "rewards": rewards, "names": rounds[0]["names"],
+               "weights": rounds[0]["weights"], "n": n,
+               "ldiag": {k: float(np.mean([rd["ldiag"][k] for rd in rounds]))
+                         for k in rounds[0]["ldiag"]},
+               "sdiag": {k: float(np.mean([rd["sdiag"].get(k, np.nan) for rd in rounds]))
+                         for k in rounds[0]["sdiag"]}}
+        for k in ("time/rollout", "time/scoring"):
+            out[k] = sum(rd[k] for rd in rounds)
+        return out, {**dyn, "dynamic/signal_groups": float(self._signal(rewards).mean())}
+
+    def train_step(self, examples: list[dict], more=None) -> dict:
+        """One RL step on this host's ``examples`` (all of the batch with one process).
+        ``more()``: this host's next prompts, for rl.dynamic_sampling's extra rounds."""
+        cfg, rl = self.cfg, self.cfg.rl
+        g = cfg.sampling.num_samples
+        rd, dyn = self._sampled(examples, more)
+        inputs, smp, rewards = rd["inputs"], rd["smp"], rd["rewards"]
+        names, weights, ldiag, sdiag = rd["names"], rd["weights"], rd["ldiag"], rd["sdiag"]
+        tokens, mask, truncated = smp["tokens"], smp["mask"], smp["truncated"]
+        b = len(rewards)
         adv = np.asarray(self.estimator(rewards, weights)).reshape(-1)
         if rl.mask_truncated:
             adv = np.where(truncated, 0.0, adv)
@@ -260,11 +335,12 @@ class Trainer:
             metrics[f"zero_std_groups/{name}"] = float(np.mean(np.nanstd(col, axis=1) == 0))
         metrics.update({f"length/{k}": v for k, v in ldiag.items()})
         metrics.update({f"scorer/{k}": v for k, v in sdiag.items()})
+        metrics.update(dyn)
         metrics.update({
             "length/tokens": n_tok / len(mask), "truncated": float(truncated.mean()),
             "advantage_abs": float(np.abs(adv).mean()), "skipped_steps": float(self.skipped),
-            "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
-            "tokens_per_s": n_tok / max(t1 - t0, 1e-9),
+            "time/rollout": rd["time/rollout"], "time/scoring": rd["time/scoring"],
+            "time/update": t3 - t2, "tokens_per_s": n_tok / max(rd["time/rollout"], 1e-9),
         })
         return metrics
 
