@@ -144,6 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.rollout_layout = "auto"  # fsdp: decode on the training layout (weights gathered at
                                      # every token); replicated: gathered once per step; auto:
                                      # replicated when the memory plan fits the copy
+    c.train.rollout_chunks = 1   # each host's prompts sampled in this many generate calls
+    c.train.overlap_scoring = False  # score a finished chunk while the next decodes (remote
+                                 # judges or judges.devices: scoring off the policy's devices)
     c.train.share_prompts = True  # the update forwards each prompt (and image) once for its G
                                   # rollouts, which read it as a shared prefix
     c.train.trim_completions = True  # update on completions cut to the batch's longest, rounded
@@ -326,6 +329,10 @@ def validate(c, n_devices: int) -> dict:
               "checkpoint.every", "checkpoint.keep"):
         if int(_get(c, f)) < 1:
             errors.append(f"{f} must be >= 1, got {_get(c, f)}")
+    chunks = int(c.train.get("rollout_chunks", 1))
+    if chunks < 1 or c.train.batch_size % chunks:
+        errors.append(f"train.rollout_chunks={chunks} must be >= 1 and divide "
+                      f"train.batch_size={c.train.batch_size}")
     if int(c.rl.get("dynamic_sampling", 0)) < 0:
         errors.append(f"rl.dynamic_sampling={c.rl.dynamic_sampling} must be >= 0 (extra "
                       "sampling rounds per step; 0 = off)")

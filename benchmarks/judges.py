@@ -462,6 +462,17 @@ def _bench(args, ckpt: str, port: int, t0: float) -> None:
         for label, backend in (("in_process", judge), ("remote_transformers", remote)):
             _line({"decompose": label, "new_tokens": args.decompose_tokens,
                    **_time_decompose(backend, dq, args.repeats)})
+        # a step's decompositions: chunks of 16 rows (before issue 23) against one batch
+        many = [Query(*P.render("decompose_caption", caption=f"{c} ({k})"))
+                for k in range(max(1, 64 // len(captions))) for c in captions][:64]
+        rates = {}
+        for label, rows in (("chunks_of_16", 16), ("one_batch", 64)):
+            judge.decode_batch = rows
+            rates[label] = _time_decompose(judge, many, args.repeats)
+            _line({"decompose_batch": label, "captions": len(many),
+                   "new_tokens": args.decompose_tokens, **rates[label]})
+        _line({"decompose_one_batch_over_chunks": round(
+            rates["one_batch"]["captions_per_s"] / rates["chunks_of_16"]["captions_per_s"], 2)})
 
     with urllib.request.urlopen(
             f"http://127.0.0.1:{port}/stats", timeout=10) as r:

@@ -10,7 +10,8 @@ from balcap_jax import sampling
 from balcap_jax.rewards.types import ScoreResult
 from balcap_jax.rl import length as length_lib
 
-__all__ = ["word_count", "rollout_rewards", "update_width", "gather_rows", "completion_text"]
+__all__ = ["word_count", "rollout_rewards", "update_width", "gather_rows", "completion_text",
+           "merge_scores"]
 
 
 def word_count(text: str) -> int:
@@ -88,3 +89,16 @@ def completion_text(tokenizer, tokens: np.ndarray, lengths: np.ndarray,
         n = int(n) if cut else max(int(n) - 1, 0)   # drop the stop token
         out.append(tokenizer.decode(t[:n].tolist(), skip_special_tokens=True).strip())
     return out
+
+
+def merge_scores(results: list) -> ScoreResult:
+    """Chunks' ScoreResults as one: rewards concatenated, diagnostics averaged by rows."""
+    if len(results) == 1:
+        return results[0]
+    rows = [len(next(iter(r.rewards.values()))) for r in results]
+    rewards = {k: np.concatenate([np.asarray(r.rewards[k]) for r in results])
+               for k in results[0].rewards}
+    keys = dict.fromkeys(k for r in results for k in r.diagnostics)
+    diag = {k: float(np.average([r.diagnostics.get(k, np.nan) for r in results],
+                                weights=rows)) for k in keys}
+    return ScoreResult(rewards, diag)

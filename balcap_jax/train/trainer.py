@@ -23,6 +23,7 @@ hosts compute identical advantages and updates. One process is the special case 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -47,6 +48,7 @@ from balcap_jax.train.optim import is_vision_path, make_optimizer
 from balcap_jax.train.rollouts import (
     completion_text,
     gather_rows,
+    merge_scores,
     rollout_rewards,
     update_width,
     word_count,
@@ -219,24 +221,67 @@ class Trainer:
     # -- one RL step -----------------------------------------------------------------------
     def _round(self, examples: list[dict]) -> dict:
         """G rollouts of each prompt, this host's scored: the global prompt batch, the samples
-        (every host holds all rows), the global rewards [B, G, K] after length control."""
+        (every host holds all rows), the global rewards [B, G, K] after length control.
+
+        With train.rollout_chunks = S > 1 each host's prompts are sampled in S chunks (one
+        generate each, a key each); with train.overlap_scoring the rollouts of a finished
+        chunk are scored in a thread while the next chunk decodes (remote judges, or judges on
+        devices of their own, work during the decode). Same chunks, same keys: the overlapped
+        and the sequential paths give the same rollouts, rewards and update."""
         rl, g = self.cfg.rl, self.cfg.sampling.num_samples
+        chunks = int(self.cfg.train.get("rollout_chunks", 1) or 1)
+        overlap = bool(self.cfg.train.get("overlap_scoring", False))
         t0 = time.perf_counter()
-        # every host holds the global prompt batch; (off, n): this host's prompts in it
-        inputs, (off, n) = dist.gather_inputs(self._inputs(examples))
-        smp = self._host_samples(self._generate(inputs, greedy=False, num_samples=g))
-        t1 = time.perf_counter()
-        mine = dist.host_slice(off, n, g)
-        captions, refs, result = self._score(examples, np.repeat(np.arange(n), g),
-                                             smp["tokens"][mine], smp["lengths"][mine],
-                                             smp["truncated"][mine])
+        n = len(examples)
+        if n % chunks:
+            raise ValueError(f"train.rollout_chunks={chunks} must divide each host's "
+                             f"{n} prompts")
+        pool = concurrent.futures.ThreadPoolExecutor(1) if overlap else None
+        parts, jobs, scoring = [], [], [0.0]
+
+        def score(ex, smp_c, mine):
+            t = time.perf_counter()
+            out = self._score(ex, np.repeat(np.arange(len(ex)), g), smp_c["tokens"][mine],
+                              smp_c["lengths"][mine], smp_c["truncated"][mine])
+            scoring[0] += time.perf_counter() - t
+            return out
+        try:
+            for c in range(chunks):
+                ex = examples[c * n // chunks:(c + 1) * n // chunks]
+                inputs_c, (off, n_c) = dist.gather_inputs(self._inputs(ex))
+                smp_c = self._host_samples(self._generate(inputs_c, greedy=False,
+                                                          num_samples=g))
+                parts.append((inputs_c, smp_c))
+                args = (ex, smp_c, dist.host_slice(off, n_c, g))
+                jobs.append(pool.submit(score, *args) if pool else score(*args))
+            t1 = time.perf_counter()
+            done = [j.result() for j in jobs] if pool else jobs
+        finally:
+            if pool:
+                pool.shutdown(wait=True)
+        t2 = time.perf_counter()
+        if chunks == 1:
+            inputs, smp = parts[0]
+        else:   # process-major again: host p's chunks in order
+            inputs, _ = dist.gather_inputs(self._inputs(examples))
+            hosts, per = jax.process_count(), n // chunks * g
+            smp = {k: np.concatenate([parts[c][1][k][p * per:(p + 1) * per]
+                                      for p in range(hosts) for c in range(chunks)])
+                   for k in parts[0][1]}
+        captions = [x for cap, _, _ in done for x in cap]
+        refs = [x for _, ref, _ in done for x in ref]
+        result = merge_scores([res for _, _, res in done])
         rewards, names, weights, ldiag = rollout_rewards(result, rl, captions, refs, n, g)
         rewards, _ = dist.allgather_rows(rewards)      # [B, G, K]: global statistics below
         return {"examples": examples, "inputs": inputs, "smp": smp, "rewards": rewards,
                 "names": names, "weights": weights, "n": n,
                 "ldiag": dist.mean_over_hosts(ldiag),
                 "sdiag": dist.mean_over_hosts(result.diagnostics),
-                "time/rollout": t1 - t0, "time/scoring": time.perf_counter() - t1}
+                # decode time; scoring: all of it; exposed: what the step waited for after the
+                # last decode (all of scoring on the sequential path)
+                "time/rollout": t1 - t0 - (0.0 if pool else scoring[0]),
+                "time/scoring": scoring[0],
+                "time/scoring_exposed": (t2 - t1) if pool else scoring[0]}
 
     @staticmethod
     def _signal(rewards: np.ndarray) -> np.ndarray:
@@ -297,7 +342,7 @@ class Trainer:
                          for k in rounds[0]["ldiag"]},
                "sdiag": {k: float(np.mean([rd["sdiag"].get(k, np.nan) for rd in rounds]))
                          for k in rounds[0]["sdiag"]}}
-        for k in ("time/rollout", "time/scoring"):
+        for k in ("time/rollout", "time/scoring", "time/scoring_exposed"):
             out[k] = sum(rd[k] for rd in rounds)
         return out, {**dyn, "dynamic/signal_groups": float(self._signal(rewards).mean())}
 
@@ -340,6 +385,7 @@ class Trainer:
             "length/tokens": n_tok / len(mask), "truncated": float(truncated.mean()),
             "advantage_abs": float(np.abs(adv).mean()), "skipped_steps": float(self.skipped),
             "time/rollout": rd["time/rollout"], "time/scoring": rd["time/scoring"],
+            "time/scoring_exposed": rd["time/scoring_exposed"],
             "time/update": t3 - t2, "tokens_per_s": n_tok / max(rd["time/rollout"], 1e-9),
         })
         return metrics
