@@ -24,7 +24,8 @@ yes_no / digits: no generation. p(yes) (softmax over the yes and no spellings' i
     distinct (head, shared) extends a copy of its head's cache rows, and each item is a short
     continuation of its (head, shared) rows; only the item's last hidden state goes through the
     LM head. Rows are batched in padded buckets (powers of two from 8, in chunks of at most
-    `prefix_batch` and `item_batch` rows), lengths bucketed to powers of two, so a run compiles
+    `prefix_batch` and `item_batch` rows), lengths bucketed to powers of two (items sorted by
+    length, each chunk padded to its own longest), so a run compiles
     a bounded number of times (`compile_count()`). Each segment is right-padded inside its
     bucket; the padded slots are masked out of the KV mask, and positions continue from each
     row's real length, so the answer equals one forward pass over the concatenated tokens
@@ -332,12 +333,16 @@ class InProcessBackend:
                              jnp.int32(head_len), mrope=mrope)
                 self.stats["shared_rows"] += rows
                 shared_row = {s: r for r, s in enumerate(s_chunk)}
-                items = [k for s in s_chunk for k in by_shared[s]]
+                # items sorted by length, each chunk padded to its own bucket (not the call's
+                # longest): short items (a digit question) never pay for long ones
+                items = sorted((k for s in s_chunk for k in by_shared[s]),
+                               key=lambda k: len(item_ids[k]))
                 for i_chunk in _chunks(items, self.item_batch):
                     rows = _rows(len(i_chunk), self.item_batch)
                     parent = np.zeros(rows, np.int32)
                     parent[:len(i_chunk)] = [shared_row[item_shared[k]] for k in i_chunk]
-                    ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, len_item)
+                    bucket = _pow2(max(len(item_ids[k]) for k in i_chunk), 8)
+                    ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, bucket)
                     out = _read(graphdef, state, *c2, parent, ids, lens,
                                 jnp.int32(head_len + len_shared), mrope=mrope, reader=reader,
                                 ids_a=tuple(ids_a), ids_b=tuple(ids_b))
