@@ -106,7 +106,7 @@ _TEMPLATE = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
 <style>
 body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
 h1{font-size:22px} h2{font-size:18px;margin-top:32px} table{border-collapse:collapse}
-td,th{border:1px solid #ddd;padding:4px 8px;vertical-align:top;font-size:13px}
+td,th{border:1px solid #ddd;padding:4px 6px;vertical-align:top;font-size:12px}
 .metric{display:inline-block;margin:8px 24px 8px 0;vertical-align:top}
 .gallery td{max-width:320px} mark{background:#ffc9c9} .note{color:#666;font-size:13px}
 .false{color:#b00020;font-size:12px}
@@ -115,11 +115,12 @@ td,th{border:1px solid #ddd;padding:4px 8px;vertical-align:top;font-size:13px}
 <p class="note">{{ results.images }} images; 95% bootstrap intervals over images
 ({{ results.bootstrap_samples }} resamples). Judge: {{ judge }}. {{ results.note }}.</p>
 <h2>Metrics</h2>
-<table id="summary"><tr><th>policy</th>{% for b in bars %}<th>{{ b.metric }}</th>{% endfor %}
+<div style="overflow-x:auto"><table id="summary"><tr><th>policy</th>
+{% for b in bars %}<th>{{ b.metric }}</th>{% endfor %}
 <th>words</th></tr>
 {% for name, p in results.policies.items() %}<tr><td>{{ name }}</td>
 {% for b in bars %}<td>{% for r in b.rows if r.name == name %}{{ r.text }}{% endfor %}</td>
-{% endfor %}<td>{{ '%.1f' % p.words.mean }}</td></tr>{% endfor %}</table>
+{% endfor %}<td>{{ '%.1f' % p.words.mean }}</td></tr>{% endfor %}</table></div>
 {% for b in bars %}<div class="metric"><div><b>{{ b.metric }}</b></div>
 <svg class="bars" width="{{ bar_w + 200 }}" height="{{ b.height }}"
  role="img" aria-label="{{ b.metric }}">
@@ -166,8 +167,11 @@ def write_html(path: str, results: dict, gallery: list[dict], *, title: str = "E
             pieces, rest = highlight(g["captions"].get(n, ""), g.get("false_facts", {}).get(n, []))
             caps.append({"pieces": pieces, "false": rest})
         rows.append({"key": g["key"], "src": thumbnail(g["image"]), "captions": caps})
-    judge = results.get("judges", {}).get("judge") or ", ".join(
-        str(v) for v in results.get("judges", {}).values() if isinstance(v, str)) or "none"
+    meta = results.get("judges", {})
+    who = [f"{k[len('judge/'):]} {v}" for k, v in meta.items() if k.startswith("judge/")]
+    if isinstance(meta.get("eval_judge"), dict):
+        who.append(f"evaluation {meta['eval_judge'].get('judge', '?')}")
+    judge = ", ".join(who) or "none"
     html = _TEMPLATE.render(title=title, results=results, bars=_bars(results),
                             lengths=_lengths(results), gallery=rows, names=names,
                             judge=judge, bar_w=BAR_W, bar_h=BAR_H)
