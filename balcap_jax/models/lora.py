@@ -39,8 +39,9 @@ from balcap_jax import sharding as shd
 from balcap_jax.models import hf, quant
 from balcap_jax.models.layers import Proj
 
-__all__ = ["LoRAParam", "DEFAULT_MODULES", "PARTS", "apply_lora", "adapted", "has_lora",
-           "trainable", "without_adapters", "merged", "save_peft", "peft_settings", "load_peft"]
+__all__ = ["LoRAParam", "DEFAULT_MODULES", "PARTS", "is_vision_path", "apply_lora", "adapted",
+           "has_lora", "trainable", "without_adapters", "merged", "save_peft", "peft_settings",
+           "load_peft"]
 
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = ("language", "projector", "vision")
@@ -52,11 +53,17 @@ class LoRAParam(nnx.LoRAParam):
     so nnx filters written for flax's own LoRA select ours too)."""
 
 
+def is_vision_path(path) -> bool:
+    """A parameter path inside the vision tower (Qwen2.5-VL `visual`, LLaVA `vision_tower`;
+    the projector of Qwen2.5-VL, `visual/merger`, included)."""
+    return any(str(getattr(p, "key", p)).startswith(("visual", "vision")) for p in path)
+
+
 def _part(path: tuple) -> str:
-    names = [str(p) for p in path]
-    if any(n.startswith(("visual", "vision")) for n in names):
-        return "projector" if any(n in _PROJECTORS for n in names) else "vision"
-    return "projector" if any(n in _PROJECTORS for n in names) else "language"
+    projector = any(str(p) in _PROJECTORS for p in path)
+    if is_vision_path(path):
+        return "projector" if projector else "vision"
+    return "projector" if projector else "language"
 
 
 def _targets(model, modules: Sequence[str], parts: Sequence[str]) -> list[tuple[tuple, Proj]]:

@@ -7,11 +7,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from balcap_jax.models.lora import is_vision_path
+
 __all__ = ["make_optimizer", "freeze_vision_tower", "is_vision_path", "stored_in"]
-
-
-def is_vision_path(path) -> bool:
-    return any(str(getattr(p, "key", p)).startswith(("visual", "vision")) for p in path)
 
 
 def make_optimizer(tc, params=None) -> optax.GradientTransformation:
