@@ -333,6 +333,12 @@ def validate(c, n_devices: int) -> dict:
     if chunks < 1 or c.train.batch_size % chunks:
         errors.append(f"train.rollout_chunks={chunks} must be >= 1 and divide "
                       f"train.batch_size={c.train.batch_size}")
+    if c.train.get("overlap_scoring", False) and c.scorer.name == "judges" and \
+            c.judges.backend == "in_process" and int(c.judges.devices) == 0:
+        errors.append("train.overlap_scoring with in-process judges on the policy's devices "
+                      "would only queue the judges behind the decode (and, on several hosts, "
+                      "interleave their collectives); give them judges.devices=N or "
+                      "judges.backend=remote, or turn it off")
     if int(c.rl.get("dynamic_sampling", 0)) < 0:
         errors.append(f"rl.dynamic_sampling={c.rl.dynamic_sampling} must be >= 0 (extra "
                       "sampling rounds per step; 0 = off)")

@@ -69,3 +69,17 @@ def test_overlapped_scoring_equals_the_sequential_step():
     assert s1[0][0] < d1[1][1] and s1[0][0] >= d1[0][1]
     assert 0 <= m1["time/scoring_exposed"] <= m1["time/scoring"]
     assert m0["time/scoring_exposed"] == m0["time/scoring"]
+
+
+def test_overlap_with_judges_on_the_policys_devices_is_refused():
+    import pytest
+
+    from balcap_jax import config as config_lib
+    cfg = tiny_config()
+    cfg.train.overlap_scoring = True
+    cfg.scorer.name = "judges"
+    cfg.judges.backend, cfg.judges.devices = "in_process", 0
+    with pytest.raises(config_lib.ConfigError, match="overlap_scoring"):
+        config_lib.validate(cfg, 1)
+    cfg.judges.backend, cfg.judges.base_url, cfg.judges.model = "remote", "http://h:1/v1", "m"
+    config_lib.validate(cfg, 1)         # remote judges: fine
