@@ -13,7 +13,8 @@ def test_variants_change_only_their_knob():
               "no_length": {"rl.length_control": "none"}, "ppo_epochs_4": {"rl.ppo_epochs": 4},
               "no_linguistic": {"rl.rewards": ["precision", "recall"], "rl.weights": [1.0, 1.0],
                                 "rl.length_control": "none", "rl.length_reward": "precision"},
-              "balcap": {}, "no_pointability": {}}
+              "dynamic_sampling": {"rl.dynamic_sampling": 2}, "balcap": {},
+              "no_pointability": {}}
     assert set(expect) == set(ab.VARIANTS)
     flat = lambda c: {f"{a}.{b}": v for a, d in c.items() if hasattr(d, "items")
                       for b, v in d.items()}

@@ -75,9 +75,9 @@ def worker(out_dir: str, argv: list[str]) -> None:
         trainer = seen["trainer"] = real_build(*args, **kwargs)
         real_step = trainer.train_step
 
-        def train_step(examples):
+        def train_step(examples, **kw):
             t = time.time()
-            seen["metrics"], seen["examples"] = real_step(examples), examples
+            seen["metrics"], seen["examples"] = real_step(examples, **kw), examples
             print(f"step {time.time() - t:.1f} s", flush=True)
             seen["spans_hosts"] = any(
                 len({d.process_index for d in x.sharding.device_set}) > 1
