@@ -119,12 +119,8 @@ class ReferenceUnitCache:
 # The scorer
 # ----------------------------------------------------------------------------------------------
 
-def _ask(fn: Callable[[list[Query]], list[Answer]], queries: Sequence[Query], role: str,
-         times: dict[str, float]) -> list[Answer]:
-    """Calls a backend role once on the distinct queries (same image object, same text) and
-    fans the answers back out; checks the backend answered once per query."""
-    if not queries:
-        return []
+def _unique(queries: Sequence[Query]) -> tuple[list[Query], list[int]]:
+    """The distinct queries (same image object, same text) and each query's slot among them."""
     index: dict[tuple, int] = {}
     unique: list[Query] = []
     slots = []
@@ -134,6 +130,16 @@ def _ask(fn: Callable[[list[Query]], list[Answer]], queries: Sequence[Query], ro
             index[key] = len(unique)
             unique.append(q)
         slots.append(index[key])
+    return unique, slots
+
+
+def _ask(fn: Callable[[list[Query]], list[Answer]], queries: Sequence[Query], role: str,
+         times: dict[str, float]) -> list[Answer]:
+    """Calls a backend role once on the distinct queries (same image object, same text) and
+    fans the answers back out; checks the backend answered once per query."""
+    if not queries:
+        return []
+    unique, slots = _unique(queries)
     start = time.perf_counter()
     answers = list(fn(unique))
     times[role] = times.get(role, 0.0) + time.perf_counter() - start
@@ -274,14 +280,33 @@ class BalCapScorer:
             if vals:
                 diag[f"{role}_mean"] = float(np.mean(vals))
 
-    def _recall(self, captions, references, live, out, diag, nan, times, units, nan_refs):
+    def _coverage_queries(self, captions, references, live, units):
         queries, owners = [], []
         for i in live:
             for j, r in enumerate(references[i]):
                 for u in units.get(r, ()):
                     queries.append(Query(*P.render("coverage", caption=captions[i], unit=u)))
                     owners.append((i, j))
-        answers = _ask(self.text_backend.yes_no, queries, "coverage", times)
+        return queries, owners
+
+    def _text_answers(self, cov_q, lin_q, times):
+        """Coverage (yes/no) and linguistic (digits) answers. A backend with
+        `answer_groups` (the in-process judge) gets both in one call, so each caption's two
+        prompts share one prefix node; others get one call per role."""
+        both = hasattr(self.text_backend, "answer_groups") and cov_q and lin_q
+        if not both:
+            return (_ask(self.text_backend.yes_no, cov_q, "coverage", times),
+                    _ask(self.text_backend.digits, lin_q, "linguistic", times))
+        (cu, cs), (lu, ls) = _unique(cov_q), _unique(lin_q)
+        start = time.perf_counter()
+        ca, la = self.text_backend.answer_groups([("yes_no", cu), ("digits", lu)])
+        times["coverage_linguistic"] = times.get("coverage_linguistic", 0.0) + \
+            time.perf_counter() - start
+        if len(ca) != len(cu) or len(la) != len(lu):
+            raise RuntimeError("the judge backend's answer_groups did not answer every query")
+        return [ca[k] for k in cs], [la[k] for k in ls]
+
+    def _recall(self, references, live, out, diag, nan, units, nan_refs, owners, answers):
         covered: dict[tuple, list] = collections.defaultdict(list)
         for (i, j), ans in zip(owners, answers):
             covered[(i, j)].append(ans)
@@ -313,10 +338,13 @@ class BalCapScorer:
         if n_units:
             diag["reference_units_mean"] = float(np.mean(n_units))
 
-    def _linguistic(self, captions, live, out, nan, times):
+    @staticmethod
+    def _linguistic_queries(captions, live):
+        return [Query(*P.render(c, caption=captions[i])) for i in live
+                for c in P.LINGUISTIC_CRITERIA]
+
+    def _linguistic(self, live, out, nan, answers):
         criteria = tuple(P.LINGUISTIC_CRITERIA)
-        queries = [Query(*P.render(c, caption=captions[i])) for i in live for c in criteria]
-        answers = _ask(self.text_backend.digits, queries, "linguistic", times)
         k = len(criteria)
         for n, i in enumerate(live):
             ans = answers[n * k:(n + 1) * k]
@@ -343,15 +371,18 @@ class BalCapScorer:
         diag["caption_zero/empty_caption"] = float(n - len(live))
         rewards = {}
         decomp, units, nan_refs = self._decompose(captions, references, live, diag, times)
+        cov_q, owners = self._coverage_queries(captions, references, live, units) \
+            if "recall" in self.rewards else ([], [])
+        lin_q = self._linguistic_queries(captions, live) if "linguistic" in self.rewards else []
+        cov_a, lin_a = self._text_answers(cov_q, lin_q, times)
         for name in self.rewards:
             out = np.zeros(n, np.float32)          # empty captions stay 0 (caption-side)
             if name == "precision":
                 self._precision(images, captions, live, out, diag, nan, times, decomp)
             elif name == "recall":
-                self._recall(captions, references, live, out, diag, nan, times, units,
-                             nan_refs)
+                self._recall(references, live, out, diag, nan, units, nan_refs, owners, cov_a)
             else:
-                self._linguistic(captions, live, out, nan, times)
+                self._linguistic(live, out, nan, lin_a)
             rewards[name] = out
             diag[f"nan/{name}"] = float(np.isnan(out).sum())
         diag.update(nan)

@@ -20,16 +20,18 @@ yes_no / digits: no generation. p(yes) (softmax over the yes and no spellings' i
         item   = the item text + "<|im_end|>\\n<|im_start|>assistant\\n"
 
     and the forward pass runs as a prefix tree over the KV cache: each distinct head is
-    prefilled once (the vision tower runs once per image and call, never per assertion), each
-    distinct (head, shared) extends a copy of its head's cache rows, and each item is a short
-    continuation of its (head, shared) rows; only the item's last hidden state goes through the
-    LM head. Rows are batched in padded buckets (powers of two from 8, in chunks of at most
-    `prefix_batch` and `item_batch` rows), lengths bucketed to powers of two (items sorted by
-    length, each chunk padded to its own longest), so a run compiles
-    a bounded number of times (`compile_count()`). Each segment is right-padded inside its
-    bucket; the padded slots are masked out of the KV mask, and positions continue from each
-    row's real length, so the answer equals one forward pass over the concatenated tokens
-    (tested).
+    prefilled once (the vision tower runs once per image and call, never per assertion); shared
+    texts of a head that begin alike (a caption's coverage and linguistic prompts, both
+    starting with the caption) extend one common-prefix node, each distinct (head, shared)
+    then extends that node's rows by its own tokens, and each item is a short continuation of
+    its (head, shared) rows; only the item's last hidden state goes through the LM head.
+    `answer_groups` puts several readers' queries (yes/no and digits) in one tree. Rows are
+    batched in padded buckets (powers of two from 8, in chunks of at most `prefix_batch` and
+    `item_batch` rows), lengths bucketed to powers of two (items sorted by length, each chunk
+    padded to its own longest), so a run compiles a bounded number of times
+    (`compile_count()`). Each segment is right-padded inside its bucket; the padded slots are
+    masked out of the KV mask, and positions continue from each row's real length, so the
+    answer equals one forward pass over the concatenated tokens (tested).
 """
 from __future__ import annotations
 
@@ -275,23 +277,74 @@ class InProcessBackend:
 
     # -- yes/no and digits: one forward over a prefix tree ---------------------------------
     def yes_no(self, queries: Sequence[Query]) -> list[Answer]:
-        return self._answers(queries, "yes_no", self.yes_ids, self.no_ids)
+        return self.answer_groups([("yes_no", queries)])[0]
 
     def digits(self, queries: Sequence[Query]) -> list[Answer]:
-        return self._answers(queries, "digits", self.digit_ids, ())
+        return self.answer_groups([("digits", queries)])[0]
 
-    def _answers(self, queries: Sequence[Query], reader: str, ids_a, ids_b) -> list[Answer]:
+    def _reader_ids(self, reader: str) -> tuple:
+        return (self.yes_ids, self.no_ids) if reader == "yes_no" else (self.digit_ids, ())
+
+    @staticmethod
+    def _prefix_groups(seqs: list[tuple]) -> list[int]:
+        """Per shared token sequence (distinct, one head), the length of the prefix it shares
+        with its group: sequences sorted, neighbours whose common prefix covers at least half
+        of the shorter one chained into a group (a caption's coverage and linguistic prompts:
+        the caption), the group's prefix their common one, always leaving each sequence at
+        least one token of its own."""
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i])
+
+        def lcp(a, b):
+            n = 0
+            for x, y in zip(a, b):
+                if x != y:
+                    break
+                n += 1
+            return n
+        groups, cur = [], [order[0]] if order else []
+        for a, b in zip(order, order[1:]):
+            n = lcp(seqs[a], seqs[b])
+            if n >= max(1, min(len(seqs[a]), len(seqs[b])) // 2):
+                cur.append(b)
+            else:
+                groups.append(cur)
+                cur = [b]
+        if cur:
+            groups.append(cur)
+        out = [0] * len(seqs)
+        for g in groups:
+            common = lcp(seqs[g[0]], seqs[g[-1]]) if len(g) > 1 else len(seqs[g[0]])
+            common = min(common, min(len(seqs[i]) for i in g) - 1)
+            for i in g:
+                out[i] = common
+        return out
+
+    def answer_groups(self, groups: Sequence[tuple[str, Sequence[Query]]]
+                      ) -> list[list[Answer]]:
+        """Several readers' queries ("yes_no", "digits") through ONE prefix tree:
+
+            head (system + image) -> common prefix -> rest of the shared text -> item
+
+        Shared texts of one head that begin alike (a caption's coverage and linguistic
+        prompts both begin with the caption) extend one common-prefix node; each shared text
+        then extends that node by the tokens of its own, and each item continues its shared
+        text's rows. The prefix split is made on the tokens of the whole shared text, so every
+        query runs exactly the tokens it ran before, in the same positions."""
+        queries = [(r, q) for r, qs in groups for q in qs]
         if not queries:
-            return []
+            return [[] for _ in groups]
         if not self.share_prefix:
-            return self._answers_unshared(queries, reader, ids_a, ids_b)
+            out = []
+            for r, qs in groups:
+                out.append(self._answers_unshared(qs, r, *self._reader_ids(r)) if qs else [])
+            return out
         start_time = time.perf_counter()
-        heads: dict[tuple, int] = {}           # (image id, has image) -> head index
+        heads: dict[tuple, int] = {}           # image id (None: text) -> head index
         head_image: list[Any] = []
         shareds: dict[tuple, int] = {}         # (head, shared text) -> shared index
         shared_head, shared_ids = [], []
-        item_shared, item_ids = [], []
-        for q in queries:
+        item_shared, item_ids, item_reader = [], [], []
+        for reader, q in queries:
             hk = (id(q.image) if q.image is not None else None,)
             if hk not in heads:
                 heads[hk] = len(head_image)
@@ -301,56 +354,101 @@ class InProcessBackend:
             if sk not in shareds:
                 shareds[sk] = len(shared_head)
                 shared_head.append(h)
-                shared_ids.append(self._tok(q.shared))
+                shared_ids.append(tuple(self._tok(q.shared)))
             _, tail = self._head_tail(q.image is not None)
             item_shared.append(shareds[sk])
             item_ids.append(self._tok(q.item + tail))
-        if any(len(s) == 0 for s in shared_ids) or any(len(i) == 0 for i in item_ids):
-            raise ValueError("a judge query has an empty shared or item part; every prompt's "
-                             "parts must be non-empty text")
-        len_shared = _pow2(max(len(s) for s in shared_ids), 8)
+            item_reader.append(reader)
+        if any(len(s) < 2 for s in shared_ids) or any(len(i) == 0 for i in item_ids):
+            raise ValueError("a judge query has a shared part under 2 tokens or an empty item "
+                             "part; every prompt's parts must be non-empty text")
+        # the common-prefix nodes: (head, prefix tokens) -> node; each shared -> node, rest
+        by_head_s = collections.defaultdict(list)
+        for sid, h in enumerate(shared_head):
+            by_head_s[h].append(sid)
+        prefixes: dict[tuple, int] = {}
+        prefix_head, prefix_ids = [], []
+        shared_prefix, shared_rest = [0] * len(shared_ids), [()] * len(shared_ids)
+        for h, sids in by_head_s.items():
+            cut = self._prefix_groups([shared_ids[s] for s in sids])
+            for s, c in zip(sids, cut):
+                key = (h, shared_ids[s][:c])
+                if key not in prefixes:
+                    prefixes[key] = len(prefix_head)
+                    prefix_head.append(h)
+                    prefix_ids.append(list(shared_ids[s][:c]))
+                shared_prefix[s], shared_rest[s] = prefixes[key], shared_ids[s][c:]
+        len1 = _pow2(max(len(p) for p in prefix_ids), 8)
+        len2 = _pow2(max(len(r) for r in shared_rest), 8)
         len_item = _pow2(max(len(i) for i in item_ids), 8)
         values = np.full(len(queries), np.nan, np.float32)
         graphdef, state = nnx.split(self.model)
-        by_head = collections.defaultdict(list)
-        for s, h in enumerate(shared_head):
-            by_head[h].append(s)
-        by_shared = collections.defaultdict(list)
+        prefixes_of = collections.defaultdict(list)
+        for u, h in enumerate(prefix_head):
+            prefixes_of[h].append(u)
+        shareds_of = collections.defaultdict(list)
+        for s, u in enumerate(shared_prefix):
+            shareds_of[u].append(s)
+        items_of = collections.defaultdict(list)
         for k, s in enumerate(item_shared):
-            by_shared[s].append(k)
+            items_of[s].append(k)
 
+        def bucket(seqs):
+            return _pow2(max(len(x) for x in seqs), 8)
         for head_chunk in _chunks(list(range(len(head_image))), self.prefix_batch):
             cache, kv_mask, next_pos, mrope, head_len = self._prefill_heads(
-                graphdef, state, [head_image[h] for h in head_chunk], len_shared + len_item)
+                graphdef, state, [head_image[h] for h in head_chunk], len1 + len2 + len_item)
             head_row = {h: r for r, h in enumerate(head_chunk)}
-            chunk_shareds = [s for h in head_chunk for s in by_head[h]]
-            for s_chunk in _chunks(chunk_shareds, self.prefix_batch):
-                rows = _rows(len(s_chunk), self.prefix_batch)
+            for u_chunk in _chunks([u for h in head_chunk for u in prefixes_of[h]],
+                                   self.prefix_batch):
+                rows = _rows(len(u_chunk), self.prefix_batch)
                 parent = np.zeros(rows, np.int32)
-                parent[:len(s_chunk)] = [head_row[shared_head[s]] for s in s_chunk]
-                ids, lens = self._pad([shared_ids[s] for s in s_chunk], rows, len_shared)
-                c2 = _extend(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens,
+                parent[:len(u_chunk)] = [head_row[prefix_head[u]] for u in u_chunk]
+                b1 = bucket([prefix_ids[u] for u in u_chunk])
+                ids, lens = self._pad([prefix_ids[u] for u in u_chunk], rows, b1)
+                c1 = _extend(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens,
                              jnp.int32(head_len), mrope=mrope)
-                self.stats["shared_rows"] += rows
-                shared_row = {s: r for r, s in enumerate(s_chunk)}
-                # items sorted by length, each chunk padded to its own bucket (not the call's
-                # longest): short items (a digit question) never pay for long ones
-                items = sorted((k for s in s_chunk for k in by_shared[s]),
-                               key=lambda k: len(item_ids[k]))
-                for i_chunk in _chunks(items, self.item_batch):
-                    rows = _rows(len(i_chunk), self.item_batch)
+                self.stats["prefix_rows"] += rows
+                prefix_row = {u: r for r, u in enumerate(u_chunk)}
+                for s_chunk in _chunks([s for u in u_chunk for s in shareds_of[u]],
+                                       self.prefix_batch):
+                    rows = _rows(len(s_chunk), self.prefix_batch)
                     parent = np.zeros(rows, np.int32)
-                    parent[:len(i_chunk)] = [shared_row[item_shared[k]] for k in i_chunk]
-                    bucket = _pow2(max(len(item_ids[k]) for k in i_chunk), 8)
-                    ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, bucket)
-                    out = _read(graphdef, state, *c2, parent, ids, lens,
-                                jnp.int32(head_len + len_shared), mrope=mrope, reader=reader,
-                                ids_a=tuple(ids_a), ids_b=tuple(ids_b))
-                    values[i_chunk] = np.asarray(out)[:len(i_chunk)]
-                    self.stats["item_rows"] += rows
-        self.times[reader] += time.perf_counter() - start_time
-        return [Answer(float(v)) if np.isfinite(v) else Answer(None, "non_finite")
-                for v in values]
+                    parent[:len(s_chunk)] = [prefix_row[shared_prefix[s]] for s in s_chunk]
+                    b2 = bucket([shared_rest[s] for s in s_chunk])
+                    ids, lens = self._pad([list(shared_rest[s]) for s in s_chunk], rows, b2)
+                    c2 = _extend(graphdef, state, *c1, parent, ids, lens,
+                                 jnp.int32(head_len + b1), mrope=mrope)
+                    self.stats["shared_rows"] += rows
+                    shared_row = {s: r for r, s in enumerate(s_chunk)}
+                    # items grouped by reader and sorted by length, each chunk padded to its
+                    # own bucket (not the call's longest): short items never pay for long ones
+                    items = sorted((k for s in s_chunk for k in items_of[s]),
+                                   key=lambda k: (item_reader[k], len(item_ids[k])))
+                    for reader in dict.fromkeys(item_reader[k] for k in items):
+                        ids_a, ids_b = self._reader_ids(reader)
+                        mine = [k for k in items if item_reader[k] == reader]
+                        for i_chunk in _chunks(mine, self.item_batch):
+                            rows = _rows(len(i_chunk), self.item_batch)
+                            parent = np.zeros(rows, np.int32)
+                            parent[:len(i_chunk)] = [shared_row[item_shared[k]]
+                                                     for k in i_chunk]
+                            b3 = bucket([item_ids[k] for k in i_chunk])
+                            ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, b3)
+                            out = _read(graphdef, state, *c2, parent, ids, lens,
+                                        jnp.int32(head_len + b1 + b2), mrope=mrope,
+                                        reader=reader, ids_a=tuple(ids_a), ids_b=tuple(ids_b))
+                            values[i_chunk] = np.asarray(out)[:len(i_chunk)]
+                            self.stats["item_rows"] += rows
+        for reader in dict.fromkeys(item_reader):
+            self.times[reader] += (time.perf_counter() - start_time) / len(set(item_reader))
+        answers = [Answer(float(v)) if np.isfinite(v) else Answer(None, "non_finite")
+                   for v in values]
+        out, at = [], 0
+        for _, qs in groups:
+            out.append(answers[at:at + len(qs)])
+            at += len(qs)
+        return out
 
     def _answers_unshared(self, queries: Sequence[Query], reader: str, ids_a, ids_b
                           ) -> list[Answer]:

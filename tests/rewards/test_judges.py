@@ -139,6 +139,30 @@ def test_text_digits_equal_full_forward(text_judge):
     assert ((got >= 1) & (got <= 5)).all()
 
 
+@pytest.mark.heavy
+def test_coverage_and_linguistic_share_the_caption_node(text_judge):
+    """Coverage (yes/no) and linguistic (digits) queries of the same captions in ONE tree:
+    each caption's two prompts extend one common-prefix node holding the caption, and every
+    answer still equals the full forward of that query's own tokens."""
+    caps = ["A red car is parked by a tree.", "The sky is blue over the small green house."]
+    cov = [Query(*P.render("coverage", caption=c, unit=u)) for c in caps
+           for u in ("There is a car.", "The sky is blue.")]
+    lin = [Query(*P.render(k, caption=c)) for c in caps for k in P.LINGUISTIC_CRITERIA]
+    text_judge.stats.clear()
+    a_cov, a_lin = text_judge.answer_groups([("yes_no", cov), ("digits", lin)])
+    np.testing.assert_allclose([a.value for a in a_cov], _reference(text_judge, cov, "yes_no"),
+                               atol=1e-5)
+    np.testing.assert_allclose([a.value for a in a_lin], _reference(text_judge, lin, "digits"),
+                               atol=1e-4)
+    # 4 shared texts (2 captions x 2 prompts) under 2 prefix nodes, each holding its caption
+    seqs = [tuple(text_judge._tok(q.shared)) for q in (cov[0], lin[0], cov[2], lin[3])]
+    cut = text_judge._prefix_groups(seqs)
+    assert cut[0] == cut[1] and cut[2] == cut[3] and len(set(cut)) <= 2
+    for c, k in zip(caps, (cut[0], cut[2])):
+        assert k >= len(text_judge._tok(f"Here is a caption of an image:\n\n{c}")) - 1
+    assert text_judge.stats["prefix_rows"] == 2 and text_judge.stats["shared_rows"] == 4
+
+
 def test_buckets_bound_compiles_and_order_is_kept(text_judge):
     qs = _text_queries()
     first = [a.value for a in text_judge.yes_no(qs)]
@@ -247,6 +271,27 @@ def test_scorer_runs_end_to_end_on_in_process_judges(vl_judge, text_judge):
         assert r.shape == (2,) and r[1] == 0.0          # empty caption: caption-side zero
         assert np.isnan(r[0]) or 0.0 <= r[0] <= 1.0
     assert 0.0 <= res.rewards["linguistic"][0] <= 1.0    # digits never fail in-process
+    # coverage and linguistic in one tree (answer_groups) = one call per role
+    class PerRole:
+        name = text_judge.name
+        decompose, yes_no, digits = text_judge.decompose, text_judge.yes_no, text_judge.digits
+    from balcap_jax.rewards.balcap import ReferenceUnitCache
+    caps, ref = ["A red car.", "A red car is by a tree."], "A red car by a tree."
+    version = P.get_prompt("decompose_reference").version
+    results = []
+    for backend in (text_judge, PerRole()):
+        scorer = BalCapScorer(vl_judge, text_backend=backend, rewards=("recall", "linguistic"))
+        # units known (a random judge rarely writes a list), so coverage queries exist
+        scorer.cache.put([(ReferenceUnitCache.key(ref, text_judge.name, version),
+                           ["There is a car.", "The car is red.", "A tree."],
+                           text_judge.name, version, ref)])
+        results.append(scorer(images=[img, img], captions=caps, references=[[ref]] * 2))
+    one, two = results
+    assert "time_s/coverage_linguistic" in one.diagnostics and np.isfinite(
+        one.rewards["recall"]).all()
+    assert "time_s/coverage" in two.diagnostics
+    for k in ("recall", "linguistic"):
+        np.testing.assert_allclose(one.rewards[k], two.rewards[k], atol=1e-5)
 
 
 def test_image_query_needs_a_processor(text_judge):
