@@ -474,6 +474,27 @@ def _bench(args, ckpt: str, port: int, t0: float) -> None:
         _line({"decompose_one_batch_over_chunks": round(
             rates["one_batch"]["captions_per_s"] / rates["chunks_of_16"]["captions_per_s"], 2)})
 
+    # coverage (yes/no) and linguistic (digits) of the same captions: one prefix tree, where
+    # each caption's two prompts share its node (answer_groups), against one call per role
+    cov = [Query(*P.render("coverage", caption=c, unit=a)) for c in captions for a in lists[c]]
+    lin = [Query(*P.render(k, caption=c)) for c in captions for k in P.LINGUISTIC_CRITERIA]
+    timings = {}
+    for label, run_once in (
+            ("one_call_per_role", lambda: (judge.yes_no(cov), judge.digits(lin))),
+            ("one_tree", lambda: judge.answer_groups([("yes_no", cov), ("digits", lin)]))):
+        run_once()                       # compile
+        best = float("inf")
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            run_once()
+            best = min(best, time.perf_counter() - t)
+        timings[label] = best
+        _line({"coverage_linguistic": label, "questions": len(cov) + len(lin),
+               "timed_s": round(best, 3),
+               "questions_per_s": round((len(cov) + len(lin)) / best, 1)})
+    _line({"coverage_linguistic_one_tree_over_per_role": round(
+        timings["one_call_per_role"] / timings["one_tree"], 2)})
+
     with urllib.request.urlopen(
             f"http://127.0.0.1:{port}/stats", timeout=10) as r:
         server_stats = json.loads(r.read())

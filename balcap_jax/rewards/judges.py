@@ -290,8 +290,8 @@ class InProcessBackend:
         """Per shared token sequence (distinct, one head), the length of the prefix it shares
         with its group: sequences sorted, neighbours whose common prefix covers at least half
         of the shorter one chained into a group (a caption's coverage and linguistic prompts:
-        the caption), the group's prefix their common one, always leaving each sequence at
-        least one token of its own."""
+        the caption), the group's prefix their common one, always leaving each member at
+        least one token of its own; a sequence alone is its own node (cut = its length)."""
         order = sorted(range(len(seqs)), key=lambda i: seqs[i])
 
         def lcp(a, b):
@@ -313,8 +313,10 @@ class InProcessBackend:
             groups.append(cur)
         out = [0] * len(seqs)
         for g in groups:
-            common = lcp(seqs[g[0]], seqs[g[-1]]) if len(g) > 1 else len(seqs[g[0]])
-            common = min(common, min(len(seqs[i]) for i in g) - 1)
+            if len(g) == 1:      # nothing shared: the whole text is the node (no extra level)
+                out[g[0]] = len(seqs[g[0]])
+                continue
+            common = min(lcp(seqs[g[0]], seqs[g[-1]]), min(len(seqs[i]) for i in g) - 1)
             for i in g:
                 out[i] = common
         return out
@@ -379,7 +381,8 @@ class InProcessBackend:
                     prefix_ids.append(list(shared_ids[s][:c]))
                 shared_prefix[s], shared_rest[s] = prefixes[key], shared_ids[s][c:]
         len1 = _pow2(max(len(p) for p in prefix_ids), 8)
-        len2 = _pow2(max(len(r) for r in shared_rest), 8)
+        rests = [len(r) for r in shared_rest if r]
+        len2 = _pow2(max(rests), 8) if rests else 0
         len_item = _pow2(max(len(i) for i in item_ids), 8)
         values = np.full(len(queries), np.nan, np.float32)
         graphdef, state = nnx.split(self.model)
@@ -395,6 +398,27 @@ class InProcessBackend:
 
         def bucket(seqs):
             return _pow2(max(len(x) for x in seqs), 8)
+
+        def run_items(cache_rows, row_of: dict, start: int, shared: list, mrope: bool) -> None:
+            """The items of `shared` (rows `row_of` in `cache_rows`, items from slot
+            `start`), grouped by reader and sorted by length, each chunk padded to its own
+            bucket (not the call's longest): short items never pay for long ones."""
+            items = sorted((k for s in shared for k in items_of[s]),
+                           key=lambda k: (item_reader[k], len(item_ids[k])))
+            for reader in dict.fromkeys(item_reader[k] for k in items):
+                ids_a, ids_b = self._reader_ids(reader)
+                mine = [k for k in items if item_reader[k] == reader]
+                for i_chunk in _chunks(mine, self.item_batch):
+                    rows = _rows(len(i_chunk), self.item_batch)
+                    parent = np.zeros(rows, np.int32)
+                    parent[:len(i_chunk)] = [row_of[item_shared[k]] for k in i_chunk]
+                    b3 = bucket([item_ids[k] for k in i_chunk])
+                    ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, b3)
+                    out = _read(graphdef, state, *cache_rows, parent, ids, lens,
+                                jnp.int32(start), mrope=mrope, reader=reader,
+                                ids_a=tuple(ids_a), ids_b=tuple(ids_b))
+                    values[i_chunk] = np.asarray(out)[:len(i_chunk)]
+                    self.stats["item_rows"] += rows
         for head_chunk in _chunks(list(range(len(head_image))), self.prefix_batch):
             cache, kv_mask, next_pos, mrope, head_len = self._prefill_heads(
                 graphdef, state, [head_image[h] for h in head_chunk], len1 + len2 + len_item)
@@ -410,7 +434,12 @@ class InProcessBackend:
                              jnp.int32(head_len), mrope=mrope)
                 self.stats["prefix_rows"] += rows
                 prefix_row = {u: r for r, u in enumerate(u_chunk)}
-                for s_chunk in _chunks([s for u in u_chunk for s in shareds_of[u]],
+                under = [s for u in u_chunk for s in shareds_of[u]]
+                # a shared text alone is its prefix node: its items read those rows
+                direct = [s for s in under if not shared_rest[s]]
+                run_items(c1, {s: prefix_row[shared_prefix[s]] for s in direct},
+                          head_len + b1, direct, mrope)
+                for s_chunk in _chunks([s for s in under if shared_rest[s]],
                                        self.prefix_batch):
                     rows = _rows(len(s_chunk), self.prefix_batch)
                     parent = np.zeros(rows, np.int32)
@@ -420,26 +449,8 @@ class InProcessBackend:
                     c2 = _extend(graphdef, state, *c1, parent, ids, lens,
                                  jnp.int32(head_len + b1), mrope=mrope)
                     self.stats["shared_rows"] += rows
-                    shared_row = {s: r for r, s in enumerate(s_chunk)}
-                    # items grouped by reader and sorted by length, each chunk padded to its
-                    # own bucket (not the call's longest): short items never pay for long ones
-                    items = sorted((k for s in s_chunk for k in items_of[s]),
-                                   key=lambda k: (item_reader[k], len(item_ids[k])))
-                    for reader in dict.fromkeys(item_reader[k] for k in items):
-                        ids_a, ids_b = self._reader_ids(reader)
-                        mine = [k for k in items if item_reader[k] == reader]
-                        for i_chunk in _chunks(mine, self.item_batch):
-                            rows = _rows(len(i_chunk), self.item_batch)
-                            parent = np.zeros(rows, np.int32)
-                            parent[:len(i_chunk)] = [shared_row[item_shared[k]]
-                                                     for k in i_chunk]
-                            b3 = bucket([item_ids[k] for k in i_chunk])
-                            ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, b3)
-                            out = _read(graphdef, state, *c2, parent, ids, lens,
-                                        jnp.int32(head_len + b1 + b2), mrope=mrope,
-                                        reader=reader, ids_a=tuple(ids_a), ids_b=tuple(ids_b))
-                            values[i_chunk] = np.asarray(out)[:len(i_chunk)]
-                            self.stats["item_rows"] += rows
+                    run_items(c2, {s: r for r, s in enumerate(s_chunk)}, head_len + b1 + b2,
+                              s_chunk, mrope)
         for reader in dict.fromkeys(item_reader):
             self.times[reader] += (time.perf_counter() - start_time) / len(set(item_reader))
         answers = [Answer(float(v)) if np.isfinite(v) else Answer(None, "non_finite")

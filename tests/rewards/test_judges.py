@@ -123,9 +123,11 @@ def test_text_yes_no_equals_full_forward(text_judge):
     assert all(a.error is None for a in answers)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.ptp(want) > 1e-3                          # the queries are told apart
-    # 1 text head (padded to 2 rows), 2 shared prefixes (one per caption), 10 items in
-    # chunks of 4, the last one padded: 4 + 4 + (2 + 2 dummy rows)
-    assert text_judge.stats["head_rows"] == 2 and text_judge.stats["shared_rows"] == 2
+    # 1 text head (padded to 2 rows), 2 shared prefixes (one per caption, nothing in common
+    # to split off: no second level), 10 items in chunks of 4, the last one padded: 4 + 4 +
+    # (2 + 2 dummy rows)
+    assert text_judge.stats["head_rows"] == 2 and text_judge.stats["prefix_rows"] == 2
+    assert text_judge.stats["shared_rows"] == 0
     assert text_judge.stats["item_rows"] == 4 + 4 + 4
 
 
@@ -188,7 +190,7 @@ def test_vl_yes_no_shares_the_image_prefix(vl_judge):
     # the vision tower ran once per image for 18 questions; heads in chunks of 2 (the last
     # padded with a text-only head); 6 (image, instruction) prefixes
     assert vl_judge.stats["images_encoded"] == 3 and vl_judge.stats["head_rows"] == 4
-    assert vl_judge.stats["shared_rows"] == 6
+    assert vl_judge.stats["prefix_rows"] == 6 and vl_judge.stats["shared_rows"] == 0
 
 
 @pytest.mark.heavy
