@@ -476,8 +476,13 @@ def _bench(args, ckpt: str, port: int, t0: float) -> None:
 
     # coverage (yes/no) and linguistic (digits) of the same captions: one prefix tree, where
     # each caption's two prompts share its node (answer_groups), against one call per role
-    cov = [Query(*P.render("coverage", caption=c, unit=a)) for c in captions for a in lists[c]]
-    lin = [Query(*P.render(k, caption=c)) for c in captions for k in P.LINGUISTIC_CRITERIA]
+    # (captions of about 150 words, as a policy writes them: the node shared is the caption)
+    long = {c: c + " " + " ".join(["The street has a red car parked near a tall tree."] * 14)
+            for c in captions}
+    cov = [Query(*P.render("coverage", caption=long[c], unit=a)) for c in captions
+           for a in lists[c]]
+    lin = [Query(*P.render(k, caption=long[c])) for c in captions
+           for k in P.LINGUISTIC_CRITERIA]
     timings = {}
     for label, run_once in (
             ("one_call_per_role", lambda: (judge.yes_no(cov), judge.digits(lin))),

@@ -195,8 +195,10 @@ class InProcessBackend:
                  chat_template: str | None = None, system_prompt: str | None = None,
                  list_max_tokens: int = 512, decode_batch: int = 64, prefix_batch: int = 16,
                  item_batch: int = 64, eos_token_ids: Sequence[int] | None = None,
-                 pad_id: int | None = None, seed: int = 0, share_prefix: bool = True):
+                 pad_id: int | None = None, seed: int = 0, share_prefix: bool = True,
+                 min_common_prefix: int = 64):
         self.share_prefix = bool(share_prefix)
+        self.min_common_prefix = int(min_common_prefix)
         self.model, self.tokenizer, self.processor, self.name = model, tokenizer, processor, name
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.list_max_tokens = int(list_max_tokens)
@@ -285,13 +287,14 @@ class InProcessBackend:
     def _reader_ids(self, reader: str) -> tuple:
         return (self.yes_ids, self.no_ids) if reader == "yes_no" else (self.digit_ids, ())
 
-    @staticmethod
-    def _prefix_groups(seqs: list[tuple]) -> list[int]:
+    def _prefix_groups(self, seqs: list[tuple]) -> list[int]:
         """Per shared token sequence (distinct, one head), the length of the prefix it shares
         with its group: sequences sorted, neighbours whose common prefix covers at least half
-        of the shorter one chained into a group (a caption's coverage and linguistic prompts:
-        the caption), the group's prefix their common one, always leaving each member at
-        least one token of its own; a sequence alone is its own node (cut = its length)."""
+        of the shorter one and `min_common_prefix` tokens chained into a group (a caption's
+        coverage and linguistic prompts: the caption), the group's prefix their common one,
+        always leaving each member at least one token of its own; a sequence alone is its own
+        node (cut = its length). A short common prefix is not split off: the extra pass would
+        cost more than the tokens it saves (benchmarks/judges.py)."""
         order = sorted(range(len(seqs)), key=lambda i: seqs[i])
 
         def lcp(a, b):
@@ -304,7 +307,7 @@ class InProcessBackend:
         groups, cur = [], [order[0]] if order else []
         for a, b in zip(order, order[1:]):
             n = lcp(seqs[a], seqs[b])
-            if n >= max(1, min(len(seqs[a]), len(seqs[b])) // 2):
+            if n >= max(self.min_common_prefix, min(len(seqs[a]), len(seqs[b])) // 2, 1):
                 cur.append(b)
             else:
                 groups.append(cur)
@@ -439,7 +442,9 @@ class InProcessBackend:
                 direct = [s for s in under if not shared_rest[s]]
                 run_items(c1, {s: prefix_row[shared_prefix[s]] for s in direct},
                           head_len + b1, direct, mrope)
-                for s_chunk in _chunks([s for s in under if shared_rest[s]],
+                # rests sorted by length: a chunk is padded to its own longest
+                for s_chunk in _chunks(sorted((s for s in under if shared_rest[s]),
+                                              key=lambda s: len(shared_rest[s])),
                                        self.prefix_batch):
                     rows = _rows(len(s_chunk), self.prefix_batch)
                     parent = np.zeros(rows, np.int32)
