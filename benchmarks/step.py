@@ -9,6 +9,7 @@ writes the tokenizer and the exact prompts and images it trained on for TRL to r
 template adds its default system prompt: its prompts are longer than ours).
 
     .venv/bin/python -m benchmarks.step [--steps 4] [--repeats 1] [--no-trl]
+    .venv/bin/python -m benchmarks.step --judges      # ours only, BalCapRL's in-process judges
 
 Prints per side: the steady step (median of the steps after the first), its split into
 rollout / scoring / update, the first step (ours: compilation included; the difference is the
@@ -16,6 +17,14 @@ compile time), tokens/s of the step, peak RSS, and the ratio TRL / ours of the s
 With --repeats N the two sides alternate N times (the cores are often shared) and the ratio of
 each pair is printed. Without trl installed (`pip install trl`; it is not a dependency) only
 ours runs.
+
+--judges: ours alone, scored by BalCapRL's three rewards with an in-process judge (a random
+Qwen2.5-VL, text 2 x 64, vision 2 x 32, float32, built as benchmarks/judges.py builds it): the
+decompositions run for real (greedy, --judge-tokens new tokens each, one decode batch) but
+their random text is replaced by 6 fixed assertions per caption or reference, so verification,
+pointability, coverage and the linguistic questions all run; the reference units are cached
+after the first step, as in a run. Prints the step's split with scoring in it and the judge's
+time per role.
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ def hf_config() -> dict:
     return cfg
 
 
-def our_config(model_dir: str, steps: int):
+def our_config(model_dir: str, steps: int, judges: bool = False):
     from balcap_jax.config import base_config
     c = base_config()
     c.workdir = ""
@@ -75,24 +84,68 @@ def our_config(model_dir: str, steps: int):
     c.train.batch_size = PROMPTS
     c.train.micro_batch_size = PROMPTS * G
     c.train.lr = 1e-6
+    if judges:
+        c.rl.rewards, c.rl.weights = ["precision", "recall", "linguistic"], [1.0, 1.0, 1.0]
+        c.rl.length_control, c.rl.length_reward = "mask", "linguistic"
     return c
+
+
+class FixedLists:
+    """The judge's decompositions run (and are timed) but answer 6 fixed assertions per text:
+    a random judge rarely writes a list, and the questions after it are what is measured."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, "bench-judge"
+
+    def decompose(self, queries):
+        import zlib
+
+        from balcap_jax.rewards.balcap import Answer
+        from benchmarks.judges import _assertion
+        self.inner.decompose(queries)
+        return [Answer([_assertion(zlib.crc32(q.item.encode()) % 100_000, k) for k in range(6)])
+                for q in queries]
+
+    def yes_no(self, queries):
+        return self.inner.yes_no(queries)
+
+    def digits(self, queries):
+        return self.inner.digits(queries)
+
+    def answer_groups(self, groups):
+        return self.inner.answer_groups(groups)
+
+
+def judge_scorer(d: str, new_tokens: int):
+    from balcap_jax.rewards.balcap import BalCapScorer
+    from balcap_jax.rewards.judges import load_backend
+    from benchmarks.judges import build_checkpoint
+    path = os.path.join(d, "judge")
+    if not os.path.exists(path):
+        build_checkpoint(path, vocab_size=512)
+    judge = load_backend(path, dtype="float32", list_max_tokens=new_tokens)
+    return BalCapScorer(judge, text_backend=FixedLists(judge)), judge
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_ours(d: str, steps: int) -> dict:
+def run_ours(d: str, steps: int, judge_tokens: int = 0) -> dict:
     import jax
 
     from balcap_jax import build
-    trainer = build.build_trainer(our_config(os.path.join(d, "model"), steps))
+    trainer = build.build_trainer(our_config(os.path.join(d, "model"), steps,
+                                             judges=judge_tokens > 0))
     from balcap_jax.rewards.scripted import TokenFrequencyScorer
     vocab = hf_config()["vocab_size"]
     trainer.p.eos_token_ids = (vocab + 1,)      # outside the vocabulary: never sampled
     # TRL's reward: the share of even token ids (random weights rarely sample a word, so a
     # word reward would be 0 everywhere and give no gradient)
     trainer.p.scorer = TokenFrequencyScorer(range(0, vocab, 2))
+    judge = None
+    if judge_tokens:
+        trainer.p.scorer, judge = judge_scorer(d, judge_tokens)
     trainer.p.tokenizer.save_pretrained(os.path.join(d, "tokenizer"))
     rows, images, prompts = [], [], []
     for _ in range(steps):
@@ -106,12 +159,16 @@ def run_ours(d: str, steps: int) -> dict:
                          score_s=m["time/scoring"], update_s=m["time/update"],
                          tokens=m["length/tokens"] * PROMPTS * G))
     np.savez(os.path.join(d, "examples.npz"), images=np.stack(images), prompts=np.array(prompts))
-    return dict(side="ours", rows=rows, peak_rss_mib=peak_rss_mib())
+    out = dict(side="ours", rows=rows, peak_rss_mib=peak_rss_mib())
+    if judge is not None:
+        out["judge_s"] = {k: round(v, 3) for k, v in judge.times.items()}
+        out["judge_rows"] = dict(judge.stats)
+    return out
 
 
 def child(args) -> None:
     if args.side == "ours":
-        res = run_ours(args.dir, args.steps)
+        res = run_ours(args.dir, args.steps, args.judge_tokens if args.judges else 0)
     else:
         from benchmarks.trl_step import run_trl
         data = np.load(os.path.join(args.dir, "examples.npz"))
@@ -128,13 +185,13 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
-def _side(side: str, d: str, steps: int) -> dict:
+def _side(side: str, d: str, steps: int, extra: tuple = ()) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.step", "--side", side, "--dir", d,
-                           "--steps", str(steps)], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
+                           "--steps", str(steps), *extra], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"{side} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -162,6 +219,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--judges", action="store_true", help="ours alone, with in-process judges")
+    ap.add_argument("--judge-tokens", type=int, default=32,
+                    help="new tokens of each decomposition (--judges)")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,6 +247,14 @@ def main() -> None:
         torch.manual_seed(0)
         Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config())).save_pretrained(
             os.path.join(d, "model"))
+        if args.judges:
+            r = _side("ours", d, args.steps, ("--judges", "--judge-tokens",
+                                              str(args.judge_tokens)))
+            ours = _summary(r)
+            print(_line("ours", ours), flush=True)
+            print(f"  scoring {ours['score_s'] / ours['step_s']:.0%} of the steady step; judge "
+                  f"seconds by role over all steps {r['judge_s']}; rows {r['judge_rows']}")
+            return
         for _ in range(args.repeats):
             ours = _summary(_side("ours", d, args.steps))
             print(_line("ours", ours), flush=True)
