@@ -302,19 +302,23 @@ class Trainer:
             return rounds[0], {}
         n, hosts = rounds[0]["n"], jax.process_count()
 
+        signal = [self._signal(rounds[0]["rewards"])]     # [B] per round, computed once
+
         def chosen():
-            sel = [[] for _ in range(hosts)]
+            sel = []
             for p in range(hosts):
-                cand = [(r, j) for r, rd in enumerate(rounds) for j in range(n)]
-                sig = [c for c in cand if self._signal(rounds[c[0]]["rewards"])[p * n + c[1]]]
-                sel[p] = sorted(sig[:n] + [c for c in cand if c not in sig][:n - len(sig[:n])])
-            return sel, min(sum(self._signal(rd["rewards"])[p * n:(p + 1) * n].sum()
-                                for rd in rounds) for p in range(hosts))
+                cand = [(r, j) for r in range(len(rounds)) for j in range(n)]
+                sig = [c for c in cand if signal[c[0]][p * n + c[1]]][:n]
+                rest = [c for c in cand if not signal[c[0]][p * n + c[1]]]
+                sel.append(sorted(sig + rest[:n - len(sig)]))
+            return sel, min(sum(int(sg[p * n:(p + 1) * n].sum()) for sg in signal)
+                            for p in range(hosts))
         sel, fewest = chosen()
         while fewest < n and len(rounds) <= extra:     # the same decision on every host
             rounds.append(self._round(more()))
+            signal.append(self._signal(rounds[-1]["rewards"]))
             sel, fewest = chosen()
-        first = self._signal(rounds[0]["rewards"])
+        first = signal[0]
         dyn = {"dynamic/rounds": float(len(rounds)),
                "dynamic/signal_groups_first_round": float(first.mean()),
                "dynamic/extra_prompts": float((len(rounds) - 1) * len(first))}
@@ -322,17 +326,8 @@ class Trainer:
             return rounds[0], {**dyn, "dynamic/signal_groups": float(first.mean())}
         me, g = jax.process_index(), self.cfg.sampling.num_samples
         groups = [(r, p * n + j) for p in range(hosts) for r, j in sel[p]]
-        rows = np.concatenate([np.arange(gid * g, (gid + 1) * g) for _, gid in groups])
-        by_round = [np.asarray([k for k, (r, _) in enumerate(groups) if r == q])
-                    for q in range(len(rounds))]
-        smp = {}
-        for k in rounds[0]["smp"]:
-            smp[k] = np.empty((len(rows),) + rounds[0]["smp"][k].shape[1:],
-                              rounds[0]["smp"][k].dtype)
-            for q, rd in enumerate(rounds):
-                for k_out in by_round[q]:
-                    gid = groups[k_out][1]
-                    smp[k][k_out * g:(k_out + 1) * g] = rd["smp"][k][gid * g:(gid + 1) * g]
+        smp = {k: np.concatenate([rounds[r]["smp"][k][gid * g:(gid + 1) * g]
+                                  for r, gid in groups]) for k in rounds[0]["smp"]}
         rewards = np.stack([rounds[r]["rewards"][gid] for r, gid in groups])
         mine = [rounds[r]["examples"][j] for r, j in sel[me]]
         inputs, _ = dist.gather_inputs(self._inputs(mine))
