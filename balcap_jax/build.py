@@ -88,7 +88,7 @@ def _judge_plan_items(cfg, mesh_sizes: dict) -> list:
             batch_shards=batch_shards, tensor=tensor, caption_tokens=cfg.sampling.max_new_tokens,
             image_tokens=int(j.max_image_tokens or cfg.data.max_image_tokens or 1024),
             list_max_tokens=int(j.list_max_tokens), decode_batch=int(j.decode_batch),
-            prefix_batch=int(j.prefix_batch), item_batch=int(j.item_batch),
+            prefix_batch=int(j.prefix_batch), item_tokens=int(j.item_tokens),
             text_roles=role == "text" or len(roles) == 1)
             if not (shared and it.name.startswith("judge weights"))]   # the policy's own
     return items
@@ -384,7 +384,7 @@ def _judges_scorer(cfg, *, mesh=None, rules=None, policy=None):
             raise ValueError("judges.backend='in_process' needs judges.multimodal_path (a local "
                              "checkpoint directory), or use judges.backend='remote'")
         kw = dict(list_max_tokens=int(j.list_max_tokens), decode_batch=int(j.decode_batch),
-                  prefix_batch=int(j.prefix_batch), item_batch=int(j.item_batch),
+                  prefix_batch=int(j.prefix_batch), item_tokens=int(j.item_tokens),
                   max_image_tokens=int(j.max_image_tokens or cfg.data.max_image_tokens))
 
         def backend(role):

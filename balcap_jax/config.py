@@ -201,7 +201,8 @@ def base_config() -> ml_collections.ConfigDict:
     j.decode_batch = 64          # rows of the one decomposition decode a step makes (its
                                  # captions and uncached references; more become more calls)
     j.prefix_batch = 16          # heads (images) / shared prefixes per prefix-tree pass
-    j.item_batch = 64            # item rows (assertions, units, criteria) per pass
+    j.item_tokens = 256          # tokens of items (assertions, units, criteria) packed into
+                                 # the row beside each prefix-tree row per pass
     # remote: an OpenAI-compatible endpoint (vLLM, SGLang, a hosted API)
     j.base_url = ""              # e.g. http://localhost:8000/v1
     j.model = ""                 # the served model name (multimodal roles)
@@ -364,7 +365,7 @@ def validate(c, n_devices: int) -> dict:
     for f, low in (("judges.timeout", 1e-9), ("judges.max_retries", 0),
                    ("judges.concurrency", 1), ("judges.top_logprobs", 1),
                    ("judges.list_max_tokens", 1), ("judges.decode_batch", 1),
-                   ("judges.prefix_batch", 1), ("judges.item_batch", 1),
+                   ("judges.prefix_batch", 1), ("judges.item_tokens", 1),
                    ("judges.max_image_tokens", 0), ("judges.devices", 0)):
         if _get(c, f) < low:
             errors.append(f"{f}={_get(c, f)} must be >= {low:g}")

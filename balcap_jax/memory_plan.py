@@ -288,25 +288,26 @@ def lora_counts(hf_config: dict, rank: int) -> tuple[int, int]:
 
 def judge_items(name: str, hf_config: dict, *, dtype: str, shard: int, batch_shards: int,
                 caption_tokens: int, image_tokens: int, list_max_tokens: int,
-                decode_batch: int, prefix_batch: int, item_batch: int,
+                decode_batch: int, prefix_batch: int, item_tokens: int,
                 tensor: int = 1, text_roles: bool = True) -> list[Item]:
     """An in-process judge: its weights (sharded like the policy's over `shard` devices) and
     its scoring caches (est.): the larger of a decomposition's greedy decode (decode_batch
-    rows of a caption prompt + list_max_tokens) and a yes/no pass over the prefix tree (heads,
-    their extensions and the item rows, each holding a cache of head + shared + item slots).
+    rows of a caption prompt + list_max_tokens) and a yes/no pass over the prefix tree (heads
+    and their extensions, each holding a cache of head + shared slots, and the items packed
+    item_tokens to a row beside each of them, reading that row in place).
     Multimodal judges also count their vision attention for prefix_batch images."""
     counts = count_params(hf_config)
     n = counts["language"] + counts["vision"]
     b = _BYTES[dtype]
     t = _text_cfg(hf_config)
     per_tok = _kv_bytes_per_token(t, b, tensor)
-    rows = 2 * prefix_batch + item_batch            # heads, their extensions, item rows
+    rows = 2 * prefix_batch                         # heads and their extensions
     caption = 1 << max(caption_tokens + 256 - 1, 1).bit_length()     # caption prompt bucket
     slots = 0
     if hf_config.get("vision_config"):               # verification / pointability: image heads
-        slots = rows * (image_tokens + 64 + 256 + 64)
+        slots = rows * (image_tokens + 64 + 256) + prefix_batch * item_tokens
     if text_roles:                                   # decomposition, coverage, linguistic
-        slots = max(slots, rows * (64 + caption + 64),
+        slots = max(slots, rows * (64 + caption) + prefix_batch * item_tokens,
                     decode_batch * (caption + list_max_tokens))
     cache = slots / batch_shards * per_tok
     cache += decode_batch * t["vocab_size"] * 4 if text_roles else 0   # fp32 decode logits
@@ -314,7 +315,7 @@ def judge_items(name: str, hf_config: dict, *, dtype: str, shard: int, batch_sha
     return [Item(f"judge weights: {name}", n * b / shard, JUDGE_KNOB,
                  f"{n / 1e9:.2f}B params in {dtype}"),
             Item(f"judge caches: {name} (est.)", cache,
-                 "lower judges.prefix_batch / item_batch / decode_batch",
+                 "lower judges.prefix_batch / item_tokens / decode_batch",
                  f"KV for {slots} slots, while scoring", "scoring")]
 
 

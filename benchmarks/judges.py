@@ -397,7 +397,8 @@ def _bench(args, ckpt: str, port: int, t0: float) -> None:
     from balcap_jax.rewards.remote import RemoteBackend
     rss_before = _rss_mb()
     judge = load_backend(ckpt, dtype="float32", prefix_batch=args.prefix_batch,
-                         item_batch=args.item_batch, list_max_tokens=args.decompose_tokens or 1)
+                         item_tokens=args.item_tokens,
+                         list_max_tokens=args.decompose_tokens or 1)
     with open(os.path.join(ckpt, "config.json")) as f:
         vocab = int(json.load(f)["text_config"]["vocab_size"])
     remote = RemoteBackend.from_url(f"http://127.0.0.1:{port}/v1", "tiny-vl-judge",
@@ -564,8 +565,8 @@ def gpu_check(args) -> None:
     results = {}
     for share in (True, False):
         judge = InProcessBackend(model, tok, name=args.preset, processor=proc,
-                                 item_batch=args.item_batch, prefix_batch=args.prefix_batch,
-                                 share_prefix=share)
+                                 item_batch=args.item_batch, item_tokens=args.item_tokens,
+                                 prefix_batch=args.prefix_batch, share_prefix=share)
         label = "in_process_shared_prefix" if share else "in_process_no_prefix"
         results[label] = _time_scorer(judge, images, captions, lists, args.repeats)
         _line({"path": label, **results[label], "stats": dict(judge.stats)})
@@ -596,7 +597,10 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--decompose-tokens", type=int, default=8,
                     help="greedy tokens per caption for the decomposition timing (0 = skip)")
-    ap.add_argument("--item-batch", type=int, help="default 32 (--preset: 64)")
+    ap.add_argument("--item-batch", type=int, help="queries per pass of the no-prefix "
+                                                   "baseline; default 32 (--preset: 64)")
+    ap.add_argument("--item-tokens", type=int, default=256,
+                    help="tokens of items packed into a row (the prefix-tree judge)")
     ap.add_argument("--prefix-batch", type=int, help="default 8 (--preset: 16)")
     ap.add_argument("--preset", help="GPU check: a hub shape preset, e.g. qwen2_5_vl_7b")
     ap.add_argument("--shrink", action="store_true", help="--preset at tiny sizes (CPU smoke)")

@@ -10,6 +10,7 @@ template adds its default system prompt: its prompts are longer than ours).
 
     .venv/bin/python -m benchmarks.step [--steps 4] [--repeats 1] [--no-trl]
     .venv/bin/python -m benchmarks.step --judges      # ours only, BalCapRL's in-process judges
+    .venv/bin/python -m benchmarks.step --remote-judge  # ours only, scoring beside the rollouts
 
 Prints per side: the steady step (median of the steps after the first), its split into
 rollout / scoring / update, the first step (ours: compilation included; the difference is the
@@ -25,6 +26,15 @@ their random text is replaced by 6 fixed assertions per caption or reference, so
 pointability, coverage and the linguistic questions all run; the reference units are cached
 after the first step, as in a run. Prints the step's split with scoring in it and the judge's
 time per role.
+
+--remote-judge: ours alone, the same three rewards from a judge served over HTTP in another
+process (benchmarks/judges.py's OpenAI-compatible server on a tiny transformers Qwen2.5-VL,
+decompositions replaced as above), each host's prompts sampled in two chunks
+(train.rollout_chunks=2), once scored after the rollout and once with train.overlap_scoring
+(a finished chunk scored while the next decodes). Prints both steps with scoring and
+time/scoring_exposed, the part of scoring the step waited for. The server shares this
+machine's cores with the policy, so on a 2-core CPU the overlap can hide only what the
+cores leave idle.
 """
 from __future__ import annotations
 
@@ -131,12 +141,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_ours(d: str, steps: int, judge_tokens: int = 0) -> dict:
+def remote_scorer(url: str, new_tokens: int):
+    from balcap_jax.rewards.balcap import BalCapScorer
+    from balcap_jax.rewards.remote import RemoteBackend
+    remote = RemoteBackend.from_url(url, "tiny-vl-judge", timeout=300.0, max_retries=0,
+                                    concurrency=16, top_logprobs=20,
+                                    list_max_tokens=new_tokens)
+    return BalCapScorer(remote, text_backend=FixedLists(remote))
+
+
+def run_ours(d: str, steps: int, judge_tokens: int = 0, judge_url: str = "",
+             overlap: bool = False) -> dict:
     import jax
 
     from balcap_jax import build
-    trainer = build.build_trainer(our_config(os.path.join(d, "model"), steps,
-                                             judges=judge_tokens > 0))
+    cfg = our_config(os.path.join(d, "model"), steps, judges=judge_tokens > 0)
+    if judge_url:
+        cfg.train.rollout_chunks, cfg.train.overlap_scoring = 2, overlap
+    trainer = build.build_trainer(cfg)
     from balcap_jax.rewards.scripted import TokenFrequencyScorer
     vocab = hf_config()["vocab_size"]
     trainer.p.eos_token_ids = (vocab + 1,)      # outside the vocabulary: never sampled
@@ -144,7 +166,9 @@ def run_ours(d: str, steps: int, judge_tokens: int = 0) -> dict:
     # word reward would be 0 everywhere and give no gradient)
     trainer.p.scorer = TokenFrequencyScorer(range(0, vocab, 2))
     judge = None
-    if judge_tokens:
+    if judge_url:
+        trainer.p.scorer = remote_scorer(judge_url, judge_tokens)
+    elif judge_tokens:
         trainer.p.scorer, judge = judge_scorer(d, judge_tokens)
     trainer.p.tokenizer.save_pretrained(os.path.join(d, "tokenizer"))
     rows, images, prompts = [], [], []
@@ -157,6 +181,7 @@ def run_ours(d: str, steps: int, judge_tokens: int = 0) -> dict:
         jax.block_until_ready(trainer.state.params)
         rows.append(dict(step_s=time.perf_counter() - t, rollout_s=m["time/rollout"],
                          score_s=m["time/scoring"], update_s=m["time/update"],
+                         exposed_s=m.get("time/scoring_exposed", m["time/scoring"]),
                          tokens=m["length/tokens"] * PROMPTS * G))
     np.savez(os.path.join(d, "examples.npz"), images=np.stack(images), prompts=np.array(prompts))
     out = dict(side="ours", rows=rows, peak_rss_mib=peak_rss_mib())
@@ -168,7 +193,9 @@ def run_ours(d: str, steps: int, judge_tokens: int = 0) -> dict:
 
 def child(args) -> None:
     if args.side == "ours":
-        res = run_ours(args.dir, args.steps, args.judge_tokens if args.judges else 0)
+        res = run_ours(args.dir, args.steps,
+                       args.judge_tokens if args.judges or args.judge_url else 0,
+                       args.judge_url or "", args.overlap)
     else:
         from benchmarks.trl_step import run_trl
         data = np.load(os.path.join(args.dir, "examples.npz"))
@@ -202,6 +229,7 @@ def _summary(r: dict) -> dict:
     steady = r["rows"][1:] or r["rows"]
     med = {k: float(np.median([x[k] for x in steady]))
            for k in ("step_s", "rollout_s", "score_s", "update_s", "tokens")}
+    med["exposed_s"] = float(np.median([x.get("exposed_s", x["score_s"]) for x in steady]))
     med["first_s"] = r["rows"][0]["step_s"]
     med["peak_rss_mib"] = r["peak_rss_mib"]
     return med
@@ -214,6 +242,29 @@ def _line(name: str, s: dict) -> str:
             f"{s['peak_rss_mib']:.0f} MiB)")
 
 
+def _remote_judge(args, d: str) -> None:
+    from benchmarks import judges as JB
+    server, port = JB._start_server(os.path.join(d, "judge"), argparse.Namespace(
+        vocab=512, max_batch=16, batch_wait=0.005, server_threads=1))
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        res = {}
+        for overlap in (False, True):
+            extra = ("--judge-url", url, "--judge-tokens", str(args.judge_tokens))
+            r = _summary(_side("ours", d, args.steps, extra + (("--overlap",) if overlap
+                                                                else ())))
+            res[overlap] = r
+            print(_line("overlap" if overlap else "after", r), flush=True)
+            print(f"         scoring {r['score_s']:.3f} s, of which the step waited for "
+                  f"{r['exposed_s']:.3f} s (time/scoring_exposed)", flush=True)
+        a, b = res[False], res[True]
+        print(f"  overlapped step / sequential step: {b['step_s'] / a['step_s']:.2f}; scoring "
+              f"hidden: {1 - b['exposed_s'] / max(b['score_s'], 1e-9):.0%}")
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=4)
@@ -222,7 +273,12 @@ def main() -> None:
     ap.add_argument("--judges", action="store_true", help="ours alone, with in-process judges")
     ap.add_argument("--judge-tokens", type=int, default=32,
                     help="new tokens of each decomposition (--judges)")
+    ap.add_argument("--remote-judge", action="store_true",
+                    help="ours alone, judges behind a local HTTP server: scoring after the "
+                         "rollout against scoring beside it")
     ap.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--judge-url", help=argparse.SUPPRESS)
+    ap.add_argument("--overlap", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 2:
@@ -247,6 +303,8 @@ def main() -> None:
         torch.manual_seed(0)
         Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**hf_config())).save_pretrained(
             os.path.join(d, "model"))
+        if args.remote_judge:
+            return _remote_judge(args, d)
         if args.judges:
             r = _side("ours", d, args.steps, ("--judges", "--judge-tokens",
                                               str(args.judge_tokens)))

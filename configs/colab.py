@@ -65,6 +65,6 @@ def get_config(arg: str = "l4"):
     c.judges.max_image_tokens = image
     c.judges.decode_batch = 8
     c.judges.prefix_batch = 4
-    c.judges.item_batch = 32
+    c.judges.item_tokens = 128
     c.judges.list_max_tokens = 256
     return c

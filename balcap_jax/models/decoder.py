@@ -14,8 +14,9 @@ Eager call (users, parity tests):
 Low-level API (sampler, trainer; all jit-friendly, call inside your own jit):
   `lm.embed(input_ids[B,T]) -> [B,T,D]`
   `lm.forward_embeds(x[B,T,D], positions, kv_mask[B,S], cache=None, cache_index=0,
-      prefix=None, prefix_mask=None)` -> (hidden [B,T,D] after the final norm, new KVCache or
-      None); `prefix`: a prefill's KVCache of B/G shared prompts that the rows read first.
+      prefix=None, prefix_mask=None, segment_ids=None)` -> (hidden [B,T,D] after the final
+      norm, new KVCache or None); `prefix`: a prefill's KVCache of B/G shared prompts that the
+      rows read first; `segment_ids`: sequences packed in a row (the judges' items).
       positions: int [B,T] (1-D RoPE) or [3,B,T] (M-RoPE). kv_mask: 1 = valid key slot; without
       a cache S = T; with a cache S = cache length and query token t sits at slot cache_index+t
       and attends to slots s <= cache_index+t with kv_mask[b,s] == 1. The new keys/values are
@@ -156,7 +157,8 @@ class Decoder(nnx.Module):
 
     def __call__(self, x: Array, positions: Array, kv_mask: Array, cache: KVCache | None = None,
                  cache_index: Array | int = 0, prefix: KVCache | None = None,
-                 prefix_mask: Array | None = None) -> tuple[Array, KVCache | None]:
+                 prefix_mask: Array | None = None, segment_ids: Array | None = None
+                 ) -> tuple[Array, KVCache | None]:
         b, t, _ = x.shape
         if cache is not None and kv_mask.shape != (b, cache.max_len):
             raise ValueError(f"with a cache kv_mask must be [B, S]={(b, cache.max_len)}, "
@@ -166,11 +168,18 @@ class Decoder(nnx.Module):
                              f"got {kv_mask.shape}")
         cos, sin = self.rotary(positions)
         mask = L.causal_mask(kv_mask, t, cache_index)
+        if segment_ids is not None:     # several sequences packed in a row: each sees its own
+            if cache is not None or segment_ids.shape != (b, t):
+                raise ValueError(f"segment_ids must be [B, T]={(b, t)} and come without a "
+                                 f"cache, got {segment_ids.shape}")
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         segments = None
         if prefix is None and (cache is None or cache.max_len == t):
             # every key is this call's: a fused kernel may take the mask as segments
             from balcap_jax.models.attention import Segments
             ids = (kv_mask != 0).astype(jnp.int32)
+            if segment_ids is not None:
+                ids = jnp.where(kv_mask != 0, segment_ids, -1)
             segments = Segments(ids, ids, causal=True)
         x = shd.constrain(x, ("batch", "seq", "act_embed"))
 
@@ -308,12 +317,15 @@ class CausalLM(nnx.Module):
 
     def forward_embeds(self, x: Array, positions: Array, kv_mask: Array,
                        cache: KVCache | None = None, cache_index: Array | int = 0,
-                       prefix: KVCache | None = None, prefix_mask: Array | None = None
-                       ) -> tuple[Array, KVCache | None]:
+                       prefix: KVCache | None = None, prefix_mask: Array | None = None,
+                       segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         """`prefix` / `prefix_mask` [B, P]: the per-layer keys and values of B shared prompts
-        (a prefill's cache), read by the N = B*G rows of x, prompt-major, before their own."""
+        (a prefill's cache), read by the N = B*G rows of x, prompt-major, before their own.
+        `segment_ids` [B, T] (no cache): sequences packed one after another in a row; a token
+        sees only its own sequence's earlier tokens (and the prefix)."""
         with shd.use_sharding(self.mesh, self.rules):
-            return self.model(x, positions, kv_mask, cache, cache_index, prefix, prefix_mask)
+            return self.model(x, positions, kv_mask, cache, cache_index, prefix, prefix_mask,
+                              segment_ids)
 
     def lm_head_weight(self) -> Array:
         if self.lm_head is None:

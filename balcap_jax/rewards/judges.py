@@ -23,15 +23,17 @@ yes_no / digits: no generation. p(yes) (softmax over the yes and no spellings' i
     prefilled once (the vision tower runs once per image and call, never per assertion); shared
     texts of a head that begin alike (a caption's coverage and linguistic prompts, both
     starting with the caption) extend one common-prefix node, each distinct (head, shared)
-    then extends that node's rows by its own tokens, and each item is a short continuation of
-    its (head, shared) rows; only the item's last hidden state goes through the LM head.
-    `answer_groups` puts several readers' queries (yes/no and digits) in one tree. Rows are
-    batched in padded buckets (powers of two from 8, in chunks of at most `prefix_batch` and
-    `item_batch` rows), lengths bucketed to powers of two (items sorted by length, each chunk
-    padded to its own longest), so a run compiles a bounded number of times
-    (`compile_count()`). Each segment is right-padded inside its bucket; the padded slots are
-    masked out of the KV mask, and positions continue from each row's real length, so the
-    answer equals one forward pass over the concatenated tokens (tested).
+    then extends that node's rows by its own tokens, and the items read their (head, shared)
+    row in place: a row's items are packed one after another into a row of their own tokens
+    (up to `item_tokens`), each seeing the row's cache as a prefix plus its own earlier
+    tokens (a segment mask), so no row of the cache is copied per item; only each item's last
+    hidden state goes through the LM head. `answer_groups` puts several readers' queries
+    (yes/no and digits) in one tree. Rows are batched in padded buckets (powers of two from 8,
+    in chunks of at most `prefix_batch` rows), lengths bucketed to powers of two (shared texts
+    sorted by length, each chunk padded to its own longest), so a run compiles a bounded
+    number of times (`compile_count()`). Each segment is right-padded inside its bucket; the
+    padded slots are masked out of the KV mask, and positions continue from each row's real
+    length, so the answer equals one forward pass over the concatenated tokens (tested).
 """
 from __future__ import annotations
 
@@ -110,7 +112,8 @@ def _prefill(graphdef, state, prompt: sampling.Prompt, total_len: int):
 
 def _continue(model, cache, kv_mask, next_pos, parent, ids, lens, start, mrope):
     """Gathers the parents' cache rows and runs `ids` [B, L] (right padded to lens) at slots
-    start..start+L-1. Returns (hidden [B, L, D], cache, kv_mask, next_pos + lens)."""
+    start..start+L-1 (the prefix tree's inner levels: a row per node, few rows). Returns
+    (hidden [B, L, D], cache, kv_mask, next_pos + lens)."""
     cache = jax.tree.map(lambda x: jnp.take(x, parent, axis=1), cache)   # [layers, rows, ...]
     kv_mask = jnp.take(kv_mask, parent, axis=0)
     next_pos = jnp.take(next_pos, parent, axis=0)
@@ -134,19 +137,25 @@ def _extend(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens, start,
     return cache, kv_mask, next_pos
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mrope", "reader", "ids_a", "ids_b"))
-def _read(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens, start, mrope: bool,
-          reader: str, ids_a: tuple, ids_b: tuple):
-    """The item continuation; reads p(yes) (ids_a = yes ids, ids_b = no ids) or E[digit]
-    (ids_a = [K, S] digit ids) at each row's last real token -> float32 [B]."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "mrope", "readers", "yes", "no",
+                                             "digits"))
+def _read(graphdef, state, cache, kv_mask, next_pos, ids, segs, offs, last, mrope: bool,
+          readers: tuple, yes: tuple, no: tuple, digits: tuple):
+    """The items, packed: row p of ids [P, T] holds items of cache row p one after another
+    (segs [P, T]: the item's slot in the row, -1 = padding; offs: the token's place in its
+    item). Each item reads its row's cache in place, as a prefix (never a copy of the row),
+    and its own earlier tokens. Reads p(yes) and/or E[digit] (`readers`) at each item's last
+    token (last [P, M]) -> float32 [len(readers), P, M]."""
     _TRACES["read"] += 1
     model = nnx.merge(graphdef, state)
-    hidden, *_ = _continue(model, cache, kv_mask, next_pos, parent, ids, lens, start, mrope)
-    last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)      # [B, 1, D]
-    logits = model.logits(last)[:, 0]
-    if reader == "yes_no":
-        return yes_probability(logits, ids_a, ids_b)
-    return digit_expectation(logits, np.asarray(ids_a))
+    pos = next_pos[:, None] + offs
+    if mrope:   # text after the image: all three M-RoPE axes advance together
+        pos = jnp.broadcast_to(pos[None], (3, *pos.shape))
+    hidden, _ = model.forward_embeds(model.embed(ids), pos, (segs >= 0).astype(jnp.int32),
+                                     prefix=cache, prefix_mask=kv_mask, segment_ids=segs)
+    logits = model.logits(jnp.take_along_axis(hidden, last[..., None], axis=1))   # [P, M, V]
+    return jnp.stack([yes_probability(logits, yes, no) if r == "yes_no" else
+                      digit_expectation(logits, np.asarray(digits)) for r in readers])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "reader", "ids_a", "ids_b"))
@@ -188,13 +197,16 @@ class InProcessBackend:
     queries (None for a text judge). name: the judge checkpoint id (keys the reference-unit
     cache). system_prompt None keeps the chat template's default. share_prefix=False runs every
     yes/no or digit query as its own full prompt (one forward each, the image encoded per
-    query): the baseline the prefix tree is measured against, same answers.
+    query): the baseline the prefix tree is measured against, same answers; it runs
+    `item_batch` queries per pass. `item_tokens`: the tokens of items packed into one row of
+    a pass (a longer item gets a row of its own).
     """
 
     def __init__(self, model, tokenizer, *, name: str, processor=None,
                  chat_template: str | None = None, system_prompt: str | None = None,
                  list_max_tokens: int = 512, decode_batch: int = 64, prefix_batch: int = 16,
-                 item_batch: int = 64, eos_token_ids: Sequence[int] | None = None,
+                 item_tokens: int = 256, item_batch: int = 64,
+                 eos_token_ids: Sequence[int] | None = None,
                  pad_id: int | None = None, seed: int = 0, share_prefix: bool = True,
                  min_common_prefix: int = 64):
         self.share_prefix = bool(share_prefix)
@@ -203,7 +215,7 @@ class InProcessBackend:
         self.chat_template, self.system_prompt = chat_template, system_prompt
         self.list_max_tokens = int(list_max_tokens)
         self.decode_batch, self.prefix_batch = int(decode_batch), int(prefix_batch)
-        self.item_batch = _pow2(item_batch)
+        self.item_tokens, self.item_batch = int(item_tokens), _pow2(item_batch)
         self.pad_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
         if eos_token_ids is None:
             from balcap_jax.tokenizers import stop_token_ids
@@ -386,7 +398,6 @@ class InProcessBackend:
         len1 = _pow2(max(len(p) for p in prefix_ids), 8)
         rests = [len(r) for r in shared_rest if r]
         len2 = _pow2(max(rests), 8) if rests else 0
-        len_item = _pow2(max(len(i) for i in item_ids), 8)
         values = np.full(len(queries), np.nan, np.float32)
         graphdef, state = nnx.split(self.model)
         prefixes_of = collections.defaultdict(list)
@@ -402,29 +413,51 @@ class InProcessBackend:
         def bucket(seqs):
             return _pow2(max(len(x) for x in seqs), 8)
 
-        def run_items(cache_rows, row_of: dict, start: int, shared: list, mrope: bool) -> None:
-            """The items of `shared` (rows `row_of` in `cache_rows`, items from slot
-            `start`), grouped by reader and sorted by length, each chunk padded to its own
-            bucket (not the call's longest): short items never pay for long ones."""
-            items = sorted((k for s in shared for k in items_of[s]),
-                           key=lambda k: (item_reader[k], len(item_ids[k])))
-            for reader in dict.fromkeys(item_reader[k] for k in items):
-                ids_a, ids_b = self._reader_ids(reader)
-                mine = [k for k in items if item_reader[k] == reader]
-                for i_chunk in _chunks(mine, self.item_batch):
-                    rows = _rows(len(i_chunk), self.item_batch)
-                    parent = np.zeros(rows, np.int32)
-                    parent[:len(i_chunk)] = [row_of[item_shared[k]] for k in i_chunk]
-                    b3 = bucket([item_ids[k] for k in i_chunk])
-                    ids, lens = self._pad([item_ids[k] for k in i_chunk], rows, b3)
-                    out = _read(graphdef, state, *cache_rows, parent, ids, lens,
-                                jnp.int32(start), mrope=mrope, reader=reader,
-                                ids_a=tuple(ids_a), ids_b=tuple(ids_b))
-                    values[i_chunk] = np.asarray(out)[:len(i_chunk)]
-                    self.stats["item_rows"] += rows
+        def run_items(cache_rows, row_of: dict, shared: list) -> None:
+            """The items of `shared`, packed into their own rows of `cache_rows` (row_of[s]):
+            each row's items, longest first, fill packs of up to `item_tokens` tokens; pass j
+            runs every row's j-th pack (a row without one is padding). No row is copied."""
+            rows = int(np.shape(cache_rows[1])[0])
+            packs: list[list[list[int]]] = [[] for _ in range(rows)]
+            for s in shared:
+                r = row_of[s]
+                for k in sorted(items_of[s], key=lambda k: -len(item_ids[k])):
+                    room = [p for p in packs[r]
+                            if sum(len(item_ids[i]) for i in p) + len(item_ids[k])
+                            <= self.item_tokens]
+                    if room:
+                        room[0].append(k)
+                    else:
+                        packs[r].append([k])
+            for j in range(max(len(p) for p in packs)):
+                mine = [p[j] if j < len(p) else [] for p in packs]
+                width = bucket([[0] * sum(len(item_ids[k]) for k in p) for p in mine])
+                m = _pow2(max(len(p) for p in mine), 4)
+                ids = np.full((rows, width), self.pad_id, np.int32)
+                segs = np.full((rows, width), -1, np.int32)
+                offs = np.zeros((rows, width), np.int32)
+                last = np.zeros((rows, m), np.int32)
+                readers = tuple(dict.fromkeys(item_reader[k] for p in mine for k in p))
+                for r, p in enumerate(mine):
+                    at = 0
+                    for slot, k in enumerate(p):
+                        n = len(item_ids[k])
+                        ids[r, at:at + n] = item_ids[k]
+                        segs[r, at:at + n] = slot
+                        offs[r, at:at + n] = np.arange(n)
+                        last[r, slot] = at + n - 1
+                        at += n
+                out = np.asarray(_read(graphdef, state, *cache_rows, ids, segs, offs, last,
+                                       mrope=mrope, readers=readers, yes=self.yes_ids,
+                                       no=self.no_ids, digits=self.digit_ids))
+                for r, p in enumerate(mine):
+                    for slot, k in enumerate(p):
+                        values[k] = out[readers.index(item_reader[k]), r, slot]
+                self.stats["item_rows"] += rows
+                self.stats["item_tokens"] += rows * width
         for head_chunk in _chunks(list(range(len(head_image))), self.prefix_batch):
             cache, kv_mask, next_pos, mrope, head_len = self._prefill_heads(
-                graphdef, state, [head_image[h] for h in head_chunk], len1 + len2 + len_item)
+                graphdef, state, [head_image[h] for h in head_chunk], len1 + len2)
             head_row = {h: r for r, h in enumerate(head_chunk)}
             for u_chunk in _chunks([u for h in head_chunk for u in prefixes_of[h]],
                                    self.prefix_batch):
@@ -440,8 +473,7 @@ class InProcessBackend:
                 under = [s for u in u_chunk for s in shareds_of[u]]
                 # a shared text alone is its prefix node: its items read those rows
                 direct = [s for s in under if not shared_rest[s]]
-                run_items(c1, {s: prefix_row[shared_prefix[s]] for s in direct},
-                          head_len + b1, direct, mrope)
+                run_items(c1, {s: prefix_row[shared_prefix[s]] for s in direct}, direct)
                 # rests sorted by length: a chunk is padded to its own longest
                 for s_chunk in _chunks(sorted((s for s in under if shared_rest[s]),
                                               key=lambda s: len(shared_rest[s])),
@@ -454,8 +486,7 @@ class InProcessBackend:
                     c2 = _extend(graphdef, state, *c1, parent, ids, lens,
                                  jnp.int32(head_len + b1), mrope=mrope)
                     self.stats["shared_rows"] += rows
-                    run_items(c2, {s: r for r, s in enumerate(s_chunk)}, head_len + b1 + b2,
-                              s_chunk, mrope)
+                    run_items(c2, {s: r for r, s in enumerate(s_chunk)}, s_chunk)
         for reader in dict.fromkeys(item_reader):
             self.times[reader] += (time.perf_counter() - start_time) / len(set(item_reader))
         answers = [Answer(float(v)) if np.isfinite(v) else Answer(None, "non_finite")

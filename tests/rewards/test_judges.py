@@ -54,7 +54,7 @@ def _text_cfg(vocab, mrope=None):
 @pytest.fixture(scope="module")
 def text_judge(tokenizer):
     model = _random_model(lambda: CausalLM(_text_cfg(len(tokenizer)), rngs=nnx.Rngs(0)), 1)
-    return J.InProcessBackend(model, tokenizer, name="tiny-text", prefix_batch=2, item_batch=4,
+    return J.InProcessBackend(model, tokenizer, name="tiny-text", prefix_batch=2,
                               list_max_tokens=12, decode_batch=2)
 
 
@@ -71,8 +71,7 @@ def vl_judge(tokenizer):
     model = _random_model(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), 2)
     proc = Qwen25VLProcessor(tokenizer, QwenImageProcessor(min_pixels=56 * 56,
                                                           max_pixels=56 * 56 * 2))
-    return J.InProcessBackend(model, tokenizer, name="tiny-vl", processor=proc, prefix_batch=2,
-                              item_batch=4)
+    return J.InProcessBackend(model, tokenizer, name="tiny-vl", processor=proc, prefix_batch=2)
 
 
 def _images():
@@ -124,11 +123,63 @@ def test_text_yes_no_equals_full_forward(text_judge):
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.ptp(want) > 1e-3                          # the queries are told apart
     # 1 text head (padded to 2 rows), 2 shared prefixes (one per caption, nothing in common
-    # to split off: no second level), 10 items in chunks of 4, the last one padded: 4 + 4 +
-    # (2 + 2 dummy rows)
+    # to split off: no second level), each caption's 5 items packed into one row of their own
+    # read against that caption's row: one pass of 2 rows
     assert text_judge.stats["head_rows"] == 2 and text_judge.stats["prefix_rows"] == 2
     assert text_judge.stats["shared_rows"] == 0
-    assert text_judge.stats["item_rows"] == 4 + 4 + 4
+    assert text_judge.stats["item_rows"] == 2
+
+
+@pytest.mark.heavy
+def test_items_spread_over_passes_when_a_row_is_full(text_judge):
+    """With room for two items a row, each caption's 5 items take 3 passes (longest first);
+    the answers do not change."""
+    qs = _text_queries()
+    want = [a.value for a in text_judge.yes_no(qs)]
+    tail = text_judge._head_tail(False)[1]
+    longest = max(len(text_judge._tok(q.item + tail)) for q in qs)
+    text_judge.item_tokens, text_judge.stats = 2 * longest, J.collections.Counter()
+    try:
+        got = [a.value for a in text_judge.yes_no(qs)]
+    finally:
+        text_judge.item_tokens = 256
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert text_judge.stats["item_rows"] == 2 * 3
+
+
+def _copies_of(jaxpr, shapes) -> list[str]:
+    """Gathers, dynamic slices and concatenations in a jaxpr (nested ones too) that take an
+    operand of one of `shapes`."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("gather", "dynamic_slice", "concatenate"):
+            found += [eqn.primitive.name for v in eqn.invars
+                      if tuple(getattr(v.aval, "shape", ())) in shapes]
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    found += _copies_of(getattr(inner, "jaxpr", inner), shapes)
+    return found
+
+
+def test_items_read_their_row_in_place(text_judge):
+    """The item pass reads its rows' cache in place: no gather, dynamic slice or concatenate in
+    its program takes an operand of a cache layer's shape, where the inner levels' extension
+    (a row per node, gathered from its parent) has them."""
+    graphdef, state = nnx.split(text_judge.model)
+    cache = text_judge.model.init_cache(2, 64)
+    kv_mask, pos = jnp.ones((2, 64), jnp.int32), jnp.full((2,), 64, jnp.int32)
+    ids = jnp.zeros((2, 16), jnp.int32)
+    shapes = {tuple(x.shape[i:]) for x in (cache.k, cache.v) for i in (0, 1)}
+    read = jax.make_jaxpr(J._read.__wrapped__, static_argnums=(0, 9, 10, 11, 12, 13))(
+        graphdef, state, cache, kv_mask, pos, ids, ids, ids, jnp.zeros((2, 4), jnp.int32),
+        False, ("yes_no",), text_judge.yes_ids, text_judge.no_ids, text_judge.digit_ids)
+    assert _copies_of(read.jaxpr, shapes) == []
+    extend = jax.make_jaxpr(J._extend.__wrapped__, static_argnums=(0, 9))(
+        graphdef, state, cache, kv_mask, pos, jnp.zeros((2,), jnp.int32), ids,
+        jnp.ones((2,), jnp.int32), jnp.int32(0), False)
+    assert "gather" in _copies_of(extend.jaxpr, shapes)      # the check can see a copy
 
 
 @pytest.mark.heavy
@@ -317,7 +368,7 @@ def saved_text_judge(text_judge, tokenizer, tmp_path_factory):
 
 @pytest.mark.heavy
 def test_load_backend_from_a_saved_checkpoint(text_judge, saved_text_judge, tmp_path):
-    loaded = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=4)
+    loaded = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2)
     assert loaded.name == "tiny-judge" and loaded.processor is None
     # the same weights ...
     ids = np.arange(1, 40, dtype=np.int32)[None]
@@ -340,9 +391,9 @@ def test_sharded_judge_equals_single_device(saved_text_judge):
     from jax.sharding import AxisType
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                          axis_types=(AxisType.Auto,) * 3)
-    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=8)
+    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_tokens=64)
     sharded = J.load_backend(saved_text_judge, dtype="float32", mesh=mesh, prefix_batch=2,
-                             item_batch=8)
+                             item_tokens=64)
     qs = _text_queries()
     np.testing.assert_allclose([a.value for a in sharded.yes_no(qs)],
                                [a.value for a in single.yes_no(qs)], atol=1e-5)
@@ -385,7 +436,7 @@ def test_judges_on_devices_of_their_own(saved_text_judge, tmp_path):
     cfg.judges.multimodal_path = saved_text_judge
     cfg.judges.dtype = "float32"
     cfg.judges.devices = 2
-    cfg.judges.prefix_batch, cfg.judges.item_batch = 2, 8
+    cfg.judges.prefix_batch, cfg.judges.item_tokens = 2, 64
     cfg.train.batch_size, cfg.train.micro_batch_size = 6, 6
     sizes = validate(cfg, jax.device_count())
     assert sizes == {"data": 1, "fsdp": 6, "tensor": 1}
@@ -396,7 +447,7 @@ def test_judges_on_devices_of_their_own(saved_text_judge, tmp_path):
     scorer = build.build_scorer(cfg, None, mesh=judge_mesh, rules=rules)
     leaves = jax.tree.leaves(nnx.state(scorer.backend.model))
     assert leaves and all(set(x.sharding.device_set) <= own for x in leaves)
-    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=8)
+    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_tokens=64)
     qs = _text_queries()
     np.testing.assert_allclose([a.value for a in scorer.backend.yes_no(qs)],
                                [a.value for a in single.yes_no(qs)], atol=1e-5)
@@ -419,12 +470,12 @@ def test_judge_on_a_lora_policys_base_loads_no_second_copy(saved_text_judge, tmp
     cfg.model.lora.rank = 4
     cfg.scorer.name = "judges"
     cfg.judges.dtype = "float32"
-    cfg.judges.prefix_batch, cfg.judges.item_batch = 2, 8
+    cfg.judges.prefix_batch, cfg.judges.item_tokens = 2, 64
     policy = from_pretrained(saved_text_judge)
     lora.apply_lora(policy, rank=4, alpha=8)
     for _, node in lora.adapted(policy):           # trained adapters: they must stay off
         node.lora_b.set_value(node.lora_b.get_value() + 0.1)
-    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_batch=8)
+    single = J.load_backend(saved_text_judge, dtype="float32", prefix_batch=2, item_tokens=64)
     monkeypatch.setattr("balcap_jax.models.from_pretrained",
                         lambda *a, **k: pytest.fail("the shared judge loaded a second copy"))
     scorer = build.build_scorer(cfg, None, policy=policy)
