@@ -172,6 +172,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.curve_every = 10      # RL steps between the points of the plotted curves
     c.demo.warm_from = ""        # a saved warm_start.npz: skip stages 0-1
     c.demo.meteor = True         # METEOR in the demo's evaluation (its Java process: ~5 s/policy)
+    c.demo.control = True        # the supervised control (as long as RL ran, then evaluated)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50

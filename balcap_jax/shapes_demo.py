@@ -13,7 +13,8 @@ Pipeline (one process, one model):
   4. `after`: the same evaluation;
   5. `sft_control`: the warm start trained on with supervision (same optimiser state, more fresh
      captions) for the wall time the RL phase took, then evaluated: a gain that only more
-     supervised steps would give shows up here too.
+     supervised steps would give shows up here too (`demo.control=False` skips it: the
+     summary's sft_control is then null).
 Writes workdir/summary.json, workdir/curves.png, workdir/metrics.jsonl (RL steps), the warm
 start's parameters (workdir/warm_start.npz) and the exported policy under workdir/export.
 
@@ -332,14 +333,19 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         after, after_rec, after_attrs = _evaluate(trainer, rl_params, "after", progress)
         build.export(trainer, os.path.join(cfg.workdir, "export"))
 
-        control = sft_for_seconds(sft, data, rl["seconds"], progress=progress)
-        sft_control, control_rec, control_attrs = _evaluate(trainer, sft.params, "sft_control",
-                                                            progress)
+        policies = {"before": before_rec, "after": after_rec}
+        control = {"steps": 0, "seconds": 0.0, "losses": []}
+        sft_control = control_attrs = None
+        if cfg.demo.get("control", True):
+            control = sft_for_seconds(sft, data, rl["seconds"], progress=progress)
+            sft_control, policies["sft_control"], control_attrs = _evaluate(
+                trainer, sft.params, "sft_control", progress)
 
+    gain = {"after_minus_before": after["b_capscore"] - before["b_capscore"]}
+    if sft_control is not None:
+        gain["after_minus_sft_control"] = after["b_capscore"] - sft_control["b_capscore"]
     summary = {
-        "before": before, "after": after, "sft_control": sft_control,
-        "gain": {"after_minus_before": after["b_capscore"] - before["b_capscore"],
-                 "after_minus_sft_control": after["b_capscore"] - sft_control["b_capscore"]},
+        "before": before, "after": after, "sft_control": sft_control, "gain": gain,
         "seed": int(cfg.seed), "held_out_images": len(parts.eval_examples),
         "warm_start": {k: warm[k] for k in ("steps", "plateau", "seconds", "chunk_means",
                                             "loaded_from") if k in warm},
@@ -348,15 +354,12 @@ def run_demo(cfg, *, progress: bool = True) -> dict:
         "rl": {"steps": rl["steps"], "seconds": rl["seconds"]},
         "sft_control_run": {"steps": control["steps"], "seconds": control["seconds"]},
         "seconds": {"build": t_built - t_start, "total": time.perf_counter() - t_start},
-        "attributes": {"before": before_attrs, "after": after_attrs,
-                       "sft_control": control_attrs},
-        "examples": {"before": before_rec[:4], "after": after_rec[:4],
-                     "sft_control": control_rec[:4]},
+        "attributes": {k: v for k, v in (("before", before_attrs), ("after", after_attrs),
+                                         ("sft_control", control_attrs)) if v is not None},
+        "examples": {k: rec[:4] for k, rec in policies.items()},
         "evaluation": evaluate_policies(
             cfg.workdir, parts.eval_examples,
-            {"before": [r["caption"] for r in before_rec],
-             "after": [r["caption"] for r in after_rec],
-             "sft_control": [r["caption"] for r in control_rec]},
+            {k: [r["caption"] for r in rec] for k, rec in policies.items()},
             meteor=bool(cfg.demo.get("meteor", True)), progress=progress),
     }
     with open(os.path.join(cfg.workdir, "summary.json"), "w") as f:
@@ -377,7 +380,8 @@ def main(argv):
     keys = ("precision", "recall", "linguistic", "b_capscore", "mean_words")
     print(f"{'':12s}" + "".join(f"{k:>12s}" for k in keys))
     for name in ("before", "after", "sft_control"):
-        print(f"{name:12s}" + "".join(f"{s[name][k]:12.3f}" for k in keys))
+        if s[name] is not None:
+            print(f"{name:12s}" + "".join(f"{s[name][k]:12.3f}" for k in keys))
     print(f"[demo] wrote {os.path.join(_CONFIG.value.workdir, 'summary.json')} and curves.png "
           f"in {s['seconds']['total']:.0f} s", flush=True)
 

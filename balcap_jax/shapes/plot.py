@@ -39,7 +39,7 @@ def plot_curves(path: str, warm_losses, control_losses, rl_rows, summary: dict |
     if summary:
         text = "held-out b-CapScore: " + ", ".join(
             f"{k} {summary[k]['b_capscore']:.1f}" for k in ("before", "after", "sft_control")
-            if k in summary)
+            if summary.get(k))
         draw.text((10, H + 4), text, fill=(0, 0, 0))
     img.save(path)
     return path
