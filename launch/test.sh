@@ -8,7 +8,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the linter first: a new violation fails the run (rules and line length in pyproject.toml)
 .venv/bin/ruff check balcap_jax tests benchmarks configs
 set +e
-.venv/bin/python -m pytest --durations=15 "$@"
+# two workers (pytest-xdist): compiling is mostly single-threaded, so one process left a core
+# idle a third of the time; whole modules per worker, so module fixtures are built once
+.venv/bin/python -m pytest -n 2 --dist loadfile --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

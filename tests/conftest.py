@@ -20,8 +20,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # several (fake) CPU devices are kept out of it: XLA:CPU executables of such programs read back
 # from the cache can deadlock in their collectives (seen with jax 0.10.2: 7 devices in one
 # all-gather, device 0 in an all-reduce, until the 40 s rendezvous timeout aborts the process).
+# Under pytest-xdist each worker has a cache of its own: one worker reading an entry another is
+# still writing is not a case the cache promises to survive.
 XLA_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         ".pytest_cache", "jax_cc")
+                         ".pytest_cache", "jax_cc" + os.environ.get("PYTEST_XDIST_WORKER", ""))
 
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
@@ -72,13 +74,3 @@ def _release_compiled_programs():
     if _mappings() > MAX_MAPPINGS:
         jax.clear_caches()
         gc.collect()
-
-
-@pytest.fixture(scope="session")
-def notebook_run(tmp_path_factory):
-    """launch/colab.ipynb executed once in smoke mode (tests/launch/notebook.py): (executed
-    notebook, its workdir). Its ShapesWorld section is the shortened demo that
-    tests/shapes/test_demo.py checks. The kernel (one CPU device) has a compile cache of its
-    own: executables it wrote, read back by this 8-device process, segfaulted (jax 0.10.2)."""
-    from tests.launch.notebook import execute
-    return execute(str(tmp_path_factory.mktemp("notebook")), cache_dir=XLA_CACHE + "_notebook")

@@ -1,15 +1,12 @@
 """The ShapesWorld demo pipeline, shortened, end to end through balcap_jax.shapes_demo.run_demo.
 
-Two runs:
-- `demo_run`, from scratch: vision pretraining (10 steps) -> warm start (60 steps) -> before ->
-  4 RL steps -> after -> control, run as the ShapesWorld section of launch/colab.ipynb (the
-  suite executes the notebook once, tests/conftest.py::notebook_run); `test_summary` checks
-  everything the pipeline writes.
-- `direction_run`: the demo's own seed-0 warm start (tests/assets/shapes_warm_start.npz, the
-  workdir/warm_start.npz of `bash launch/demo.sh` cast to float16; remake it if the policy or
-  tokenizer of configs/shapes.py changes) loaded with `demo.warm_from`, then 20 BalCapRL steps,
-  the control and the full 200-image held-out evaluation: RL must improve every channel. A
-  warm start good enough for RL to improve on takes minutes to train, so the suite loads one.
+`direction_run`: the demo's own seed-0 warm start (tests/assets/shapes_warm_start.npz, the
+workdir/warm_start.npz of `bash launch/demo.sh` cast to float16; remake it if the policy or
+tokenizer of configs/shapes.py changes) loaded with `demo.warm_from`, then 20 BalCapRL steps,
+without the control, and the full 200-image held-out evaluation: RL must improve every
+channel. A warm start good enough for RL to improve on takes minutes to train, so the suite
+loads one. The demo from scratch (vision pretraining, warm start, RL, control) runs as the
+ShapesWorld section of launch/colab.ipynb, checked in tests/launch/test_notebook.py.
 """
 import json
 import os
@@ -17,84 +14,10 @@ import os
 import numpy as np
 import pytest
 
-KEYS = ("precision", "recall", "linguistic", "b_capscore", "mean_words")
+from tests.shapes.demo_config import short_config
+
 WARM_START = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
                           "shapes_warm_start.npz")
-
-
-def short_config(workdir):
-    from configs.shapes import get_config
-    c = get_config()
-    c.workdir = str(workdir)
-    c.compile_cache_dir = ""          # tests/conftest.py already sets a persistent cache
-    c.data.num_train = 256
-    c.data.num_eval = 16
-    c.sft.max_steps = 60
-    c.sft.warmup_steps = 5            # the full run's 50 would take most of the short run
-    c.sft.chunk = 20
-    c.sft.vision_pretrain_steps = 10  # the stage runs (and the tower is then frozen), briefly
-    c.train.steps = 4
-    return c
-
-
-@pytest.fixture(scope="module")
-def demo_run(notebook_run):
-    """The Colab notebook's ShapesWorld section, run by the suite's notebook execution with
-    the shortened settings of `short_config` (one run serves both checks)."""
-    import ml_collections
-    _, work = notebook_run
-    workdir = os.path.join(work, "shapes")
-    cfg = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json"))))
-    return cfg, workdir, json.load(open(os.path.join(workdir, "summary.json")))
-
-
-@pytest.mark.heavy
-def test_notebook_runs_the_short_demo(demo_run):
-    cfg, _, _ = demo_run
-    want = short_config("unused")
-    for key in ("data.num_train", "data.num_eval", "sft.max_steps", "sft.warmup_steps",
-                "sft.chunk", "sft.vision_pretrain_steps", "train.steps"):
-        a, b = cfg, want
-        for k in key.split("."):
-            a, b = a[k], b[k]
-        assert a == b, key
-
-
-@pytest.mark.heavy
-def test_summary(demo_run):
-    cfg, workdir, s = demo_run
-    for name in ("before", "after", "sft_control"):
-        assert set(KEYS) <= set(s[name]), f"{name} lacks {set(KEYS) - set(s[name])}"
-        for k in ("precision", "recall", "linguistic"):
-            assert 0.0 <= s[name][k] <= 1.0, (name, k, s[name][k])
-        assert 0.0 <= s[name]["b_capscore"] <= 100.0
-        assert s[name]["mean_words"] > 0
-    assert s["held_out_images"] == cfg.data.num_eval
-    assert s["rl"]["steps"] == cfg.train.steps
-    assert s["warm_start"]["steps"] <= cfg.sft.max_steps
-    assert s["vision_pretrain"]["steps"] == cfg.sft.vision_pretrain_steps
-    assert np.isfinite(s["vision_pretrain"]["final_loss"])
-    # the control ran supervised steps for (at least) the RL phase's wall time
-    assert s["sft_control_run"]["seconds"] >= s["rl"]["seconds"]
-    assert s["sft_control_run"]["steps"] >= 1
-    on_disk = json.load(open(os.path.join(workdir, "summary.json")))
-    assert np.isclose(on_disk["after"]["b_capscore"], s["after"]["b_capscore"])
-    from PIL import Image
-    assert Image.open(os.path.join(workdir, "curves.png")).size[0] > 0
-    rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert len(rows) == cfg.train.steps and "reward/precision" in rows[0]
-    # the supervised loss fell during the warm start (it learns the caption language)
-    curves = json.load(open(os.path.join(workdir, "curves.json")))
-    losses = curves["warm_start_loss"]
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
-    # the evaluation harness's report beside the summary, over the held-out images
-    assert set(s["evaluation"]) == {"before", "after", "sft_control"}
-    assert os.path.getsize(os.path.join(workdir, "report.html")) > 1000
-    assert json.load(open(os.path.join(workdir, "eval", "results.json")))["images"] == \
-        cfg.data.num_eval
-    # the warm start's parameters, for benchmarks/shapes_ablation.py --warm-from
-    with np.load(os.path.join(workdir, "warm_start.npz")) as f:
-        assert len(f.files) > 10 and all(np.isfinite(f[k]).all() for k in f.files)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +31,7 @@ def direction_run(tmp_path_factory):
     # the demo's cosine would decay to 0 within these 20 steps; 1e-4 constant is what was measured
     cfg.train.schedule, cfg.train.lr, cfg.train.warmup_steps = "constant", 1e-4, 0
     cfg.demo.meteor = False            # its Java process costs ~5 s a policy; tested elsewhere
+    cfg.demo.control = False           # the notebook's demo_run covers the control
     return cfg, workdir, run_demo(cfg, progress=False)
 
 
@@ -147,9 +71,12 @@ def test_rl_keeps_the_frozen_tower(direction_run):
 
 @pytest.mark.heavy
 def test_attribute_reports(direction_run):
-    """summary.json's attribute report covers the 200 held-out captions of each policy."""
+    """summary.json's attribute report covers the 200 held-out captions of each policy (no
+    control here: demo.control=False leaves it out of every report)."""
     _, _, s = direction_run
-    for name in ("before", "after", "sft_control"):
+    assert s["sft_control"] is None and set(s["attributes"]) == {"before", "after"}
+    assert set(s["evaluation"]) == {"before", "after"}
+    for name in ("before", "after"):
         r = s["attributes"][name]
         assert set(r) == {"accuracy", "stated", "described"}
         assert {"shape", "color", "size", "position"} <= set(r["accuracy"])
