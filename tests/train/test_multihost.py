@@ -1,5 +1,6 @@
 """Multi-host: two JAX processes on localhost (gloo collectives, 2 fake CPU devices each, one
-global 4-device mesh) run one train step of configs/tiny.py, each on its own half of the batch.
+global 4-device mesh) run one train step of configs/tiny.py, each on its own half of the batch
+(a second run: the same with chunked, overlapped rollouts and dynamic sampling).
 They are started by launch/local_multiprocess.sh, so this is also the real run of that script
 (its environment, its exit codes, its logs).
 
@@ -33,7 +34,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOSTS, DEVICES_PER_HOST, TIMEOUT_S = 2, 2, 240
 METRICS = ("loss", "grad_norm", "reward/frequency", "reward/frequency_std", "advantage_abs",
-           "length/tokens", "logp_gap_sampler_trainer", "scorer/target_token_share")
+           "length/tokens", "logp_gap_sampler_trainer", "scorer/target_token_share",
+           "dynamic/rounds", "dynamic/signal_groups", "dynamic/extra_prompts")
 
 
 FLAGS = ("--config.mesh.data=1", f"--config.mesh.fsdp={HOSTS * DEVICES_PER_HOST}",
@@ -73,6 +75,10 @@ def worker(out_dir: str, argv: list[str]) -> None:
 
     def build_trainer(*args, **kwargs):
         trainer = seen["trainer"] = real_build(*args, **kwargs)
+        if os.environ.get("BALCAP_TEST_SIGNAL_EVERY"):   # signal for 1 prompt in k only
+            from tests.train.test_dynamic_sampling import SignalFor
+            k = int(os.environ["BALCAP_TEST_SIGNAL_EVERY"])
+            trainer.p.scorer = seen["scorer"] = SignalFor(lambda i: i % k == 0)
         real_step = trainer.train_step
 
         def train_step(examples, **kw):
@@ -115,7 +121,8 @@ def worker(out_dir: str, argv: list[str]) -> None:
     result = {"process": jax.process_index(), "processes": jax.process_count(),
               "devices": jax.device_count(), "spans_hosts": seen["spans_hosts"],
               "image_ids": [e["image_id"] for e in seen["examples"]],
-              "metrics": {k: seen["metrics"][k] for k in METRICS},
+              "metrics": {k: seen["metrics"][k] for k in METRICS if k in seen["metrics"]},
+              "scored": seen["scorer"].seen if "scorer" in seen else None,
               "eval": seen["eval"], "eval_rows": seen.get("eval_rows", 0),
               "params": param_summary(values)}
     if jax.process_index() == 0:    # the full parameters, for the single-process comparison
@@ -127,9 +134,10 @@ def worker(out_dir: str, argv: list[str]) -> None:
 
 # ----------------------------------------------------------------------------------------------
 
-def _run_workers(out_dir: str) -> tuple[list[dict], str, list[str]]:
-    """launch/local_multiprocess.sh with a shim interpreter that runs `worker`: the workers'
-    results, the script's output and the processes' logs."""
+def _run_workers(out_dir: str, flags: tuple = (), env_extra: dict | None = None
+                 ) -> tuple[list[dict], str, list[str]]:
+    """launch/local_multiprocess.sh with a shim interpreter that runs `worker` (FLAGS, then
+    `flags`): the workers' results, the script's output and the processes' logs."""
     shim = os.path.join(out_dir, "python")
     with open(shim, "w") as f:
         f.write(f"#!/bin/sh\nPYTHONPATH={shlex.quote(ROOT)} exec {shlex.quote(sys.executable)} "
@@ -138,11 +146,12 @@ def _run_workers(out_dir: str) -> tuple[list[dict], str, list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # no persistent cache: several devices a process
     env["BALCAP_PYTHON"] = shim
+    env.update(env_extra or {})
     logdir = os.path.join(out_dir, "logs")
     p = subprocess.Popen(
         ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "--processes",
          str(HOSTS), "--devices-per-process", str(DEVICES_PER_HOST), "--logdir", logdir,
-         "--config", "configs/tiny.py", "--", *FLAGS,
+         "--config", "configs/tiny.py", "--", *FLAGS, *flags,
          f"--config.workdir={os.path.join(out_dir, 'run')}"],   # shared: each host's shards
         cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True)
@@ -229,6 +238,36 @@ def test_two_processes_run_a_step_and_agree(tmp_path):
         # the update is lr * Adam's sign-like step (lr 3e-3): float noise in a near-zero
         # gradient moves a weight by up to ~lr * 1e-2, as in the one-process sharding test
         np.testing.assert_allclose(got[f"arr_{i}"], y, atol=1e-4, rtol=0, err_msg=f"leaf {i}")
+
+
+
+@pytest.mark.heavy
+def test_two_processes_agree_with_chunked_overlapped_rollouts_and_dynamic_sampling(tmp_path):
+    """The multi-host paths of train.rollout_chunks (each host's prompts in two generate
+    calls, gathered across hosts per chunk), train.overlap_scoring (a chunk scored in a thread
+    while the next decodes) and rl.dynamic_sampling (extra rounds until EVERY host has its
+    groups with signal): a scripted scorer gives signal to 1 prompt in 3, so the rounds are
+    known by hand from what each host scored, and the hosts must still take the same step."""
+    results, out, _ = _run_workers(
+        str(tmp_path), ("--config.train.rollout_chunks=2", "--config.train.overlap_scoring=True",
+                        "--config.rl.dynamic_sampling=2"), {"BALCAP_TEST_SIGNAL_EVERY": "3"})
+    a, b = results
+    assert re.findall(r"process (\d): exit (\d+)", out) == [("0", "0"), ("1", "0")], out
+    assert a["metrics"] == b["metrics"] and a["params"] == b["params"]
+    assert np.isfinite(a["metrics"]["loss"])
+    # each host scored its own prompts: one prompt's G = 4 rollouts per chunk call
+    calls = [r["scored"][:2 * int(a["metrics"]["dynamic/rounds"])] for r in results]
+    assert all(len(call) == 4 and len(set(call)) == 1 for c in calls for call in c)  # 1 x G
+    train = [[i for call in c for i in call] for c in calls]
+    assert not set(train[0]) & set(train[1])
+    prompts = [sorted(set(t), key=t.index) for t in train]      # each host's, in order
+    # by hand: the rounds stop when both hosts have 2 prompts with signal, or after 1 + 2
+    rounds = next((r for r in (1, 2, 3)
+                   if all(sum(i % 3 == 0 for i in p[:2 * r]) >= 2 for p in prompts)), 3)
+    assert int(a["metrics"]["dynamic/rounds"]) == rounds and rounds > 1, (prompts, a["metrics"])
+    kept = sum(min(sum(i % 3 == 0 for i in p[:2 * rounds]), 2) for p in prompts)
+    assert a["metrics"]["dynamic/signal_groups"] == pytest.approx(kept / 4)
+    assert a["metrics"]["dynamic/extra_prompts"] == 4 * (rounds - 1)
 
 
 if __name__ == "__main__":
