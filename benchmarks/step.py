@@ -116,14 +116,8 @@ class FixedLists:
         return [Answer([_assertion(zlib.crc32(q.item.encode()) % 100_000, k) for k in range(6)])
                 for q in queries]
 
-    def yes_no(self, queries):
-        return self.inner.yes_no(queries)
-
-    def digits(self, queries):
-        return self.inner.digits(queries)
-
-    def answer_groups(self, groups):
-        return self.inner.answer_groups(groups)
+    def __getattr__(self, name):     # yes_no, digits and answer_groups where the judge has it
+        return getattr(self.inner, name)
 
 
 def judge_scorer(d: str, new_tokens: int):
