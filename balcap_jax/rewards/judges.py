@@ -27,13 +27,14 @@ yes_no / digits: no generation. p(yes) (softmax over the yes and no spellings' i
     row in place: a row's items are packed one after another into a row of their own tokens
     (up to `item_tokens`), each seeing the row's cache as a prefix plus its own earlier
     tokens (a segment mask), so no row of the cache is copied per item; only each item's last
-    hidden state goes through the LM head. `answer_groups` puts several readers' queries
-    (yes/no and digits) in one tree. Rows are batched in padded buckets (powers of two from 8,
-    in chunks of at most `prefix_batch` rows), lengths bucketed to powers of two (shared texts
-    sorted by length, each chunk padded to its own longest), so a run compiles a bounded
-    number of times (`compile_count()`). Each segment is right-padded inside its bucket; the
-    padded slots are masked out of the KV mask, and positions continue from each row's real
-    length, so the answer equals one forward pass over the concatenated tokens (tested).
+    hidden state goes through the LM head, and only for the answers' token ids.
+    `answer_groups` puts several readers' queries (yes/no and digits) in one tree. Rows are
+    batched in padded buckets (powers of two from 8, in chunks of at most `prefix_batch`
+    rows), lengths bucketed to powers of two (shared texts sorted by length, each chunk
+    padded to its own longest), so a run compiles a bounded number of times
+    (`compile_count()`). Each segment is right-padded inside its bucket; the padded slots are
+    masked out of the KV mask, and positions continue from each row's real length, so the
+    answer equals one forward pass over the concatenated tokens (tested).
 """
 from __future__ import annotations
 
@@ -153,9 +154,18 @@ def _read(graphdef, state, cache, kv_mask, next_pos, ids, segs, offs, last, mrop
         pos = jnp.broadcast_to(pos[None], (3, *pos.shape))
     hidden, _ = model.forward_embeds(model.embed(ids), pos, (segs >= 0).astype(jnp.int32),
                                      prefix=cache, prefix_mask=kv_mask, segment_ids=segs)
-    logits = model.logits(jnp.take_along_axis(hidden, last[..., None], axis=1))   # [P, M, V]
-    return jnp.stack([yes_probability(logits, yes, no) if r == "yes_no" else
-                      digit_expectation(logits, np.asarray(digits)) for r in readers])
+    # the LM head over the answers' ids only (yes/no spellings, digits), not the vocabulary:
+    # the readers look at nothing else, and [P, M, V] float32 logits would dwarf the pass
+    sel = sorted({i for i in (*yes, *no, *np.ravel(digits).tolist()) if i >= 0})
+    at = {t: k for k, t in enumerate(sel)}
+    h = jnp.take_along_axis(hidden, last[..., None], axis=1)                    # [P, M, D]
+    w = jnp.take(model.lm_head_weight(), np.asarray(sel, np.int32), axis=1)      # [D, K]
+    logits = jnp.einsum("pmd,dk->pmk", h, w.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    digit_at = np.asarray([[at[i] if i >= 0 else -1 for i in row] for row in digits])
+    return jnp.stack([yes_probability(logits, tuple(at[i] for i in yes),
+                                      tuple(at[i] for i in no)) if r == "yes_no" else
+                      digit_expectation(logits, digit_at) for r in readers])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "reader", "ids_a", "ids_b"))
@@ -437,7 +447,7 @@ class InProcessBackend:
                 segs = np.full((rows, width), -1, np.int32)
                 offs = np.zeros((rows, width), np.int32)
                 last = np.zeros((rows, m), np.int32)
-                readers = tuple(dict.fromkeys(item_reader[k] for p in mine for k in p))
+                readers = tuple(sorted({item_reader[k] for p in mine for k in p}))
                 for r, p in enumerate(mine):
                     at = 0
                     for slot, k in enumerate(p):
