@@ -177,9 +177,8 @@ class Decoder(nnx.Module):
         if prefix is None and (cache is None or cache.max_len == t):
             # every key is this call's: a fused kernel may take the mask as segments
             from balcap_jax.models.attention import Segments
-            ids = (kv_mask != 0).astype(jnp.int32)
-            if segment_ids is not None:
-                ids = jnp.where(kv_mask != 0, segment_ids, -1)
+            ids = (kv_mask != 0).astype(jnp.int32) if segment_ids is None else \
+                jnp.where(kv_mask != 0, segment_ids, -1)
             segments = Segments(ids, ids, causal=True)
         x = shd.constrain(x, ("batch", "seq", "act_embed"))
 

@@ -111,31 +111,28 @@ def _prefill(graphdef, state, prompt: sampling.Prompt, total_len: int):
     return cache, kv_mask, (t + prompt.deltas).astype(jnp.int32)
 
 
-def _continue(model, cache, kv_mask, next_pos, parent, ids, lens, start, mrope):
-    """Gathers the parents' cache rows and runs `ids` [B, L] (right padded to lens) at slots
-    start..start+L-1 (the prefix tree's inner levels: a row per node, few rows). Returns
-    (hidden [B, L, D], cache, kv_mask, next_pos + lens)."""
-    cache = jax.tree.map(lambda x: jnp.take(x, parent, axis=1), cache)   # [layers, rows, ...]
-    kv_mask = jnp.take(kv_mask, parent, axis=0)
-    next_pos = jnp.take(next_pos, parent, axis=0)
-    b, length = ids.shape
-    steps = jnp.arange(length, dtype=jnp.int32)[None, :]
-    valid = (steps < lens[:, None]).astype(jnp.int32)
-    kv_mask = jax.lax.dynamic_update_slice(kv_mask, valid, (jnp.int32(0), start))
-    pos = next_pos[:, None] + steps
-    if mrope:   # text after the image: all three M-RoPE axes advance together
-        pos = jnp.broadcast_to(pos[None], (3, b, length))
-    hidden, cache = model.forward_embeds(model.embed(ids), pos, kv_mask, cache, start)
-    return hidden, cache, kv_mask, next_pos + lens
+def _text_positions(pos, mrope: bool):
+    """Positions [B, L] of text after the head; with M-RoPE (Qwen2.5-VL) all three axes
+    advance together -> [3, B, L]."""
+    return jnp.broadcast_to(pos[None], (3, *pos.shape)) if mrope else pos
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mrope"))
 def _extend(graphdef, state, cache, kv_mask, next_pos, parent, ids, lens, start, mrope: bool):
+    """A prefix-tree level (a row per node, few rows): gathers the parents' cache rows and
+    runs `ids` [B, L] (right padded to lens) at slots start..start+L-1 -> (cache, kv_mask,
+    next_pos + lens)."""
     _TRACES["extend"] += 1
     model = nnx.merge(graphdef, state)
-    _, cache, kv_mask, next_pos = _continue(model, cache, kv_mask, next_pos, parent, ids, lens,
-                                            start, mrope)
-    return cache, kv_mask, next_pos
+    cache = jax.tree.map(lambda x: jnp.take(x, parent, axis=1), cache)   # [layers, rows, ...]
+    kv_mask = jnp.take(kv_mask, parent, axis=0)
+    next_pos = jnp.take(next_pos, parent, axis=0)
+    steps = jnp.arange(ids.shape[1], dtype=jnp.int32)[None, :]
+    valid = (steps < lens[:, None]).astype(jnp.int32)
+    kv_mask = jax.lax.dynamic_update_slice(kv_mask, valid, (jnp.int32(0), start))
+    pos = _text_positions(next_pos[:, None] + steps, mrope)
+    _, cache = model.forward_embeds(model.embed(ids), pos, kv_mask, cache, start)
+    return cache, kv_mask, next_pos + lens
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mrope", "readers", "yes", "no",
@@ -149,9 +146,7 @@ def _read(graphdef, state, cache, kv_mask, next_pos, ids, segs, offs, last, mrop
     token (last [P, M]) -> float32 [len(readers), P, M]."""
     _TRACES["read"] += 1
     model = nnx.merge(graphdef, state)
-    pos = next_pos[:, None] + offs
-    if mrope:   # text after the image: all three M-RoPE axes advance together
-        pos = jnp.broadcast_to(pos[None], (3, *pos.shape))
+    pos = _text_positions(next_pos[:, None] + offs, mrope)
     hidden, _ = model.forward_embeds(model.embed(ids), pos, (segs >= 0).astype(jnp.int32),
                                      prefix=cache, prefix_mask=kv_mask, segment_ids=segs)
     # the LM head over the answers' ids only (yes/no spellings, digits), not the vocabulary:
@@ -428,20 +423,23 @@ class InProcessBackend:
             each row's items, longest first, fill packs of up to `item_tokens` tokens; pass j
             runs every row's j-th pack (a row without one is padding). No row is copied."""
             rows = int(np.shape(cache_rows[1])[0])
-            packs: list[list[list[int]]] = [[] for _ in range(rows)]
+            packs: list[list[list[int]]] = [[] for _ in range(rows)]    # row -> its packs
+            used: list[list[int]] = [[] for _ in range(rows)]           # their token counts
             for s in shared:
                 r = row_of[s]
                 for k in sorted(items_of[s], key=lambda k: -len(item_ids[k])):
-                    room = [p for p in packs[r]
-                            if sum(len(item_ids[i]) for i in p) + len(item_ids[k])
-                            <= self.item_tokens]
-                    if room:
-                        room[0].append(k)
-                    else:
+                    n = len(item_ids[k])
+                    at = next((i for i, u in enumerate(used[r]) if u + n <= self.item_tokens),
+                              None)
+                    if at is None:
                         packs[r].append([k])
+                        used[r].append(n)
+                    else:
+                        packs[r][at].append(k)
+                        used[r][at] += n
             for j in range(max(len(p) for p in packs)):
                 mine = [p[j] if j < len(p) else [] for p in packs]
-                width = bucket([[0] * sum(len(item_ids[k]) for k in p) for p in mine])
+                width = _pow2(max(u[j] if j < len(u) else 0 for u in used), 8)
                 m = _pow2(max(len(p) for p in mine), 4)
                 ids = np.full((rows, width), self.pad_id, np.int32)
                 segs = np.full((rows, width), -1, np.int32)

@@ -240,7 +240,6 @@ def test_two_processes_run_a_step_and_agree(tmp_path):
         np.testing.assert_allclose(got[f"arr_{i}"], y, atol=1e-4, rtol=0, err_msg=f"leaf {i}")
 
 
-
 @pytest.mark.heavy
 def test_two_processes_agree_with_chunked_overlapped_rollouts_and_dynamic_sampling(tmp_path):
     """The multi-host paths of train.rollout_chunks (each host's prompts in two generate
