@@ -31,7 +31,7 @@ the sampler under `set_decode_layers("unroll")`, the default) runs them as a Pyt
   `lm.token_logprobs(hidden, targets, temperature=1.0, chunk_size=256) -> float32 [B,T]`
   `token_logprobs_from_hidden(hidden[B,T,D], lm_head_weight[D,V], targets[B,T], *,
       temperature=1.0, chunk_size=256)`: log_softmax(hidden @ W / temperature)[targets] computed
-      chunk by chunk over the sequence (lax.map + jax.checkpoint), so neither the forward nor the
+      chunk by chunk over the sequence (lax.map of a custom VJP), so neither the forward nor the
       backward pass holds float32 [B, T, V] logits at once.
 Sharding: a model built by hf.from_pretrained(mesh=..., rules=...) remembers (mesh, rules) and
 its forward functions apply activation constraints under `sharding.use_sharding`.
@@ -211,7 +211,11 @@ def token_logprobs_from_hidden(hidden: Array, lm_head_weight: Array, targets: Ar
                                temperature: float = 1.0, chunk_size: int = 256,
                                suppress: tuple[int, ...] = ()) -> Array:
     """log p(targets) under softmax(hidden @ W / temperature), float32 [B, T], chunked over T;
-    the `suppress` ids are left out of the softmax (ids the sampler never draws)."""
+    the `suppress` ids are left out of the softmax (ids the sampler never draws).
+
+    Each chunk is a custom VJP (`_chunk_logprobs`) that keeps only its log-normaliser for the
+    backward pass, which recomputes the chunk's logits once and forms both gradients from
+    d logits = g * (onehot(target) - softmax) / temperature."""
     b, t, d = hidden.shape
     if lm_head_weight.shape[0] != d:
         raise ValueError(f"lm_head_weight must be [D={d}, V], got {lm_head_weight.shape}")
@@ -221,25 +225,52 @@ def token_logprobs_from_hidden(hidden: Array, lm_head_weight: Array, targets: Ar
     n = -(-t // c)
     pad = n * c - t
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
-    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
-    w = lm_head_weight
-    banned = None
-    if suppress:   # a constant mask, not a scatter: an elementwise select fuses with the matmul
+    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1).astype(jnp.int32)
+    w = lm_head_weight.astype(hidden.dtype)
+    fn = functools.partial(_chunk_logprobs, float(temperature), tuple(int(i) for i in suppress))
+    out = jax.lax.map(lambda args: fn(args[0], w, args[1]), (h, tg))            # [n, B, c]
+    return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+
+
+def _chunk_scores(temperature, suppress, h, w):
+    """float32 logits / temperature [B, c, V], suppressed ids at -inf (a constant [V] mask,
+    which fuses into the matmul's consumer rather than scattering into [B, c, V])."""
+    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32) / temperature
+    if suppress:
         banned = np.zeros(w.shape[1], bool)
         banned[np.asarray(suppress)] = True
+        logits = jnp.where(banned, -jnp.inf, logits)
+    return logits
 
-    @jax.checkpoint   # recompute each chunk's logits in the backward pass instead of storing them
-    def chunk(args):
-        hc, tc = args
-        logits = jnp.einsum("bcd,dv->bcv", hc, w.astype(hc.dtype),
-                            preferred_element_type=jnp.float32) / temperature
-        if banned is not None:
-            logits = jnp.where(banned, -jnp.inf, logits)
-        tgt = jnp.take_along_axis(logits, tc[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        return tgt - jax.nn.logsumexp(logits, axis=-1)
 
-    out = jax.lax.map(chunk, (h, tg))                   # [n, B, c]
-    return out.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+def _target_logprobs(temperature, suppress, h, w, tgt):
+    scores = _chunk_scores(temperature, suppress, h, w)
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    picked = jnp.take_along_axis(scores, tgt[..., None], axis=-1)[..., 0]
+    return picked - lse, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunk_logprobs(temperature, suppress, h, w, tgt):
+    return _target_logprobs(temperature, suppress, h, w, tgt)[0]
+
+
+def _chunk_logprobs_fwd(temperature, suppress, h, w, tgt):
+    logp, lse = _target_logprobs(temperature, suppress, h, w, tgt)
+    return logp, (h, w, tgt, lse)      # no [B, c, V] residual: the backward recomputes it
+
+
+def _chunk_logprobs_bwd(temperature, suppress, res, g):
+    h, w, tgt, lse = res
+    p = jnp.exp(_chunk_scores(temperature, suppress, h, w) - lse[..., None])    # 0 where banned
+    onehot = jnp.arange(w.shape[1], dtype=jnp.int32) == tgt[..., None]
+    dscores = ((onehot.astype(jnp.float32) - p) * (g / temperature)[..., None]).astype(w.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dscores, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("bcd,bcv->dv", h, dscores, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dw.astype(w.dtype), np.zeros(tgt.shape, jax.dtypes.float0)
+
+
+_chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)
 
 
 def default_positions(attention_mask: Array) -> Array:
