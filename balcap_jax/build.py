@@ -424,6 +424,8 @@ def _ready_policy(cfg, mesh=None, rules=None):
     from balcap_jax.models.attention import resolve
     policy.set_attention(resolve(cfg.model.attention, cfg.model.dtype))
     policy.set_decode_layers(cfg.model.decode_layers)
+    from balcap_jax.models import stack
+    stack.set_unroll(policy, cfg.model.get("scan_unroll", 1))
     if cfg.data.max_image_tokens > 0 and hasattr(policy, "vision_slot"):
         # every image padded to a slot of max_image_tokens: the vision shapes are fixed
         policy.vision_slot = int(cfg.data.max_image_tokens) * \

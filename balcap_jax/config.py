@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.decode_layers = "unroll"  # the sampler's decode step: unroll (a loop over per-layer
                                  # caches: no per-token copies of weights or cache; compile
                                  # time grows with depth) | scan (compile time flat in depth)
+    c.model.scan_unroll = 1      # layers per iteration of the scanned layer stacks (training
+                                 # forward, prefill, vision): 1 compiles one layer body; 0 =
+                                 # all, straight-line (no per-layer residual stacking; faster
+                                 # on shallow models, compile time grows with depth)
     # LoRA (balcap_jax.models.lora): rank > 0 trains adapters only; the base stays frozen
     # (no gradient, no optimiser state) and is re-read from model.path on resume
     c.model.lora = lc = ml_collections.ConfigDict()
@@ -331,6 +335,9 @@ def validate(c, n_devices: int) -> dict:
               "checkpoint.every", "checkpoint.keep"):
         if int(_get(c, f)) < 1:
             errors.append(f"{f} must be >= 1, got {_get(c, f)}")
+    if int(c.model.get("scan_unroll", 1)) < 0:
+        errors.append(f"model.scan_unroll must be >= 0 (0 = all layers), got "
+                      f"{c.model.scan_unroll}")
     chunks = int(c.train.get("rollout_chunks", 1))
     if chunks < 1 or c.train.batch_size % chunks:
         errors.append(f"train.rollout_chunks={chunks} must be >= 1 and divide "

@@ -8,7 +8,7 @@ float32, CPU. Each side runs in its own subprocess (its peak RSS is its own); ou
 writes the tokenizer and the exact prompts and images it trained on for TRL to read (TRL's chat
 template adds its default system prompt: its prompts are longer than ours).
 
-    .venv/bin/python -m benchmarks.step [--steps 4] [--repeats 1] [--no-trl]
+    .venv/bin/python -m benchmarks.step [--steps 4] [--repeats 1] [--no-trl] [--scan-unroll K]
     .venv/bin/python -m benchmarks.step --judges      # ours only, BalCapRL's in-process judges
     .venv/bin/python -m benchmarks.step --remote-judge  # ours only, scoring beside the rollouts
 
@@ -16,8 +16,10 @@ Prints per side: the steady step (median of the steps after the first), its spli
 rollout / scoring / update, the first step (ours: compilation included; the difference is the
 compile time), tokens/s of the step, peak RSS, and the ratio TRL / ours of the steady step.
 With --repeats N the two sides alternate N times (the cores are often shared) and the ratio of
-each pair is printed. Without trl installed (`pip install trl`; it is not a dependency) only
-ours runs.
+each pair is printed. Ours runs its 4 layers straight-line (model.scan_unroll=0: no per-layer
+scan bookkeeping, and at this depth it compiles faster too); --scan-unroll 1 measures the
+one-layer scan body that deep models use. Without trl installed (`pip install trl`; it is not
+a dependency) only ours runs.
 
 --judges: ours alone, scored by BalCapRL's three rewards with an in-process judge (a random
 Qwen2.5-VL, text 2 x 64, vision 2 x 32, float32, built as benchmarks/judges.py builds it): the
@@ -63,7 +65,7 @@ def hf_config() -> dict:
     return cfg
 
 
-def our_config(model_dir: str, steps: int, judges: bool = False):
+def our_config(model_dir: str, steps: int, judges: bool = False, scan_unroll: int = 0):
     from balcap_jax.config import base_config
     c = base_config()
     c.workdir = ""
@@ -71,6 +73,7 @@ def our_config(model_dir: str, steps: int, judges: bool = False):
     c.model.path = model_dir
     c.model.tokenizer = "tiny"
     c.model.tiny_vocab = 400
+    c.model.scan_unroll = scan_unroll
     c.mesh.fsdp = -1
     c.data.source = "synthetic"
     c.data.image_size = IMAGE
@@ -145,11 +148,12 @@ def remote_scorer(url: str, new_tokens: int):
 
 
 def run_ours(d: str, steps: int, judge_tokens: int = 0, judge_url: str = "",
-             overlap: bool = False) -> dict:
+             overlap: bool = False, scan_unroll: int = 0) -> dict:
     import jax
 
     from balcap_jax import build
-    cfg = our_config(os.path.join(d, "model"), steps, judges=judge_tokens > 0)
+    cfg = our_config(os.path.join(d, "model"), steps, judges=judge_tokens > 0,
+                     scan_unroll=scan_unroll)
     if judge_url:
         cfg.train.rollout_chunks, cfg.train.overlap_scoring = 2, overlap
     trainer = build.build_trainer(cfg)
@@ -189,7 +193,7 @@ def child(args) -> None:
     if args.side == "ours":
         res = run_ours(args.dir, args.steps,
                        args.judge_tokens if args.judges or args.judge_url else 0,
-                       args.judge_url or "", args.overlap)
+                       args.judge_url or "", args.overlap, args.scan_unroll)
     else:
         from benchmarks.trl_step import run_trl
         data = np.load(os.path.join(args.dir, "examples.npz"))
@@ -264,6 +268,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--scan-unroll", type=int, default=0,
+                    help="our model.scan_unroll: layers per scan iteration (0, the default "
+                         "here: all 4, straight-line; 1: one scanned layer body, the "
+                         "config's default for deep models)")
     ap.add_argument("--judges", action="store_true", help="ours alone, with in-process judges")
     ap.add_argument("--judge-tokens", type=int, default=32,
                     help="new tokens of each decomposition (--judges)")
@@ -291,7 +299,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"Qwen2.5-VL text 4x256 vocab 8192, {PROMPTS} prompts x G={G}, {NEW} tokens each, one "
           f"{IMAGE} px image per prompt, c-GDPO + dapo, fp32, CPU ({os.cpu_count()} cores, load "
-          f"average {load:.2f} before)")
+          f"average {load:.2f} before); ours with model.scan_unroll={args.scan_unroll}")
     ratios = []
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
@@ -308,7 +316,8 @@ def main() -> None:
                   f"seconds by role over all steps {r['judge_s']}; rows {r['judge_rows']}")
             return
         for _ in range(args.repeats):
-            ours = _summary(_side("ours", d, args.steps))
+            ours = _summary(_side("ours", d, args.steps,
+                                  ("--scan-unroll", str(args.scan_unroll))))
             print(_line("ours", ours), flush=True)
             print(f"         compile ~{ours['first_s'] - ours['step_s']:.1f} s (first step - "
                   "steady step)")

@@ -8,6 +8,11 @@ replicated), which the Hugging Face key maps expand to `{i}` on load and save
     blocks = StackedLayers([Block(...) for _ in range(n)])
     x, outs = blocks.scan(lambda block, x, xs: block(x, *xs), x, xs, remat_policy="full")
     block_3 = blocks.layer(3)              # one layer as a module (tests, inspection)
+    set_unroll(model, 2)                   # every stack in model: 2 layers per loop iteration
+
+`unroll` trades compile time for speed: the loop's per-iteration work (slicing each layer's
+parameters, stacking the residuals the backward pass keeps and the stacked gradients) goes
+away with the loop; a shallow model compiles quickly either way.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from flax import nnx
 
 from balcap_jax.models.layers import lora_dropout_layer
 
-__all__ = ["StackedLayers", "REMAT_POLICIES", "remat_policy"]
+__all__ = ["StackedLayers", "REMAT_POLICIES", "remat_policy", "set_unroll"]
 
 # name -> jax.checkpoint policy: what the backward pass keeps of each layer's forward
 REMAT_POLICIES = {
@@ -58,6 +63,7 @@ class StackedLayers(nnx.Module):
         self.num = len(layers)
         self.stack = nnx.merge(graphdef, stacked)
         self.unstacked = None    # set by unstack()
+        self.unroll = 1          # layers per scan iteration (set_unroll); 0 = all
 
     def _split(self):
         return nnx.split(self.stack)
@@ -93,5 +99,19 @@ class StackedLayers(nnx.Module):
                 return fn(nnx.merge(graphdef, st), c, x_i)
         if remat is not None:
             body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
-        return jax.lax.scan(body, carry, (state, xs, jnp.arange(start, stop)),
-                            length=stop - start)
+        n = stop - start
+        return jax.lax.scan(body, carry, (state, xs, jnp.arange(start, stop)), length=n,
+                            unroll=min(self.unroll or n, n))
+
+
+def set_unroll(model: nnx.Module, layers_per_iteration: int) -> int:
+    """Run every StackedLayers in `model` with `layers_per_iteration` layers per scan iteration
+    (1: one compiled layer body; 0: all of them, straight-line code whose compile time grows
+    with depth). Returns the number of stacks changed."""
+    k = int(layers_per_iteration)
+    if k < 0:
+        raise ValueError(f"layers per scan iteration must be >= 0 (0 = all), got {k}")
+    stacks = [m for _, m in nnx.iter_modules(model) if isinstance(m, StackedLayers)]
+    for m in stacks:
+        m.unroll = k
+    return len(stacks)

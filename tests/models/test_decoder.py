@@ -221,3 +221,37 @@ def test_remat_gives_identical_gradients():
     assert "checkpoint" in jaxpr or "remat" in jaxpr
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_scan_unroll_gives_identical_loss_and_gradients():
+    """stack.set_unroll runs 2 (with a remainder: 3 layers) or all layers per scan iteration;
+    the loss and gradients equal the one-layer-per-iteration scan's, and the jaxpr's scan
+    carries the requested unroll."""
+    from balcap_jax.models import stack
+    cfg = D.DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+                          num_heads=4, num_kv_heads=2, qkv_bias=True)
+    model = D.CausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
+    pos, kv = jnp.broadcast_to(jnp.arange(6), (2, 6)), jnp.ones((2, 6), jnp.int32)
+
+    def run(m):
+        graphdef = nnx.graphdef(m)
+
+        def loss(s):
+            mm = nnx.merge(graphdef, s)
+            h, _ = mm.forward_embeds(mm.embed(ids), pos, kv)
+            return mm.token_logprobs(h, ids).sum()
+        fn = jax.jit(jax.value_and_grad(loss))
+        return str(jax.make_jaxpr(fn)(nnx.state(m))), fn(nnx.state(m))
+
+    jaxpr, (ref_loss, ref_grads) = run(model)
+    assert "unroll=1" in jaxpr
+    for k in (2, 0):
+        assert stack.set_unroll(model, k) == 1
+        jaxpr, (loss, grads) = run(model)
+        assert f"unroll={k or 3}" in jaxpr
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+    with pytest.raises(ValueError, match=">= 0"):
+        stack.set_unroll(model, -1)

@@ -41,6 +41,7 @@ def test_shipped_configs_validate():
     (lambda c: setattr(c.rl, "aggregation", "mean"), r"rl.aggregation='mean'"),
     (lambda c: setattr(c.mesh, "fsdp", 3), r"mesh: .*must equal the 2 devices"),
     (lambda c: setattr(c.model, "hf_config", {}), r"model: set model.path"),
+    (lambda c: setattr(c.model, "scan_unroll", -1), r"model.scan_unroll must be >= 0"),
 ])
 def test_bad_config_names_field_and_fix(edit, match):
     c = _ok()
@@ -114,3 +115,17 @@ def test_bad_lora_and_optimizer_fields(edit, match):
     edit(c)
     with pytest.raises(ConfigError, match=match):
         validate(c, 2)
+
+
+def test_scan_unroll_reaches_every_layer_stack():
+    """model.scan_unroll is set on each scanned stack the policy has (Qwen2.5-VL: the decoder's
+    layers and the vision tower's blocks)."""
+    from flax import nnx
+
+    from balcap_jax import build
+    from balcap_jax.models.stack import StackedLayers
+    c = _ok()
+    c.model.scan_unroll = 0
+    stacks = [m for _, m in nnx.iter_modules(build._ready_policy(c))
+              if isinstance(m, StackedLayers)]
+    assert len(stacks) == 2 and all(m.unroll == 0 for m in stacks)
