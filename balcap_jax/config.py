@@ -222,6 +222,20 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config a configs/*.py file gives, as `--config=path:arg` loads it: its
+    get_config(arg), or get_config() without arg (tests, notebooks)."""
+    import importlib.util
+    import os
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"balcap_config_{name}", path)
+    if spec is None:
+        raise FileNotFoundError(f"no config file at {path!r}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
+
+
 def checkpoint_run_config(*, workdir: str, path: str, preset: str) -> ml_collections.ConfigDict:
     """``base_config`` for BalCapRL on a local HF checkpoint directory (configs/qwen.py and
     configs/llava.py): bfloat16 policy sharded over fsdp, ShareGPT4V-style data through TFDS,

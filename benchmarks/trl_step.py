@@ -50,17 +50,10 @@ MINIMAL_CHAT_TEMPLATE = (
 
 def build_processor(tokenizer_dir: str, image_size: int):
     """Qwen2_5_VLProcessor without its video processor (that one needs torchvision)."""
-    from transformers import AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.processing_utils import ProcessorMixin
 
-    class ImageOnlyQwen25VLProcessor(Qwen2_5_VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
+    from balcap_jax.processing.hf import image_only_qwen2_5_vl_processor
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left",
                                         truncation_side="left")
     template = tok.chat_template or MINIMAL_CHAT_TEMPLATE
@@ -68,7 +61,7 @@ def build_processor(tokenizer_dir: str, image_size: int):
     pixels = image_size * image_size  # min = max: every image becomes image_size x image_size
     ip = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels},
                                   patch_size=14, merge_size=2, temporal_patch_size=2)
-    return ImageOnlyQwen25VLProcessor(ip, tok, chat_template=template)
+    return image_only_qwen2_5_vl_processor(ip, tok, chat_template=template)
 
 
 def run_trl(model_dir: str, tokenizer_dir: str, examples: list[dict], *, num_generations: int = 8,

@@ -1,7 +1,6 @@
 """Executes launch/colab.ipynb top to bottom in a Jupyter kernel (nbclient) with the smoke
 parameter: a CPU, one device, the shortened ShapesWorld demo, and the real path on a tiny
 random Qwen2.5-VL checkpoint and a few ShareGPT4V records written here."""
-import importlib.util
 import json
 import os
 
@@ -19,13 +18,12 @@ def write_inputs(d: str) -> dict:
     import jax
 
     from balcap_jax import build
+    from balcap_jax.config import load_config_file
     from balcap_jax.sharding import make_mesh
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs/tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     from balcap_jax.tokenizers import train_tiny_bpe
     from tests.rewards.test_judges import CORPUS
-    trainer = build.build_trainer(mod.get_config(), make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer = build.build_trainer(load_config_file(os.path.join(ROOT, "configs/tiny.py")),
+                                  make_mesh((1, 1, 1), jax.devices()[:1]))
     build.export(trainer, os.path.join(d, "ckpt"))
     # a vocabulary with the judges' words: single-token yes / no and digits (the model's 512
     # ids hold it; the special tokens keep their ids)

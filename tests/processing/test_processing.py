@@ -208,19 +208,9 @@ def test_caption_prompt_is_qwen_template(qwen_tok):
 
 @pytest.fixture(scope="module")
 def hf_processor(qwen_tok):
-    from transformers import Qwen2_5_VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyQwen25VLProcessor(Qwen2_5_VLProcessor):
-        # Qwen2_5_VLProcessor needs torchvision for its video processor; images only here.
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageOnlyQwen25VLProcessor(hf_image_processor(56 * 56, 112 * 112), qwen_tok,
-                                      chat_template=P.QWEN25_VL_CHAT_TEMPLATE)
+    from balcap_jax.processing.hf import image_only_qwen2_5_vl_processor
+    return image_only_qwen2_5_vl_processor(hf_image_processor(56 * 56, 112 * 112), qwen_tok,
+                                           chat_template=P.QWEN25_VL_CHAT_TEMPLATE)
 
 
 @pytest.fixture(scope="module")

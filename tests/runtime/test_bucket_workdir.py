@@ -4,7 +4,6 @@ functions), through the same etils.epath code a real bucket uses (gcsfs there).
 Orbax is the one writer not covered: it writes gs:// through tensorstore's own GCS driver,
 which no offline fake reaches, so the end-to-end run keeps its checkpoints on the local disk.
 """
-import importlib.util
 import json
 import os
 
@@ -15,6 +14,7 @@ from flax import nnx
 
 from balcap_jax import build, checkpoint, main
 from balcap_jax import workdir as wd
+from balcap_jax.config import load_config_file
 from balcap_jax.metrics import MetricsWriter
 from balcap_jax.sharding import make_mesh
 from tests._fakes.bucket import memory_bucket
@@ -82,10 +82,7 @@ def test_metrics_in_a_bucket_resume_on_another_machine(bucket, tmp_path, monkeyp
 
 
 def _tiny(steps):
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs/tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
     c.train.steps, c.train.eval_every, c.checkpoint.every = steps, 2, 2
     c.workdir = "gs://b/run"
     return c

@@ -1,6 +1,5 @@
 """`python -m balcap_jax.caption`: a folder captioned with a run's export, bad images skipped
 by reason, and a killed run resumed without duplicates."""
-import importlib.util
 import json
 import os
 
@@ -11,16 +10,14 @@ from PIL import Image
 
 from balcap_jax import build
 from balcap_jax.caption import caption, done_images, image_files
+from balcap_jax.config import load_config_file
 from balcap_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny():
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs/tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load_config_file(os.path.join(ROOT, "configs/tiny.py"))
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,12 @@
 """Config validation fails early, naming the field and the fix; configs load."""
-import importlib.util
 
 import pytest
 
-from balcap_jax.config import ConfigError, base_config, resolve_mesh, validate
+from balcap_jax.config import ConfigError, base_config, load_config_file, resolve_mesh, validate
 
 
 def load_config(path, arg=None):
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg else mod.get_config()
+    return load_config_file(path, arg)
 
 
 def _ok():

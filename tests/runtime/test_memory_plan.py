@@ -69,13 +69,10 @@ def test_plan_that_cannot_fit_names_largest_item_and_knob():
 
 def _config(*overrides):
     """configs/qwen.py:3b with --config.* style overrides, as --plan_only reads it."""
-    import importlib.util
     import os
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("qwen", os.path.join(root, "configs/qwen.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("3b")
+    from balcap_jax.config import load_config_file
+    c = load_config_file(os.path.join(root, "configs/qwen.py"), "3b")
     for key, value in overrides:
         node = c
         *parents, leaf = key.split(".")

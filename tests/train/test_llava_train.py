@@ -122,14 +122,10 @@ def test_train_steps_update_every_part(trainer):
 
 
 def _load_config(arg=None):
-    import importlib.util
     import os
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location("llava_cfg", os.path.join(root,
-                                                                           "configs/llava.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg else mod.get_config()
+    from balcap_jax.config import load_config_file
+    return load_config_file(os.path.join(root, "configs/llava.py"), arg)
 
 
 def test_llava_7b_config_and_shapes():

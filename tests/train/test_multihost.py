@@ -46,11 +46,8 @@ FLAGS = ("--config.mesh.data=1", f"--config.mesh.fsdp={HOSTS * DEVICES_PER_HOST}
 
 
 def tiny_config():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs/tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    from balcap_jax.config import load_config_file
+    c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, HOSTS * DEVICES_PER_HOST, 1
     c.train.batch_size = 4          # global: 2 prompts per host, 16 rollouts, micro-batches of 8
     c.data.num_eval = 3             # held-out examples: an odd count, so the hosts' shares differ
