@@ -3,12 +3,14 @@ blocks), one RL step each in a fresh process (no persistent compile cache).
 
     .venv/bin/python -m benchmarks.compile_time [--layers 4 32] [--steps 3]
         [--decode-layers unroll|scan]   # model.decode_layers (default: the config's, unroll)
+        [--scan-unroll K]   # model.scan_unroll (default: the config's, 1 = one scanned layer)
 
 For each depth: the first step's seconds (compiling sampler, gradient and update, then
 running), the steady step's seconds (the median of the next steps) and their difference, the
 compile cost; then the ratio of the compile costs of the deepest and the shallowest model.
 The layers of the training forward and backward run under lax.scan, so their compiled body is
-one layer whatever the depth; the sampler's decode step follows model.decode_layers (unroll by
+one layer whatever the depth (model.scan_unroll=0 unrolls them: compile grows with depth); the
+sampler's decode step follows model.decode_layers (unroll by
 default: a loop whose compile grows with depth, for per-token speed). Peak RSS of each process
 is printed beside.
 """
@@ -26,10 +28,12 @@ import jax
 from balcap_jax import build
 from balcap_jax.sharding import make_mesh
 from benchmarks.compile_time import config
-layers, steps, decode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+layers, steps, decode, unroll = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 cfg = config(layers)
 if decode:
     cfg.model.decode_layers = decode
+if unroll:
+    cfg.model.scan_unroll = int(unroll)
 trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
 times = []
 for _ in range(steps):
@@ -43,12 +47,9 @@ print("RESULT " + json.dumps({"layers": layers, "times": times, "peak_rss_gib": 
 
 def config(layers: int):
     """configs/tiny.py with `layers` decoder layers and vision blocks (the last one full)."""
-    import importlib.util
+    from balcap_jax.config import load_config_file
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(root, "configs/tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config_file(os.path.join(root, "configs/tiny.py"))
     c.compile_cache_dir = ""
     c.model.hf_config.num_hidden_layers = layers
     c.model.hf_config.vision_config.depth = layers
@@ -56,13 +57,13 @@ def config(layers: int):
     return c
 
 
-def run(layers: int, steps: int, decode: str = "") -> dict:
+def run(layers: int, steps: int, decode: str = "", unroll: str = "") -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    out = subprocess.run([sys.executable, "-c", WORKER, str(layers), str(steps), decode], env=env,
-                         cwd=root, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run([sys.executable, "-c", WORKER, str(layers), str(steps), decode, unroll],
+                         env=env, cwd=root, capture_output=True, text=True, timeout=1800)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(next(line[7:] for line in out.stdout.splitlines()
@@ -74,10 +75,11 @@ def main():
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 32])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--decode-layers", choices=["unroll", "scan"], default="")
+    ap.add_argument("--scan-unroll", default="", help="model.scan_unroll (0 = all layers)")
     a = ap.parse_args()
     rows = []
     for n in a.layers:
-        r = run(n, a.steps, a.decode_layers)
+        r = run(n, a.steps, a.decode_layers, a.scan_unroll)
         steady = sorted(r["times"][1:])[len(r["times"][1:]) // 2]
         r.update(first_s=r["times"][0], steady_s=steady, compile_s=r["times"][0] - steady)
         rows.append(r)

@@ -11,6 +11,9 @@ subprocess so peak RSS is its own.
         [--num-samples G]   # batch/G prompts, G samples each (an RL rollout: the G samples
                             # of a prompt share its prefill; transformers: num_return_sequences)
         [--breakdown]   # also time our decode with greedy / top-k / top-p to see sampling's share
+        [--floor]       # also time a lower bound: our prefill (a 1-token generate) plus
+                        # new_tokens - 1 steps of the decode step's matmuls alone (same shapes,
+                        # a bare jitted loop), and the ratio that bound would give
 
 Prints tokens/s (steady state: best of `repeats` calls after the first; transformers: best over
 torch's default thread count and 1 thread), the first call's time
@@ -101,7 +104,39 @@ def run_hf(path: str, batch: dict, new: int, repeats: int, g: int) -> dict:
                 torch_threads=best[1], peak_rss_mib=peak_rss_mib())
 
 
-def run_ours(path: str, batch: dict, new: int, repeats: int, breakdown: bool, g: int) -> dict:
+def matmul_floor_s(new: int, rows: int, repeats: int) -> float:
+    """Seconds for new - 1 decode steps of the text model's matmuls alone at our shapes (q/k/v,
+    o, gate/up, down per layer and the LM head; no attention over the cache, no norms, no
+    sampling): what no decode step on this machine can undercut with XLA's float32 dots."""
+    import jax
+    import jax.numpy as jnp
+    t = hf_config().text_config
+    d, f, v, n = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers
+    hd = d // t.num_attention_heads
+    qkv = d + 2 * t.num_key_value_heads * hd
+    r = np.random.default_rng(0)
+    w = lambda *shape: jnp.asarray(r.standard_normal(shape) * 0.02, jnp.float32)  # noqa: E731
+    weights = [(w(d, qkv), w(d, d), w(d, 2 * f), w(f, d)) for _ in range(n)], w(d, v)
+
+    def step(_, x):
+        layers, head = weights
+        for wqkv, wo, wgu, wd in layers:
+            x = x + (x @ wqkv)[:, :d] @ wo
+            x = x + (x @ wgu)[:, :f] @ wd
+        return x + (x @ head)[:, :d]
+    loop = jax.jit(lambda x: jax.lax.fori_loop(0, new - 1, step, x))
+    x = jnp.ones((rows, d), jnp.float32)
+    loop(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loop(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_ours(path: str, batch: dict, new: int, repeats: int, breakdown: bool, g: int,
+             floor: bool = False) -> dict:
     import jax
 
     from balcap_jax import sampling
@@ -122,6 +157,19 @@ def run_ours(path: str, batch: dict, new: int, repeats: int, breakdown: bool, g:
     times, n = timed(temperature=1.0)
     out = dict(side="ours", tokens=n, first_s=times[0], steady_s=min(times[1:]),
                compiles=sampling.compile_count(), peak_rss_mib=peak_rss_mib())
+    if floor:
+        one = sampling.generate(model, batch, max_new_tokens=1, eos_token_ids=[VOCAB + 1],
+                                rng=jax.random.key(0), num_samples=g)
+        jax.block_until_ready(one.tokens)
+        prefill = float("inf")
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(sampling.generate(
+                model, batch, max_new_tokens=1, eos_token_ids=[VOCAB + 1],
+                rng=jax.random.key(i), num_samples=g).tokens)
+            prefill = min(prefill, time.perf_counter() - t0)
+        out["floor_prefill_s"] = prefill
+        out["floor_matmuls_s"] = matmul_floor_s(new, n // new, repeats)
     if breakdown:
         for name, kw in [("greedy", dict(temperature=0.0)), ("top_k=50", dict(top_k=50)),
                          ("top_p=0.9", dict(top_p=0.9))]:
@@ -137,7 +185,7 @@ def child(args) -> None:
         res = run_hf(args.dir, batch, args.new_tokens, args.repeats, args.num_samples)
     else:
         res = run_ours(args.dir, batch, args.new_tokens, args.repeats, args.breakdown,
-                       args.num_samples)
+                       args.num_samples, args.floor)
     print("RESULT " + json.dumps(res))
 
 
@@ -148,6 +196,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--floor", action="store_true")
     ap.add_argument("--side", choices=["hf", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -170,6 +219,8 @@ def main() -> None:
                    "--num-samples", str(args.num_samples)]
             if args.breakdown:
                 cmd.append("--breakdown")
+            if args.floor:
+                cmd.append("--floor")
             env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
                        TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -197,6 +248,13 @@ def main() -> None:
             print(f"  ours {k[9:-1]:>10}: {ours['tokens'] / v:8.1f} tokens/s")
     ratio = (ours["tokens"] / ours["steady_s"]) / (hf["tokens"] / hf["steady_s"])
     print(f"  ratio ours / transformers: {ratio:.2f}x (goal: >= 4x)")
+    if "floor_matmuls_s" in ours:
+        bound = ours["floor_prefill_s"] + ours["floor_matmuls_s"]
+        per = ours["floor_matmuls_s"] / (args.new_tokens - 1) * 1e3
+        ours_per = (ours["steady_s"] - ours["floor_prefill_s"]) / (args.new_tokens - 1) * 1e3
+        print(f"  floor: prefill {ours['floor_prefill_s']:.3f} s + {args.new_tokens - 1} steps of "
+              f"the matmuls alone, {per:.2f} ms each (ours: {ours_per:.2f} ms a step) = "
+              f"{bound:.3f} s, at most {hf['steady_s'] / bound:.2f}x transformers")
 
 
 if __name__ == "__main__":
