@@ -53,13 +53,13 @@ class NoPointabilityScorer:
 
     def __call__(self, images, captions, references, **context):
         from balcap_jax.rewards.types import ScoreResult
-        from balcap_jax.shapes.scorer import score_caption
-        from balcap_jax.shapes.world import as_scene, scene_from_id
+        from balcap_jax.shapes.scorer import _scene_from_id, score_caption
+        from balcap_jax.shapes.world import as_scene
         result = self.inner(images, captions, references, **context)
         if context.get("scenes") is not None:
             scenes = [as_scene(s) for s in context["scenes"]]
         else:
-            scenes = [scene_from_id(str(i)) for i in context["image_ids"]]
+            scenes = [_scene_from_id(str(i)) for i in context["image_ids"]]
         prec = []
         for c, r, s in zip(captions, references, scenes):
             sc = score_caption(c, r, s)

@@ -219,6 +219,12 @@ def score_caption(caption: str, references: Sequence[str], scene) -> CaptionScor
 
 
 @functools.lru_cache(maxsize=4096)
+def _scene_from_id(ident: str) -> dict:
+    """scene_from_id, cached: a step scores G rollouts of each image, and evaluation the same
+    held-out images every time, so each scene is rebuilt from its id once."""
+    return scene_from_id(ident)
+
+
 class ShapesScorer:
     """The scorer interface of `balcap_jax.rewards.types` for ShapesWorld (module doc).
 
@@ -237,7 +243,7 @@ class ShapesScorer:
         if context.get("scenes") is not None:
             scenes = [as_scene(s) for s in context["scenes"]]
         elif context.get("image_ids") is not None:
-            scenes = [scene_from_id(str(i)) for i in context["image_ids"]]
+            scenes = [_scene_from_id(str(i)) for i in context["image_ids"]]
         else:
             raise ValueError("ShapesScorer needs the scene of each rollout: pass scenes=[...] "
                              "(the examples' `scene` feature, one per rollout) or image_ids=")

@@ -196,6 +196,13 @@ def test_scorer_interface_and_context():
                               scenes=[ex["scene"].encode()])
     for k in by_id.rewards:
         np.testing.assert_array_equal(by_id.rewards[k], by_scene.rewards[k])
+    # the G rollouts of an image share one rebuilt scene (the id -> scene cache)
+    from balcap_jax.shapes.scorer import _scene_from_id
+    hits = _scene_from_id.cache_info().hits
+    ShapesScorer()([ex["image"]] * 4, cap * 4, [ex["references"]] * 4,
+                   image_ids=[ex["image_id"]] * 4)
+    assert _scene_from_id.cache_info().hits >= hits + 4
+    assert isinstance(by_id, ScoreResult) and isinstance(ShapesScorer(), ShapesScorer)
     with pytest.raises(ValueError, match="scenes="):
         ShapesScorer()([None], caps[:1], refs[:1])
     with pytest.raises(ValueError, match="repeat each example's scene"):
