@@ -143,32 +143,22 @@ def run_ours(path: str, batch: dict, new: int, repeats: int, breakdown: bool, g:
     from balcap_jax.models import from_pretrained
     model = from_pretrained(path)
 
-    def timed(**kw):
+    def timed(tokens=new, **kw):
         times, s = [], None
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            s = sampling.generate(model, batch, max_new_tokens=new, eos_token_ids=[VOCAB + 1],
+            s = sampling.generate(model, batch, max_new_tokens=tokens, eos_token_ids=[VOCAB + 1],
                                   rng=jax.random.key(i), num_samples=g, **kw)
             jax.block_until_ready(s.tokens)
             times.append(time.perf_counter() - t0)
-        assert int(s.lengths.min()) == new, "every row must generate exactly max_new_tokens"
+        assert int(s.lengths.min()) == tokens, "every row must generate exactly max_new_tokens"
         return times, int(s.tokens.size)
 
     times, n = timed(temperature=1.0)
     out = dict(side="ours", tokens=n, first_s=times[0], steady_s=min(times[1:]),
                compiles=sampling.compile_count(), peak_rss_mib=peak_rss_mib())
     if floor:
-        one = sampling.generate(model, batch, max_new_tokens=1, eos_token_ids=[VOCAB + 1],
-                                rng=jax.random.key(0), num_samples=g)
-        jax.block_until_ready(one.tokens)
-        prefill = float("inf")
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(sampling.generate(
-                model, batch, max_new_tokens=1, eos_token_ids=[VOCAB + 1],
-                rng=jax.random.key(i), num_samples=g).tokens)
-            prefill = min(prefill, time.perf_counter() - t0)
-        out["floor_prefill_s"] = prefill
+        out["floor_prefill_s"] = min(timed(1, temperature=1.0)[0][1:])   # a 1-token generate
         out["floor_matmuls_s"] = matmul_floor_s(new, n // new, repeats)
     if breakdown:
         for name, kw in [("greedy", dict(temperature=0.0)), ("top_k=50", dict(top_k=50)),
