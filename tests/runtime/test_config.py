@@ -5,12 +5,8 @@ import pytest
 from balcap_jax.config import ConfigError, base_config, load_config_file, resolve_mesh, validate
 
 
-def load_config(path, arg=None):
-    return load_config_file(path, arg)
-
-
 def _ok():
-    c = load_config("configs/tiny.py")
+    c = load_config_file("configs/tiny.py")
     c.mesh.fsdp = -1
     return c
 
@@ -18,14 +14,14 @@ def _ok():
 def test_shipped_configs_validate():
     assert validate(_ok(), 1) == {"data": 1, "fsdp": 1, "tensor": 1}
     assert validate(_ok(), 4) == {"data": 1, "fsdp": 4, "tensor": 1}
-    q = load_config("configs/qwen.py")
+    q = load_config_file("configs/qwen.py")
     assert validate(q, 8)["fsdp"] == 8
     q.scorer.name = "oracle"
     with pytest.raises(ConfigError, match="scorer.name='oracle' is not one of"):
         validate(q, 8)
-    assert load_config("configs/qwen.py", "3b").model.preset == "qwen2_5_vl_3b"
+    assert load_config_file("configs/qwen.py", "3b").model.preset == "qwen2_5_vl_3b"
     with pytest.raises(ValueError, match="qwen.py:3b"):
-        load_config("configs/qwen.py", "13b")
+        load_config_file("configs/qwen.py", "13b")
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -92,7 +88,7 @@ def test_colab_variants_validate_and_fit_their_device(variant):
     """configs/colab.py: each variant validates on one device and its memory plan (LoRA, the
     judges on the shared base) fits the device it names, with the plan's 10% headroom."""
     from balcap_jax import build
-    c = load_config("configs/colab.py", variant)
+    c = load_config_file("configs/colab.py", variant)
     sizes = validate(c, 1)
     assert c.model.lora.rank > 0 and build.shares_policy_base(c, "multimodal")
     plan = build.memory_plan(c, sizes, query_device=False)
