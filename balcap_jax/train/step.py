@@ -80,16 +80,22 @@ class RLStep:
             model = nnx.merge(gd, params, rest)
             return sampling.token_logprobs_fn(model, batch, temperature=temperature)
 
-        @functools.partial(jit, out=None if psh is None else (psh, rep, rep, None),
+        @functools.partial(jit, out=None if psh is None else (psh, rep, rep, None, rep),
                            donate_argnums=(0,))
         def grad(acc, params, rest, batch, adv, old_logp, ref_logp, normalizer, key=None):
             """Adds this micro-batch's gradient into ``acc`` (donated, updated in place);
-            returns (acc, loss, metrics, logp). ``old_logp`` None on the first pass; ``key``
+            returns (acc, loss, metrics, logp, None). ``acc`` None: this micro-batch is the
+            whole step, and its float32 gradient comes back as the accumulator with its global
+            norm in place of None (no zero-filled accumulator to add into, and no second pass
+            over the gradient for the norm). ``old_logp`` None on the first pass; ``key``
             draws the LoRA dropout masks (None: no dropout)."""
             (l, (m, logp)), g = jax.value_and_grad(loss, has_aux=True)(
                 params, gd, rest, batch, adv, old_logp, ref_logp, normalizer, dropout_key=key)
+            if acc is None:
+                g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+                return g, l, m, logp, optax.global_norm(g)
             # accumulate in float32 whatever the parameter dtype (bf16 sums lose small grads)
-            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m, logp
+            return jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g), l, m, logp, None
 
         @functools.partial(jit, donate_argnums=(0, 1, 2),
                            out=None if osh is None else (psh, msh, osh))

@@ -117,6 +117,7 @@ class Trainer:
                                 jax.random.key_data(jax.random.key(cfg.seed)), master)
         self.skipped = 0
         self._rollout_shardings = None
+        self._merged = None      # (params, rest, model): model() for the current parameters
         self._check_hosts_agree(parts)
         kw = {"batch_norm": cfg.rl.batch_norm} if cfg.rl.advantage == "cgdpo" else {}
         # one compiled program instead of dozens of eager ops (each its own compile)
@@ -151,7 +152,13 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------------------
     def model(self):
-        return nnx.merge(self.graphdef, self.state.params, self.rest)
+        """The policy on the current parameters. Merged once per parameter update (a step
+        asks for it three times; the update replaces state.params, which renews it)."""
+        m = self._merged
+        if m is None or m[0] is not self.state.params or m[1] is not self.rest:
+            m = self._merged = (self.state.params, self.rest,
+                                nnx.merge(self.graphdef, self.state.params, self.rest))
+        return m[2]
 
     def reset_params(self, params) -> None:
         """Starts training from (a copy of) `params`, with a fresh master copy and optimiser
@@ -412,11 +419,12 @@ class Trainer:
         old = [None] * len(mbs)      # filled by the first pass (pre-update parameters)
         out = {}
         for epoch in range(rl.ppo_epochs):
-            grads, acc, loss = fn.zeros(st.params), None, 0.0
+            # one micro-batch: its gradient is the step's (and comes with its norm)
+            grads, acc, loss = None if len(mbs) == 1 else fn.zeros(st.params), None, 0.0
             for i, ((_, mb), a, r) in enumerate(zip(mbs, advs, ref)):
                 key = self._next_key() if self.cfg.model.lora.dropout > 0 else None
-                grads, l, m, logp = fn.grad(grads, st.params, self.rest, mb, a, old[i], r, norm,
-                                            key)
+                grads, l, m, logp, gnorm = fn.grad(grads, st.params, self.rest, mb, a, old[i],
+                                                   r, norm, key)
                 if epoch == 0:
                     old[i] = logp
                 acc = loss_lib.accumulate_metrics(acc, m)
@@ -429,7 +437,7 @@ class Trainer:
             # bnpo: each micro-batch is its own mean, so the step is their average
             scale = 1.0 / len(mbs) if rl.aggregation == "bnpo" else 1.0
             loss *= scale
-            gnorm = float(fn.grad_norm(grads, jnp.float32(scale)))
+            gnorm = float(fn.grad_norm(grads, jnp.float32(scale)) if gnorm is None else gnorm)
             if np.isfinite(loss) and np.isfinite(gnorm):
                 st.params, st.master, st.opt_state = fn.apply(st.params, st.master, st.opt_state,
                                                               grads, jnp.float32(scale))

@@ -279,6 +279,50 @@ def test_update_equals_a_separate_old_logp_forward():
 
 
 @pytest.mark.heavy
+def test_single_micro_batch_gradient_and_norm_come_from_one_pass():
+    """All rollouts in one micro-batch: grad() returns that micro-batch's gradient itself (no
+    zero-filled accumulator) with its global norm (no separate norm pass). The applied
+    gradient must equal the textbook one at the step's parameters, and the logged grad_norm
+    its global norm."""
+    import optax
+
+    from balcap_jax import train
+    cfg = tiny_config(micro_batch_size=16)             # 4 prompts x G = 4: one micro-batch
+    trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer.p.scorer = _target_scorer()
+    fn, copy = trainer.fn, lambda t: jax.tree.map(jnp.copy, t)
+    seen, real_update, real_apply = {"apply": []}, trainer._update, fn.apply
+
+    def update(inputs, rows, tokens, mask, adv, sampler_logp):
+        seen["args"] = (inputs, rows, tokens, mask, adv)
+        return real_update(inputs, rows, tokens, mask, adv, sampler_logp)
+
+    def apply(params, master, opt_state, grads, scale):   # params are donated: copy them first
+        seen["apply"].append((copy(params), copy(grads)))
+        return real_apply(params, master, opt_state, grads, scale)
+
+    def no_zeros(params):
+        raise AssertionError("one micro-batch needs no zero-filled accumulator")
+
+    trainer._update, fn.apply, fn.zeros = update, apply, no_zeros
+    m = trainer.train_step(next(trainer.p.loader))
+    inputs, rows, tokens, mask, adv = seen["args"]
+    (params, got), = seen["apply"]
+    (_, mb), = trainer._micro_batches(inputs, rows, tokens, mask)
+    norm = train.loss_lib.loss_normalizer(mask, aggregation=cfg.rl.aggregation,
+                                          max_completion_length=mask.shape[1])
+    want = jax.jit(jax.grad(lambda p: train._loss_fn(
+        p, trainer.graphdef, trainer.rest, mb, jnp.asarray(adv, jnp.float32), None, None, norm,
+        rl=cfg.rl, temperature=cfg.sampling.temperature,
+        max_len=cfg.sampling.max_new_tokens)[0]))(params)
+    scale = max(float(np.abs(x).max()) for x in _leaves(want))
+    assert scale > 1e-3
+    for x, y in zip(_leaves(want), _leaves(got)):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(m["grad_norm"], float(optax.global_norm(want)), rtol=1e-5)
+
+
+@pytest.mark.heavy
 @pytest.mark.parametrize("aggregation", ["dapo", "dr_grpo"])
 def test_update_on_trimmed_completions_equals_full_width(aggregation):
     """train.trim_completions cuts the update's completion columns to the longest rollout
