@@ -443,7 +443,10 @@ def prefix_attention(q: Array, kt: Array, v: Array, mask: Array | None, prefix,
     pre = jnp.einsum("bkhqd,bkdp->bkhqp", qp, pkt, preferred_element_type=jnp.float32) * scale
     pre = jnp.where(pmask[:, None, None, None, :] != 0, pre, NEG_INF)
     pre = pre.reshape(b, kvh, hg, g, t, p).transpose(0, 3, 1, 2, 4, 5).reshape(n, kvh, hg, t, p)
-    m = jnp.maximum(own.max(-1, keepdims=True), pre.max(-1, keepdims=True))
+    # the shift cancels in the softmax: no gradient through it (autodiff would route a zero
+    # cotangent back through both maxima, a compare-and-select over every score)
+    m = jax.lax.stop_gradient(jnp.maximum(own.max(-1, keepdims=True),
+                                          pre.max(-1, keepdims=True)))
     e_own, e_pre = jnp.exp(own - m), jnp.exp(pre - m)
     z = e_own.sum(-1, keepdims=True) + e_pre.sum(-1, keepdims=True)
     p_own, p_pre = (e_own / z).astype(v.dtype), (e_pre / z).astype(pv.dtype)
