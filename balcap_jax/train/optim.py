@@ -9,7 +9,8 @@ import optax
 
 from balcap_jax.models.lora import is_vision_path
 
-__all__ = ["make_optimizer", "freeze_vision_tower", "is_vision_path", "stored_in"]
+__all__ = ["make_optimizer", "clip_by_global_norm", "freeze_vision_tower", "is_vision_path",
+           "stored_in"]
 
 
 def make_optimizer(tc, params=None) -> optax.GradientTransformation:
@@ -24,13 +25,28 @@ def make_optimizer(tc, params=None) -> optax.GradientTransformation:
     else:
         lr = tc.lr
     opt = optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity(),
+        clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0 else optax.identity(),
         _base_optimizer(tc, lr))
     if tc.freeze_vision:
         if params is None:
             raise ValueError("make_optimizer(freeze_vision=True) needs params to label")
         opt = freeze_vision_tower(opt, params)
     return opt
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.clip_by_global_norm (the same state and arithmetic) that takes the updates'
+    global norm as the extra argument `grad_norm` when the caller has it: a step of one
+    micro-batch gets it from its gradient pass (train/step.py), and computing it again is one
+    more pass over every gradient (4 of the 15 ms of the step benchmark's update)."""
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+        keep = jnp.squeeze(norm < max_norm)
+        return jax.tree.map(
+            lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm),
+            updates), state
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
 def _base_optimizer(tc, lr) -> optax.GradientTransformation:

@@ -99,13 +99,18 @@ class RLStep:
 
         @functools.partial(jit, donate_argnums=(0, 1, 2),
                            out=None if osh is None else (psh, msh, osh))
-        def apply(params, master, opt_state, grads, scale):
+        def apply(params, master, opt_state, grads, scale, grad_norm=None):
             # params, master and optimiser state are donated: the update happens in place, no
             # second copy of the optimiser state (a where()-based skip would keep both alive).
             # Low-precision params are updated through their float32 master (precision.py).
+            # grad_norm: the global norm of grads when known (the optimiser's clip then does
+            # not compute it again)
             grads = jax.tree.map(lambda x: x * scale, grads)
+            extra = {} if grad_norm is None or not isinstance(
+                self.opt, optax.GradientTransformationExtraArgs) else {
+                    "grad_norm": grad_norm * scale}
             updates, opt_state = self.opt.update(grads, opt_state,
-                                                 precision.optimizer_view(params, master))
+                                                 precision.optimizer_view(params, master), **extra)
             params, master = precision.apply_updates(params, master, updates)
             return params, master, opt_state
 

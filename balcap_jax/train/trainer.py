@@ -437,10 +437,12 @@ class Trainer:
             # bnpo: each micro-batch is its own mean, so the step is their average
             scale = 1.0 / len(mbs) if rl.aggregation == "bnpo" else 1.0
             loss *= scale
+            known = gnorm      # the gradient pass's norm (one micro-batch), or None
             gnorm = float(fn.grad_norm(grads, jnp.float32(scale)) if gnorm is None else gnorm)
             if np.isfinite(loss) and np.isfinite(gnorm):
+                extra = {} if known is None else {"grad_norm": known}
                 st.params, st.master, st.opt_state = fn.apply(st.params, st.master, st.opt_state,
-                                                              grads, jnp.float32(scale))
+                                                              grads, jnp.float32(scale), **extra)
             else:  # never apply a step built on a non-finite loss or gradient
                 self.skipped += 1
             out.update({"loss": loss, "grad_norm": gnorm})

@@ -151,3 +151,35 @@ def test_adafactor_state_is_factored():
     tc.optimizer = "lion"
     with pytest.raises(ValueError, match="train.optimizer"):
         optim.make_optimizer(tc, params)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_clip_takes_the_known_global_norm(freeze):
+    """The optimiser's clip equals optax.clip_by_global_norm (updates and state) when it
+    computes the norm itself; given grad_norm= (the one-micro-batch gradient pass's norm) it
+    clips by that number, also through the frozen-vision multi_transform and AdamW's chain."""
+    clip, ref = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    params = {"model": {"w": jnp.ones((4, 4))}, "visual": {"w": jnp.ones((3,))}}
+    for size in (0.5, 3.0):                          # below and above the clip
+        g = jax.tree.map(lambda x, s=size: jnp.full(x.shape, s / 19 ** 0.5), params)  # norm s
+        got, state = clip.update(g, clip.init(params))
+        want, ref_state = ref.update(g, ref.init(params))
+        assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(x, y)
+    told, _ = clip.update(g, clip.init(params), grad_norm=jnp.float32(6.0))   # not recomputed
+    np.testing.assert_allclose(told["model"]["w"], g["model"]["w"] / 6.0, rtol=1e-6)
+
+    tc = tiny_config(grad_clip=1.0, freeze_vision=freeze, warmup_steps=0, lr=1e-2).train
+    opt = optim.make_optimizer(tc, params)
+    state = opt.init(params)
+    trained = g["model"] if freeze else g                # the frozen tower is not in the norm
+    true = optax.global_norm(trained)
+    # Adam's first step divides the clip's scale back out of the update, so look at the first
+    # moment, which holds the clipped gradient
+    moments = lambda **kw: [x for x in jax.tree.leaves(opt.update(g, state, params, **kw)[1])
+                            if np.ndim(x) == 2]
+    own, told, wrong = moments(), moments(grad_norm=true), moments(grad_norm=10 * true)
+    for x, y in zip(own, told):
+        np.testing.assert_allclose(y, x, rtol=1e-6)
+    assert not np.allclose(wrong[0], own[0]), "grad_norm= did not reach the clip"

@@ -32,9 +32,9 @@ def _update_grads(trainer, args):
     fn, got = trainer.fn, []
     real = fn.apply
 
-    def apply(p, m, o, g, s):
+    def apply(p, m, o, g, s, **kw):
         got.append(jax.tree.map(jnp.copy, g))
-        return real(p, m, o, g, s)
+        return real(p, m, o, g, s, **kw)
     fn.apply = apply
     out = trainer._update(*args)
     fn.apply = real

@@ -246,9 +246,9 @@ def test_update_equals_a_separate_old_logp_forward():
         seen["out"] = real_update(inputs, rows, tokens, mask, adv, sampler_logp)
         return seen["out"]
 
-    def apply(params, master, opt_state, grads, scale):   # params are donated: copy them first
+    def apply(params, master, opt_state, grads, scale, **kw):   # params are donated: copy them
         seen["apply"].append((copy(params), copy(grads)))
-        return real_apply(params, master, opt_state, grads, scale)
+        return real_apply(params, master, opt_state, grads, scale, **kw)
 
     trainer._update, fn.apply = update, apply
     trainer.train_step(next(trainer.p.loader))
@@ -297,9 +297,9 @@ def test_single_micro_batch_gradient_and_norm_come_from_one_pass():
         seen["args"] = (inputs, rows, tokens, mask, adv)
         return real_update(inputs, rows, tokens, mask, adv, sampler_logp)
 
-    def apply(params, master, opt_state, grads, scale):   # params are donated: copy them first
+    def apply(params, master, opt_state, grads, scale, **kw):   # params are donated: copy them
         seen["apply"].append((copy(params), copy(grads)))
-        return real_apply(params, master, opt_state, grads, scale)
+        return real_apply(params, master, opt_state, grads, scale, **kw)
 
     def no_zeros(params):
         raise AssertionError("one micro-batch needs no zero-filled accumulator")
@@ -338,7 +338,8 @@ def test_update_on_trimmed_completions_equals_full_width(aggregation):
     trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
     fn, copy = trainer.fn, lambda t: jax.tree.map(jnp.copy, t)
     grads, real_apply = [], fn.apply
-    fn.apply = lambda p, m, o, g, s: (grads.append(copy(g)), real_apply(p, m, o, g, s))[1]
+    fn.apply = lambda p, m, o, g, s, **kw: (grads.append(copy(g)),
+                                            real_apply(p, m, o, g, s, **kw))[1]
     examples = next(trainer.p.loader)
     inputs = trainer._inputs(examples)
     rng = np.random.default_rng(0)
