@@ -96,6 +96,33 @@ def _reference_greedy(model, inputs, steps, width=32):
 # filters
 # ---------------------------------------------------------------------------------------------
 
+def test_inverse_cdf_matches_the_row_search_and_stays_on_the_support():
+    """The two-level inverse CDF picks the first index whose cumulative weight exceeds u * total
+    (a numpy search over the whole row, float64) and, at u at or just below 1 (where rounding
+    runs past the end), the last nonzero entry: never a zero-weight one. Rows have zero runs
+    inside blocks, whole zero blocks, and a zero tail."""
+    r = np.random.default_rng(0)
+    v = 1024                                                   # 8 blocks of 128
+    w = r.random((6, v)).astype(np.float32)
+    w[r.random((6, v)) < 0.5] = 0.0
+    w[1, 384:] = 0.0                                           # zero blocks at the end
+    w[2, 130:] = 0.0                                           # last nonzero inside block 1
+    w[3, :900] = 0.0                                           # one short run of weight
+    w[4, ::2] = 0.0
+    w[5, 1000:] = 0.0
+    # 1.0: the target at the total, as when u * total rounds up to it
+    us = np.concatenate([r.random(40), [0.0, 0.5, np.nextafter(np.float32(1), np.float32(0)), 1.0]])
+    f = jax.jit(sampling._inverse_cdf)
+    for u in us.astype(np.float32):
+        got = np.asarray(f(jnp.asarray(w), jnp.full((6,), u)))
+        assert (w[np.arange(6), got] > 0).all(), (u, got)
+        c = np.cumsum(w.astype(np.float64), axis=1)
+        want = np.minimum((c <= u * c[:, -1:]).sum(1), v - 1 - np.argmax(w[:, ::-1] > 0, 1))
+        # away from block and entry boundaries (float32 against float64 sums) the two agree
+        near = np.abs(c[np.arange(6), want] - u * c[:, -1]) < 1e-4 * c[:, -1]
+        np.testing.assert_array_equal(got[~near], want[~near])
+
+
 def test_greedy_and_logprob_under_scaled_distribution():
     logits = jax.random.normal(jax.random.key(1), (4, 300)) * 3
     keys = sampling.row_keys(jax.random.key(0), 4)
