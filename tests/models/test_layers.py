@@ -249,3 +249,41 @@ def test_bad_shapes_raise_clear_errors():
         L.mrope_cos_sin(jnp.zeros((3, 1, 4), jnp.int32), L.rope_inv_freq(16, 1e4), [2, 2, 2])
     with pytest.raises(ValueError, match="kv_mask"):
         L.causal_mask(jnp.ones((4,)), 4)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_prefix_attention_equals_attention_over_concatenated_keys(t):
+    """Rows grouped per prompt (G = 3) reading their prompt's keys as a shared prefix equal
+    attention over [the prompt's keys repeated per row; the row's own keys], values and
+    gradients: a decode step (T = 1, prompt-major matmuls) and the update (T = 5, the prompt's
+    keys broadcast to the rows). Masked prompt slots and a row with masked own keys included."""
+    import jax
+    r = np.random.default_rng(0)
+    b, g, s, p, kvh, hg, d = 2, 3, 5, 4, 2, 2, 8
+    n = b * g
+    q = jnp.asarray(r.normal(size=(n, t, kvh * hg, d)), jnp.float32)
+    kt = jnp.asarray(r.normal(size=(n, kvh, d, s)), jnp.float32)
+    v = jnp.asarray(r.normal(size=(n, kvh, s, d)), jnp.float32)
+    pkt = jnp.asarray(r.normal(size=(b, kvh, d, p)), jnp.float32)
+    pv = jnp.asarray(r.normal(size=(b, kvh, p, d)), jnp.float32)
+    mask = np.tril(np.ones((t, s), bool), s - t)[None].repeat(n, 0)
+    mask[1, :, :3] = False
+    mask = jnp.asarray(mask)
+    pmask = jnp.asarray([[0, 1, 1, 1], [1, 1, 1, 0]], jnp.int32)
+    dy = jnp.asarray(r.normal(size=q.shape), jnp.float32)
+
+    def shared(q, kt, v, pkt, pv):
+        return jnp.sum(L.prefix_attention(q, kt, v, mask, (pkt, pv, pmask)) * dy)
+
+    def concatenated(q, kt, v, pkt, pv):
+        keys = jnp.concatenate([jnp.repeat(pkt, g, 0), kt], -1)
+        values = jnp.concatenate([jnp.repeat(pv, g, 0), v], -2)
+        full = jnp.concatenate([jnp.broadcast_to(jnp.repeat(pmask, g, 0)[:, None] != 0,
+                                                 (n, t, p)), mask], -1)
+        return jnp.sum(L.heads_major_attention(q, keys, values, full) * dy)
+    args = (q, kt, v, pkt, pv)
+    np.testing.assert_allclose(shared(*args), concatenated(*args), rtol=1e-6)
+    got = jax.grad(shared, argnums=range(5))(*args)
+    want = jax.grad(concatenated, argnums=range(5))(*args)
+    for x, y in zip(got, want):
+        np.testing.assert_allclose(x, y, atol=1e-5)
