@@ -25,6 +25,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOSS_AGGREGATIONS = ("dapo", "grpo", "dr_grpo", "bnpo")
 LOG_RATIO_CLAMP = 20.0   # as tunix: keeps exp() finite for stale or far-off log-probs
@@ -181,6 +182,10 @@ def accumulate_metrics(total: Mapping | None, new: Mapping) -> dict:
 
 
 def reduce_metrics(metrics: Mapping) -> dict:
-    """{name: num / den}; NaN where den is 0 (no tokens: nothing to report, not a made-up 0)."""
-    return {k: jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
-            for k, (num, den) in metrics.items()}
+    """{name: num / den}; NaN where den is 0 (no tokens: nothing to report, not a made-up 0).
+    Sums already on the host (numpy, e.g. from jax.device_get) are reduced with numpy: no
+    device work to queue behind whatever the device runs next."""
+    def one(num, den):
+        xp = np if all(isinstance(x, (np.ndarray, np.generic)) for x in (num, den)) else jnp
+        return xp.where(den > 0, num / xp.where(den > 0, den, 1.0), xp.nan)
+    return {k: one(num, den) for k, (num, den) in metrics.items()}

@@ -439,14 +439,17 @@ class Trainer:
             loss *= scale
             known = gnorm      # the gradient pass's norm (one micro-batch), or None
             gnorm = float(fn.grad_norm(grads, jnp.float32(scale)) if gnorm is None else gnorm)
+            # the metrics' (num, den) sums are ready: reduce them here, on the host, so that
+            # reading them does not wait behind the update dispatched next
+            reduced = {k: float(v) for k, v in
+                       loss_lib.reduce_metrics(jax.device_get(acc)).items()}
             if np.isfinite(loss) and np.isfinite(gnorm):
                 extra = {} if known is None else {"grad_norm": known}
                 st.params, st.master, st.opt_state = fn.apply(st.params, st.master, st.opt_state,
                                                               grads, jnp.float32(scale), **extra)
             else:  # never apply a step built on a non-finite loss or gradient
                 self.skipped += 1
-            out.update({"loss": loss, "grad_norm": gnorm})
-            out.update({k: float(v) for k, v in loss_lib.reduce_metrics(acc).items()})
+            out.update({"loss": loss, "grad_norm": gnorm, **reduced})
         return out
 
     # -- evaluation ------------------------------------------------------------------------

@@ -223,3 +223,15 @@ def test_vmap_over_steps():
     v = jax.jit(jax.vmap(lambda *a: L.policy_loss(*a)[0]))(*stacked)
     for i in range(2):
         np.testing.assert_allclose(v[i], loss_fn(*b[i])[0], rtol=1e-6)
+
+
+def test_reduce_metrics_on_host_sums_equals_device_and_stays_on_the_host():
+    """Sums fetched to the host reduce with numpy to the device path's values (NaN where the
+    denominator is 0), and give no jax arrays (nothing queued on the device)."""
+    import jax
+    sums = {"a": (jnp.float32(3.0), jnp.float32(4.0)), "b": (jnp.float32(1.0), jnp.float32(0.0))}
+    dev, host = L.reduce_metrics(sums), L.reduce_metrics(jax.device_get(sums))
+    assert not any(isinstance(v, jax.Array) for v in host.values())
+    assert all(isinstance(v, jax.Array) for v in dev.values())
+    np.testing.assert_allclose(float(host["a"]), float(dev["a"]), rtol=1e-7)
+    assert float(host["a"]) == 0.75 and np.isnan(float(host["b"])) and np.isnan(float(dev["b"]))
