@@ -282,8 +282,8 @@ def test_prefix_attention_equals_attention_over_concatenated_keys(t):
                                                  (n, t, p)), mask], -1)
         return jnp.sum(L.heads_major_attention(q, keys, values, full) * dy)
     args = (q, kt, v, pkt, pv)
-    np.testing.assert_allclose(shared(*args), concatenated(*args), rtol=1e-6)
-    got = jax.grad(shared, argnums=range(5))(*args)
-    want = jax.grad(concatenated, argnums=range(5))(*args)
+    np.testing.assert_allclose(jax.jit(shared)(*args), jax.jit(concatenated)(*args), rtol=1e-6)
+    got = jax.jit(jax.grad(shared, argnums=range(5)))(*args)
+    want = jax.jit(jax.grad(concatenated, argnums=range(5)))(*args)
     for x, y in zip(got, want):
         np.testing.assert_allclose(x, y, atol=1e-5)
