@@ -224,20 +224,10 @@ def test_non_finite_step_is_skipped_counted_and_not_applied(monkeypatch):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.heavy
-def test_update_equals_a_separate_old_logp_forward():
-    """The step takes old_logp from its first gradient pass (SPEC.md section 5: the trainer's
-    forward before the first update) instead of a separate forward. With two PPO passes over two
-    micro-batches, each pass's summed gradient must equal the textbook one at the same
-    parameters: old_logp from its own forward at the step's start, then the clipped loss's
-    gradient. (Gradients, not parameters: AdamW's first step is about lr * sign(g), which
-    turns rounding noise in a near-zero gradient into an lr-sized difference.)"""
-    from balcap_jax import train
-    cfg = tiny_config(micro_batch_size=8, lr=3e-2)     # 16 rollouts: 2 micro-batches
-    cfg.rl.ppo_epochs = 2
-    cfg.rl.eps_low = cfg.rl.eps_high = 0.05            # a large lr and tight clip: pass 2 clips
-    trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
-    trainer.p.scorer = _target_scorer()
+def _record_update(trainer) -> dict:
+    """Spies on the trainer's update: seen["args"] (the step's rollouts), seen["out"] (its
+    metrics) and seen["apply"] ((params, grads) of each optimiser update, copied first: the
+    update donates them)."""
     fn, copy = trainer.fn, lambda t: jax.tree.map(jnp.copy, t)
     seen, real_update, real_apply = {"apply": []}, trainer._update, fn.apply
 
@@ -246,23 +236,46 @@ def test_update_equals_a_separate_old_logp_forward():
         seen["out"] = real_update(inputs, rows, tokens, mask, adv, sampler_logp)
         return seen["out"]
 
-    def apply(params, master, opt_state, grads, scale, **kw):   # params are donated: copy them
+    def apply(params, master, opt_state, grads, scale, **kw):
         seen["apply"].append((copy(params), copy(grads)))
         return real_apply(params, master, opt_state, grads, scale, **kw)
 
     trainer._update, fn.apply = update, apply
+    return seen
+
+
+def _reference_grad(trainer, cfg, mask):
+    """jax.grad of the textbook loss, (params, micro-batch, advantages, old_logp) -> grads."""
+    from balcap_jax import train
+    norm = train.loss_lib.loss_normalizer(mask, aggregation=cfg.rl.aggregation,
+                                          max_completion_length=mask.shape[1])
+    return jax.jit(jax.grad(lambda p, mb, a, o: train._loss_fn(
+        p, trainer.graphdef, trainer.rest, mb, a, o, None, norm, rl=cfg.rl,
+        temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)[0]))
+
+
+@pytest.mark.heavy
+def test_update_equals_a_separate_old_logp_forward():
+    """The step takes old_logp from its first gradient pass (SPEC.md section 5: the trainer's
+    forward before the first update) instead of a separate forward. With two PPO passes over two
+    micro-batches, each pass's summed gradient must equal the textbook one at the same
+    parameters: old_logp from its own forward at the step's start, then the clipped loss's
+    gradient. (Gradients, not parameters: AdamW's first step is about lr * sign(g), which
+    turns rounding noise in a near-zero gradient into an lr-sized difference.)"""
+    cfg = tiny_config(micro_batch_size=8, lr=3e-2)     # 16 rollouts: 2 micro-batches
+    cfg.rl.ppo_epochs = 2
+    cfg.rl.eps_low = cfg.rl.eps_high = 0.05            # a large lr and tight clip: pass 2 clips
+    trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
+    trainer.p.scorer = _target_scorer()
+    seen = _record_update(trainer)
     trainer.train_step(next(trainer.p.loader))
     inputs, rows, tokens, mask, adv = seen["args"]
     assert len(seen["apply"]) == 2 and seen["out"]["clip_region"] > 0, seen["out"]
 
     mbs = list(trainer._micro_batches(inputs, rows, tokens, mask))
     p0 = seen["apply"][0][0]
-    old = [fn.logprobs(p0, trainer.rest, mb) for _, mb in mbs]   # the separate forward
-    norm = train.loss_lib.loss_normalizer(mask, aggregation=cfg.rl.aggregation,
-                                          max_completion_length=mask.shape[1])
-    ref_grad = jax.jit(jax.grad(lambda p, mb, a, o: train._loss_fn(
-        p, trainer.graphdef, trainer.rest, mb, a, o, None, norm, rl=cfg.rl,
-        temperature=cfg.sampling.temperature, max_len=cfg.sampling.max_new_tokens)[0]))
+    old = [trainer.fn.logprobs(p0, trainer.rest, mb) for _, mb in mbs]   # the separate forward
+    ref_grad = _reference_grad(trainer, cfg, mask)
     for params, got in seen["apply"]:
         want = None
         for (sl, mb), o in zip(mbs, old):
@@ -285,36 +298,20 @@ def test_single_micro_batch_gradient_and_norm_come_from_one_pass():
     gradient must equal the textbook one at the step's parameters, and the logged grad_norm
     its global norm."""
     import optax
-
-    from balcap_jax import train
     cfg = tiny_config(micro_batch_size=16)             # 4 prompts x G = 4: one micro-batch
     trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
     trainer.p.scorer = _target_scorer()
-    fn, copy = trainer.fn, lambda t: jax.tree.map(jnp.copy, t)
-    seen, real_update, real_apply = {"apply": []}, trainer._update, fn.apply
-
-    def update(inputs, rows, tokens, mask, adv, sampler_logp):
-        seen["args"] = (inputs, rows, tokens, mask, adv)
-        return real_update(inputs, rows, tokens, mask, adv, sampler_logp)
-
-    def apply(params, master, opt_state, grads, scale, **kw):   # params are donated: copy them
-        seen["apply"].append((copy(params), copy(grads)))
-        return real_apply(params, master, opt_state, grads, scale, **kw)
+    seen = _record_update(trainer)
 
     def no_zeros(params):
         raise AssertionError("one micro-batch needs no zero-filled accumulator")
 
-    trainer._update, fn.apply, fn.zeros = update, apply, no_zeros
+    trainer.fn.zeros = no_zeros
     m = trainer.train_step(next(trainer.p.loader))
     inputs, rows, tokens, mask, adv = seen["args"]
     (params, got), = seen["apply"]
     (_, mb), = trainer._micro_batches(inputs, rows, tokens, mask)
-    norm = train.loss_lib.loss_normalizer(mask, aggregation=cfg.rl.aggregation,
-                                          max_completion_length=mask.shape[1])
-    want = jax.jit(jax.grad(lambda p: train._loss_fn(
-        p, trainer.graphdef, trainer.rest, mb, jnp.asarray(adv, jnp.float32), None, None, norm,
-        rl=cfg.rl, temperature=cfg.sampling.temperature,
-        max_len=cfg.sampling.max_new_tokens)[0]))(params)
+    want = _reference_grad(trainer, cfg, mask)(params, mb, jnp.asarray(adv, jnp.float32), None)
     scale = max(float(np.abs(x).max()) for x in _leaves(want))
     assert scale > 1e-3
     for x, y in zip(_leaves(want), _leaves(got)):
