@@ -1,6 +1,5 @@
 """The trainer end to end on a tiny random Qwen2.5-VL: learning, exact resume, sharding,
 SIGTERM, and config errors before any compile."""
-import importlib.util
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import pytest
 
 from balcap_jax import build, main
 from balcap_jax.checkpoint import Checkpointer
-from balcap_jax.config import ConfigError
+from balcap_jax.config import ConfigError, load_config_file
 from balcap_jax.rewards.scripted import TokenFrequencyScorer
 from balcap_jax.sharding import make_mesh
 from tests.conftest import XLA_CACHE
@@ -24,10 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def tiny_config(**train):
-    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs/tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config_file(os.path.join(ROOT, "configs/tiny.py"))
     for k, v in train.items():
         setattr(c.train, k, v)
     return c
