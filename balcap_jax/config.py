@@ -108,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.temperature = 1.0
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
+    # the decode loop runs in this many windows of steps, each on a cache grown to the slots
+    # it can reach (early steps read a fraction of the cache); each window compiles its own
+    # loop. 1 = one loop over the whole cache
+    c.sampling.cache_windows = 4
 
     c.rl = ml_collections.ConfigDict()
     c.rl.advantage = "cgdpo"     # cgdpo | grpo
@@ -349,6 +353,9 @@ def validate(c, n_devices: int) -> dict:
               "checkpoint.every", "checkpoint.keep"):
         if int(_get(c, f)) < 1:
             errors.append(f"{f} must be >= 1, got {_get(c, f)}")
+    if int(c.sampling.get("cache_windows", 4)) < 1:
+        errors.append(f"sampling.cache_windows must be >= 1 (1 = one decode loop over the "
+                      f"whole cache), got {c.sampling.cache_windows}")
     if int(c.model.get("scan_unroll", 1)) < 0:
         errors.append(f"model.scan_unroll must be >= 0 (0 = all layers), got "
                       f"{c.model.scan_unroll}")

@@ -1,9 +1,12 @@
 """Jitted KV-cache sampler and exact per-token log-probabilities.
 
 `generate` runs two jitted functions: a prefill over the padded prompt batch (images included,
-the vision tower runs once per prompt) that also samples the first token, and a decode
-`lax.while_loop` that stops as soon as every row is done. The cache is created inside the
-prefill, repeated G times for `num_samples` (never recomputed) and donated to the decode loop.
+the vision tower runs once per prompt) that also samples the first token, and the decode
+`lax.while_loop`s that stop as soon as every row is done. The prompt's cache is filled by the
+prefill, once per prompt (a model that `shares_prefix` keeps it once for its G rows; others
+repeat it G times, never recompute it). The decode runs in `cache_windows` windows of steps,
+each on a cache grown to the slots that window can reach, since attention reads the whole
+cache it is given: the first quarter of a long generation reads about a quarter of the slots.
 
 Model protocol (duck-typed; the text decoder and Qwen2.5-VL provide it):
   model.embed(input_ids [B,T]) -> [B,T,D]
@@ -42,8 +45,9 @@ Conventions
 - Prompt lengths are left-padded to a bucket (next power of two, or the smallest of a given list),
   so a training run compiles a bounded number of times; `compile_count()` counts traces. New
   compilations come only from a new prompt bucket, batch size, vision patch bucket, number of
-  stop ids, or a new (max_new_tokens, num_samples, temperature, top_k, top_p, pad_id); new
-  parameters (a re-merged model) and other stop ids reuse the executables.
+  stop ids, or a new (max_new_tokens, num_samples, temperature, top_k, top_p, pad_id,
+  cache_windows); each cache window compiles its own loop body. New parameters (a re-merged
+  model) and other stop ids reuse the executables.
 
 Public: generate, Samples, token_logprobs, token_logprobs_fn (pure, for jax.grad),
 prepare_logprob_batch / prepare_prompt (host side), place_batch, sample_logits, row_keys,
@@ -341,6 +345,39 @@ class _Config:
     top_k: int
     top_p: float
     pad_id: int
+    cache_windows: int = 1
+
+
+def _step_windows(cfg: _Config, base: int) -> list[tuple[int, int, int]]:
+    """Static (start, end, slots) per window of decode steps: `cfg.cache_windows` near-equal
+    ranges [start, end) of steps 1 .. max_new_tokens - 1 (step 0 is the prefill's), none
+    shorter than 8 steps, each with the cache slots its last step can reach (`base` is the
+    slot of generated token 0). The decode loop grows the cache to that size per window, so
+    a step early in a long generation reads a fraction of the slots the last one reads."""
+    steps = cfg.max_new_tokens - 1
+    if steps < 1:
+        return []
+    n = max(1, min(cfg.cache_windows, steps // 8))
+    cuts = [1 + round(i * steps / n) for i in range(n + 1)]
+    return [(a, e, base + e - 1) for a, e in zip(cuts[:-1], cuts[1:])]
+
+
+def _grow_cache(cache, model, n: int, slots: int):
+    """Zero-pad every cache leaf along its slot axis (where init_cache(n, 1) and (n, 2)
+    differ, so the layout stays the model's business) to `slots` slots."""
+    dtype = jax.tree.leaves(cache)[0].dtype
+
+    def shapes(s):
+        c = model.init_cache(n, s, dtype)
+        return model.decode_cache(c) if hasattr(model, "decode_cache") else c
+    one, two = jax.eval_shape(lambda: shapes(1)), jax.eval_shape(lambda: shapes(2))
+
+    def grow(x, a, b):
+        axis = next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, slots - x.shape[axis])
+        return jnp.pad(x, pad) if slots > x.shape[axis] else x
+    return jax.tree.map(grow, cache, one, two)
 
 
 class _Carry(NamedTuple):
@@ -403,78 +440,88 @@ def shares_prefix(model) -> bool:
 
 
 def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
-    """Prompt forward + first token. With G > 1 and a model that `shares_prefix`, the prompt
-    cache [B, .., T] is kept once (the prefix every rollout of the prompt reads) and each of
-    the N = B*G rows gets a generation cache of max_new_tokens slots of its own; otherwise one
-    cache of T + max_new_tokens slots is filled and repeated G times."""
+    """Prompt forward + first token. Returns (carry without its cache, cache, kv_mask,
+    deltas, uniforms, prefix). With G > 1 and a model that `shares_prefix`, the prompt cache
+    [B, .., T] is kept once (`prefix`, the keys every rollout of the prompt reads) and the
+    cache is None: `_decode` gives each of the N = B*G rows a generation cache of its own.
+    Otherwise the cache holds the prompt's T slots, repeated G times, and `_decode` grows it."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     b, t = prompt.mask.shape
     g, n, m = cfg.num_samples, prompt.mask.shape[0] * cfg.num_samples, cfg.max_new_tokens
     x = _adapter(model).embed(model, prompt.embed_inputs)
     mask = prompt.mask.astype(jnp.int32)
+    hidden, cache = model.forward_embeds(x, prompt.positions, mask,
+                                         model.init_cache(b, t, x.dtype), jnp.int32(0))
     if g > 1 and shares_prefix(model):     # one sample per prompt: nothing to share
-        hidden, prefix = model.forward_embeds(x, prompt.positions, mask,
-                                              model.init_cache(b, t, x.dtype), jnp.int32(0))
-        prefix = (prefix, mask)
-        cache = model.init_cache(n, m, x.dtype)
+        prefix, cache = (cache, mask), None
         kv_mask = jnp.ones((n, m), jnp.int32)   # causal: a row reads its slots up to the latest
     else:
-        s = t + m
-        cache = model.init_cache(b, s, x.dtype)
-        kv_mask = jnp.concatenate([mask, jnp.ones((b, m), jnp.int32)], axis=1)
-        hidden, cache = model.forward_embeds(x, prompt.positions, kv_mask, cache, jnp.int32(0))
-        cache = _repeat_batch(cache, model, b, g, s, x.dtype)    # prompt-major copies
-        kv_mask = jnp.repeat(kv_mask, g, axis=0)
+        cache = _repeat_batch(cache, model, b, g, t, x.dtype)    # prompt-major copies
+        if hasattr(model, "decode_cache"):
+            cache = model.decode_cache(cache)
+        kv_mask = jnp.repeat(jnp.concatenate([mask, jnp.ones((b, m), jnp.int32)], axis=1), g,
+                             axis=0)
         prefix = None
-    if hasattr(model, "decode_cache"):
-        cache = model.decode_cache(cache)
     logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], g, axis=0)    # [N, V]
     deltas = jnp.repeat(prompt.deltas.astype(jnp.int32), g, axis=0)
     uniforms = _step_uniforms(row_keys(rng, n), cfg.max_new_tokens)      # [N, max_new]
     carry = _Carry(step=jnp.int32(0),
                    tokens=jnp.full((n, cfg.max_new_tokens), cfg.pad_id, jnp.int32),
                    logprobs=jnp.zeros((n, cfg.max_new_tokens), jnp.float32),
-                   done=jnp.zeros((n,), bool), last=jnp.zeros((n,), jnp.int32), cache=cache)
+                   done=jnp.zeros((n,), bool), last=jnp.zeros((n,), jnp.int32), cache=None)
     tok, lp = _sample(logits, uniforms, 0, cfg, suppress)
-    return _emit(carry, tok, lp, eos, cfg), kv_mask, deltas, uniforms, prefix
+    return _emit(carry, tok, lp, eos, cfg), cache, kv_mask, deltas, uniforms, prefix
 
 
-def _decode(graphdef, state, carry: _Carry, kv_mask, deltas, uniforms, eos, suppress, prefix,
-            cfg: _Config, mrope: bool, prompt_len: int):
-    """The while_loop; returns (Samples, final carry). The carry is donated and returned so its
-    buffers (the KV cache above all) are updated in place rather than copied. `prefix`: the
-    shared prompt cache and mask (read-only), or None when the cache holds the prompt."""
+def _decode(graphdef, state, carry: _Carry, cache, kv_mask, deltas, uniforms, eos, suppress,
+            prefix, cfg: _Config, mrope: bool, prompt_len: int):
+    """The decode loops; returns (Samples, final carry). The carry is donated and returned
+    (less its cache), so the samples are written in place. `cache`: the prompt's, grown here
+    window by window, or None with `prefix` (the shared prompt cache and mask, read-only):
+    then each row's generation cache starts empty."""
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     if hasattr(model, "for_decode"):
         model = model.for_decode()
     extra = {} if prefix is None else {"prefix": prefix[0], "prefix_mask": prefix[1]}
+    base = 0 if prefix is not None else prompt_len    # the cache slot of generated token 0
 
-    def cond(c: _Carry):
-        return (c.step < cfg.max_new_tokens) & ~jnp.all(c.done)
-
-    def body(c: _Carry):
+    def body(slots: int, c: _Carry):
         gen = c.step - 1                                   # the latest token's generated index
-        slot = gen if prefix is not None else prompt_len + gen      # its cache slot
         x = model.embed(c.last[:, None])
         hidden, cache = model.forward_embeds(
-            x, _decode_positions(prompt_len + gen, deltas, mrope), kv_mask, c.cache, slot,
-            **extra)
+            x, _decode_positions(prompt_len + gen, deltas, mrope), kv_mask[:, :slots], c.cache,
+            base + gen, **extra)
         tok, lp = _sample(model.logits(hidden)[:, 0], uniforms, c.step, cfg, suppress)
         return _emit(c._replace(cache=cache), tok, lp, eos, cfg)
 
-    carry = jax.lax.while_loop(cond, body, carry)
+    # One loop per window of steps, on a cache grown to the slots that window can reach: the
+    # attention reads every slot of the cache it is given, and in place (a slice of a larger
+    # cache would be a copy per step), so early steps read a fraction of the slots.
+    n = kv_mask.shape[0]
+    for _, end, slots in _step_windows(cfg, base):
+        if cache is None:
+            dtype = jax.eval_shape(model.embed, carry.last[:, None]).dtype
+            cache = model.init_cache(n, slots, dtype)
+            cache = model.decode_cache(cache) if hasattr(model, "decode_cache") else cache
+        else:
+            cache = _grow_cache(cache, model, n, slots)
+        carry = jax.lax.while_loop(lambda c, end=end: (c.step < end) & ~jnp.all(c.done),
+                                   functools.partial(body, slots), carry._replace(cache=cache))
+        cache = carry.cache
     is_stop = jnp.isin(carry.tokens, eos)
     stopped = jnp.any(is_stop, axis=1)
     lengths = jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, cfg.max_new_tokens)
-    return Samples(carry.tokens, carry.logprobs, lengths.astype(jnp.int32), ~stopped), carry
+    # the final carry (less its cache) is returned so that every donated buffer is reused
+    return (Samples(carry.tokens, carry.logprobs, lengths.astype(jnp.int32), ~stopped),
+            carry._replace(cache=None))
 
 
 def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              eos_token_ids: int | Sequence[int], rng: jax.Array, pad_id: int = 0,
-             prompt_buckets: Sequence[int] | None = None) -> Samples:
+             prompt_buckets: Sequence[int] | None = None, cache_windows: int = 4) -> Samples:
     """Sample `num_samples` completions per prompt (rows prompt-major); see the module docstring.
 
     inputs: the processor's dict (input_ids, attention_mask; optionally pixel_values,
@@ -492,19 +539,21 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if cache_windows < 1:
+        raise ValueError(f"cache_windows must be >= 1, got {cache_windows}")
     eos = ((int(eos_token_ids),) if np.ndim(eos_token_ids) == 0
            else tuple(int(e) for e in eos_token_ids))
     cfg = _Config(int(max_new_tokens), int(num_samples), float(temperature), int(top_k),
-                  float(top_p), int(pad_id))
+                  float(top_p), int(pad_id), int(cache_windows))
     eos = np.asarray(eos, np.int32)  # traced: changing the stop ids does not recompile
     prompt = prepare_prompt(model, inputs, prompt_buckets=prompt_buckets, pad_id=pad_id)
     prompt = _place(model, prompt, _prompt_batch_axis)
     suppress = suppressed_ids(model)
     graphdef, state = nnx.split(model)
-    carry, kv_mask, deltas, draws, prefix = _jit("prefill")(graphdef, state, prompt, rng, eos,
-                                                           suppress, cfg)
-    samples, _ = _jit("decode")(graphdef, state, carry, kv_mask, deltas, draws, eos, suppress,
-                                prefix, cfg, np.ndim(prompt.positions) == 3,
+    carry, cache, kv_mask, deltas, draws, prefix = _jit("prefill")(graphdef, state, prompt, rng,
+                                                                  eos, suppress, cfg)
+    samples, _ = _jit("decode")(graphdef, state, carry, cache, kv_mask, deltas, draws, eos,
+                                suppress, prefix, cfg, np.ndim(prompt.positions) == 3,
                                 int(np.shape(prompt.mask)[1]))
     return samples
 

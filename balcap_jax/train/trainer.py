@@ -203,7 +203,7 @@ class Trainer:
             # greedy evaluation draws no randomness: it must not advance the training stream,
             # or a run that evaluated at a different step would not resume identically
             rng=jax.random.key(0) if greedy else self._next_key(), pad_id=self.p.pad_id,
-            prompt_buckets=self.p.prompt_buckets)
+            prompt_buckets=self.p.prompt_buckets, cache_windows=s.get("cache_windows", 4))
 
     @staticmethod
     def _host_samples(samples) -> dict:

@@ -34,6 +34,7 @@ def test_shipped_configs_validate():
     (lambda c: setattr(c.mesh, "fsdp", 3), r"mesh: .*must equal the 2 devices"),
     (lambda c: setattr(c.model, "hf_config", {}), r"model: set model.path"),
     (lambda c: setattr(c.model, "scan_unroll", -1), r"model.scan_unroll must be >= 0"),
+    (lambda c: setattr(c.sampling, "cache_windows", 0), r"sampling.cache_windows must be >= 1"),
 ])
 def test_bad_config_names_field_and_fix(edit, match):
     c = _ok()

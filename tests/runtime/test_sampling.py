@@ -288,6 +288,64 @@ def test_decode_layers_scan_equals_unroll(tiny_lm, num_samples):
         tiny_lm.set_decode_layers("loop")
 
 
+@pytest.mark.parametrize("max_new,windows,base", [(96, 4, 32), (64, 4, 0), (20, 4, 7),
+                                                  (16, 4, 0), (1, 4, 5), (40, 1, 3)])
+def test_step_windows_cover_the_steps_and_their_slots(max_new, windows, base):
+    cfg = sampling._Config(max_new, 1, 1.0, 0, 1.0, 0, windows)
+    w = sampling._step_windows(cfg, base)
+    if max_new == 1:
+        assert w == []          # the prefill draws the only token
+        return
+    assert [a for a, _, _ in w] == [1] + [e for _, e, _ in w[:-1]]      # contiguous, in order
+    assert w[-1][1] == max_new
+    assert len(w) == max(1, min(windows, (max_new - 1) // 8))
+    assert all(e - a >= 8 for a, e, _ in w) or len(w) == 1
+    # a step s writes and reads slot base + s - 1: the window's last step reaches its last slot
+    assert [slots for _, _, slots in w] == [base + e - 1 for _, e, _ in w]
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+@pytest.mark.parametrize("decode_layers", ["unroll", "scan"])
+def test_cache_windows_equal_one_window_and_grow_the_cache(tiny_lm, num_samples, decode_layers,
+                                                           monkeypatch):
+    """Decoding in windows (a cache grown per window, read whole) samples the same tokens as
+    one loop over the whole cache, with or without a shared prompt (num_samples 3 / 1), over
+    per-layer and stacked caches, and with rows that stop inside a window. Each window's
+    steps run on a cache of exactly the slots that window can reach."""
+    from balcap_jax.models.decoder import CausalLM
+    seen = []
+    forward = CausalLM.forward_embeds
+
+    def spy(self, x, positions, kv_mask, cache=None, cache_index=0, prefix=None,
+            prefix_mask=None):                               # (the signature shares_prefix reads)
+        if cache is not None and x.shape[1] == 1:            # a decode step (traced once)
+            seen.append((kv_mask.shape[1], cache.max_len))
+        return forward(self, x, positions, kv_mask, cache, cache_index, prefix, prefix_mask)
+    monkeypatch.setattr(CausalLM, "forward_embeds", spy)
+    inputs = _prompts(lengths=(5, 3, 7))
+    kw = dict(max_new_tokens=33 + num_samples, temperature=1.0, eos_token_ids=[3, 4, 5],
+              rng=jax.random.key(2), num_samples=num_samples)
+    try:
+        tiny_lm.set_decode_layers(decode_layers)
+        one = sampling.generate(tiny_lm, inputs, cache_windows=1, **kw)
+        seen.clear()
+        four = sampling.generate(tiny_lm, inputs, cache_windows=4, **kw)
+    finally:
+        tiny_lm.set_decode_layers("unroll")
+    np.testing.assert_array_equal(one.tokens, four.tokens)
+    np.testing.assert_allclose(one.logprobs, four.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(one.lengths, four.lengths)
+    lengths = np.asarray(four.lengths)
+    assert lengths.min() < kw["max_new_tokens"] - 8 and lengths.max() > 9   # stops mid-way
+    # generated token 0's slot: after the bucketed prompt, or 0 in a shared prompt's own cache
+    base = 0 if num_samples > 1 else sampling.prepare_prompt(tiny_lm, inputs).mask.shape[1]
+    cfg = sampling._Config(kw["max_new_tokens"], num_samples, 1.0, 0, 1.0, 0, 4)
+    want = [(slots, slots) for _, _, slots in sampling._step_windows(cfg, base)]
+    assert len(want) == 4 and seen == want
+    with pytest.raises(ValueError, match="cache_windows"):
+        sampling.generate(tiny_lm, inputs, cache_windows=0, **kw)
+
+
 def test_compiles_bounded_by_buckets(fake):
     kw = dict(max_new_tokens=4, temperature=1.0, eos_token_ids=[3], rng=jax.random.key(1))
     sampling.generate(fake, _prompts(lengths=(9, 10, 11)), **kw)
@@ -441,10 +499,10 @@ def _repeat_vl(batch, g):
 def test_vl_num_samples_share_prefill_equal_repeated_prompts(vl_pair):
     _, ours, _ = vl_pair
     inputs = _vl_batch()
-    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, eos_token_ids=[2],
+    kw = dict(max_new_tokens=18, temperature=1.0, top_p=0.9, eos_token_ids=[2],
               rng=jax.random.key(3))
-    grouped = sampling.generate(ours, inputs, num_samples=2, **kw)
-    separate = sampling.generate(ours, _repeat_vl(inputs, 2), **kw)
+    grouped = sampling.generate(ours, inputs, num_samples=2, **kw)   # two cache windows
+    separate = sampling.generate(ours, _repeat_vl(inputs, 2), cache_windows=1, **kw)
     np.testing.assert_array_equal(grouped.tokens, separate.tokens)
     np.testing.assert_allclose(grouped.logprobs, separate.logprobs, atol=LP_ATOL)
     lp = sampling.token_logprobs(ours, _repeat_vl(inputs, 2), grouped.tokens, grouped.mask,
@@ -472,8 +530,8 @@ def test_sharded_on_8_devices_equals_unsharded(text_pair, tmp_path):
     mesh = sharding.make_mesh((2, 2, 2))
     sharded = from_pretrained(str(tmp_path), mesh=mesh)
     inputs = _prompts(lengths=(9, 4, 12, 6), vocab=160)
-    kw = dict(max_new_tokens=8, num_samples=2, temperature=1.0, top_k=50, eos_token_ids=[2],
-              rng=jax.random.key(11))
+    kw = dict(max_new_tokens=25, num_samples=2, temperature=1.0, top_k=50, eos_token_ids=[2],
+              rng=jax.random.key(11))      # 25 tokens: three cache windows, grown sharded
     a, b = _same_rollouts(ours, sharded, inputs, kw)
     lp = sampling.token_logprobs(sharded, {k: np.repeat(v, 2, 0) for k, v in inputs.items()},
                                  b.tokens, b.mask, temperature=1.0)

@@ -32,10 +32,10 @@ def _decode_hlo(trainer, model):
     eos = np.asarray(trainer.p.eos_token_ids, np.int32)
     suppress = sampling.suppressed_ids(model)
     graphdef, state = nnx.split(model)
-    carry, kv_mask, deltas, keys, prefix = sampling._jit("prefill")(
+    carry, cache, kv_mask, deltas, keys, prefix = sampling._jit("prefill")(
         graphdef, state, prompt, jax.random.key(0), eos, suppress, cfg)
     return sampling._jit("decode").lower(
-        graphdef, state, carry, kv_mask, deltas, keys, eos, suppress, prefix, cfg,
+        graphdef, state, carry, cache, kv_mask, deltas, keys, eos, suppress, prefix, cfg,
         np.ndim(prompt.positions) == 3, int(np.shape(prompt.mask)[1])).compile().as_text()
 
 
