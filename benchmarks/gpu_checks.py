@@ -133,7 +133,11 @@ def check_decode(model, counts, cfgd, tiny):
     weights = counts["language"] * 2
     mean_valid = b * prompt_len + b * g * (steps + 1) / 2             # prefix once per prompt
     need = weights + mean_valid * slot
-    ours = weights + (b * prompt_len + b * g * new) * slot            # whole generation cache
+    # the generation cache a step reads: its cache window's slots (sampling.cache_windows)
+    windows = sampling._step_windows(sampling._Config(new, g, 1.0, 0, 1.0, 0, 4), 0)
+    read = sum((e - a) * slots for a, e, slots in windows) / max(1, sum(e - a for a, e, _ in
+                                                                     windows))
+    ours = weights + (b * prompt_len + b * g * read) * slot
     kind, _, bw = peaks()
     ms = wall / steps * 1e3
     log(check="decode", rollouts=b * g, new_tokens=steps, prompt_len=prompt_len,
