@@ -220,6 +220,24 @@ def test_non_finite_step_is_skipped_counted_and_not_applied(monkeypatch):
         np.testing.assert_array_equal(x, y)
 
 
+def test_sampling_config_reaches_the_sampler(monkeypatch):
+    """Every sampling.* field of the config is passed to sampling.generate (rollouts sample
+    with them; greedy evaluation turns the filters off)."""
+    from balcap_jax import sampling
+    cfg = tiny_config()
+    cfg.sampling.update(cache_windows=3, top_k=7, top_p=0.8, temperature=0.7)
+    trainer = build.build_trainer(cfg, make_mesh((1, 1, 1), jax.devices()[:1]))
+    calls = []
+    monkeypatch.setattr(sampling, "generate", lambda model, inputs, **kw: calls.append(kw))
+    trainer._generate({}, greedy=False, num_samples=4)
+    trainer._generate({}, greedy=True, num_samples=1)
+    want = dict(max_new_tokens=cfg.sampling.max_new_tokens, cache_windows=3, top_k=7,
+                top_p=0.8, temperature=0.7, num_samples=4)
+    assert {k: calls[0][k] for k in want} == want
+    assert (calls[1]["temperature"], calls[1]["top_k"], calls[1]["top_p"],
+            calls[1]["cache_windows"]) == (0.0, 0, 1.0, 3)
+
+
 def _record_update(trainer) -> dict:
     """Spies on the trainer's update: seen["args"] (the step's rollouts), seen["out"] (its
     metrics) and seen["apply"] ((params, grads) of each optimiser update, copied first: the
