@@ -665,33 +665,14 @@ _JIT_SPECS = {  # name -> (function, static argnames, donated argnames)
 }
 
 
-# XLA:CPU's YNNPACK fusion types for the sampler, first that this jaxlib accepts: reductions
-# only. The default set (dots too) makes the small float32 matmuls of a decode step ~35% slower
-# (benchmarks/sampler.py: 6.4 vs 9.9 ms per step); YNNPACK's reductions take 2% off a decode
-# step against none at all (in-process A/B, same tokens), as they replace XLA's split
-# reduce-window + reduce of each norm and softmax.
-_CPU_YNN_TYPES = ("LIBRARY_FUSION_TYPE_REDUCE", "")
-
-
-@functools.cache
-def _cpu_options(candidates: tuple[str, ...] = _CPU_YNN_TYPES) -> dict:
-    """The first `xla_cpu_experimental_ynn_fusion_type` in `candidates` that compiles here
-    (an XLA without the enum value or the option falls through; none: XLA's defaults)."""
-    for v in candidates:
-        opts = {"xla_cpu_experimental_ynn_fusion_type": v}
-        try:
-            jax.jit(lambda x: x.sum(-1), compiler_options=opts).lower(
-                jax.ShapeDtypeStruct((2, 64), jnp.float32)).compile()
-            return opts
-        except Exception:   # XLA reports an unknown option or value when it compiles
-            continue
-    return {}
-
-
 @functools.cache
 def _jit(name: str):
-    """The jitted function, built on first use (so importing this module starts no backend),
-    compiled on CPU with `_cpu_options()`; other backends: defaults."""
+    """The jitted function, built on first use (so importing this module starts no backend).
+
+    On CPU, XLA's experimental YNNPACK fusions (default on in jax 0.10) make the small float32
+    matmuls of a decode step ~35% slower (measured with benchmarks/sampler.py: 6.4 vs 9.9 ms
+    per step), so these executables are compiled without them. Other backends: defaults.
+    """
     fn, static, donate = _JIT_SPECS[name]
-    opts = _cpu_options() if jax.default_backend() == "cpu" else None
+    opts = {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else None
     return jax.jit(fn, static_argnames=static, donate_argnames=donate, compiler_options=opts)

@@ -346,16 +346,6 @@ def test_cache_windows_equal_one_window_and_grow_the_cache(tiny_lm, num_samples,
         sampling.generate(tiny_lm, inputs, cache_windows=0, **kw)
 
 
-def test_cpu_compiler_options_fall_back_to_what_this_xla_accepts():
-    """The sampler's CPU options are the first YNNPACK fusion type that compiles: an unknown
-    value falls through to the next, none to XLA's defaults."""
-    key = "xla_cpu_experimental_ynn_fusion_type"
-    assert sampling._cpu_options(("NOT_A_FUSION_TYPE", "LIBRARY_FUSION_TYPE_REDUCE")) == {
-        key: "LIBRARY_FUSION_TYPE_REDUCE"}
-    assert sampling._cpu_options(("NOT_A_FUSION_TYPE",)) == {}
-    assert sampling._cpu_options() == {key: "LIBRARY_FUSION_TYPE_REDUCE"}   # jax 0.10's XLA
-
-
 def test_compiles_bounded_by_buckets(fake):
     kw = dict(max_new_tokens=4, temperature=1.0, eos_token_ids=[3], rng=jax.random.key(1))
     sampling.generate(fake, _prompts(lengths=(9, 10, 11)), **kw)
