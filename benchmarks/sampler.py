@@ -14,6 +14,8 @@ subprocess so peak RSS is its own.
         [--floor]       # also time a lower bound: our prefill (a 1-token generate) plus
                         # new_tokens - 1 steps of the decode step's matmuls alone (same shapes,
                         # a bare jitted loop), and the ratio that bound would give
+        [--cache-windows K]   # our decode in K cache windows (default: generate's, 4; 1 = one
+                              # loop over the whole cache)
 
 Prints tokens/s (steady state: best of `repeats` calls after the first; transformers: best over
 torch's default thread count and 1 thread), the first call's time
@@ -136,19 +138,20 @@ def matmul_floor_s(new: int, rows: int, repeats: int) -> float:
 
 
 def run_ours(path: str, batch: dict, new: int, repeats: int, breakdown: bool, g: int,
-             floor: bool = False) -> dict:
+             floor: bool = False, windows: int = 0) -> dict:
     import jax
 
     from balcap_jax import sampling
     from balcap_jax.models import from_pretrained
     model = from_pretrained(path)
+    extra = {"cache_windows": windows} if windows else {}
 
     def timed(tokens=new, **kw):
         times, s = [], None
         for i in range(repeats + 1):
             t0 = time.perf_counter()
             s = sampling.generate(model, batch, max_new_tokens=tokens, eos_token_ids=[VOCAB + 1],
-                                  rng=jax.random.key(i), num_samples=g, **kw)
+                                  rng=jax.random.key(i), num_samples=g, **extra, **kw)
             jax.block_until_ready(s.tokens)
             times.append(time.perf_counter() - t0)
         assert int(s.lengths.min()) == tokens, "every row must generate exactly max_new_tokens"
@@ -175,7 +178,7 @@ def child(args) -> None:
         res = run_hf(args.dir, batch, args.new_tokens, args.repeats, args.num_samples)
     else:
         res = run_ours(args.dir, batch, args.new_tokens, args.repeats, args.breakdown,
-                       args.num_samples, args.floor)
+                       args.num_samples, args.floor, args.cache_windows)
     print("RESULT " + json.dumps(res))
 
 
@@ -187,6 +190,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--floor", action="store_true")
+    ap.add_argument("--cache-windows", type=int, default=0)
     ap.add_argument("--side", choices=["hf", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -211,6 +215,8 @@ def main() -> None:
                 cmd.append("--breakdown")
             if args.floor:
                 cmd.append("--floor")
+            if args.cache_windows:
+                cmd += ["--cache-windows", str(args.cache_windows)]
             env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
                        TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
@@ -224,7 +230,8 @@ def main() -> None:
     hf, ours = results["hf"], results["ours"]
     print(f"Qwen2.5-VL 4x256, vocab {VOCAB}, batch {args.batch} ({args.batch // args.num_samples}"
           f" prompts x {args.num_samples} samples), one {GRID} image per prompt, "
-          f"{args.new_tokens} new tokens, temperature 1, CPU ({os.cpu_count()} cores, load "
+          f"{args.new_tokens} new tokens, temperature 1, our cache windows "
+          f"{args.cache_windows or 'default'}, CPU ({os.cpu_count()} cores, load "
           f"average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after the run)")
     for r in (hf, ours):
         tps = r["tokens"] / r["steady_s"]
