@@ -3,10 +3,12 @@
 `generate` runs two jitted functions: a prefill over the padded prompt batch (images included,
 the vision tower runs once per prompt) that also samples the first token, and the decode
 `lax.while_loop`s that stop as soon as every row is done. The prompt's cache is filled by the
-prefill, once per prompt (a model that `shares_prefix` keeps it once for its G rows; others
-repeat it G times, never recompute it). The decode runs in `cache_windows` windows of steps,
-each on a cache grown to the slots that window can reach, since attention reads the whole
-cache it is given: the first quarter of a long generation reads about a quarter of the slots.
+prefill, once per prompt. With G > 1, a model that `shares_prefix` keeps it once for its G
+rows, and each row's generation cache is decoded in `cache_windows` windows of steps, each on
+a cache grown to the slots that window can reach (attention reads the whole cache it is
+given: the first quarter of a long generation reads about a quarter of the slots). Otherwise
+one cache holds prompt and generation, its prompt repeated G times (never recomputed), and
+is donated to one decode loop.
 
 Model protocol (duck-typed; the text decoder and Qwen2.5-VL provide it):
   model.embed(input_ids [B,T]) -> [B,T,D]
@@ -443,25 +445,29 @@ def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
     """Prompt forward + first token. Returns (carry without its cache, cache, kv_mask,
     deltas, uniforms, prefix). With G > 1 and a model that `shares_prefix`, the prompt cache
     [B, .., T] is kept once (`prefix`, the keys every rollout of the prompt reads) and the
-    cache is None: `_decode` gives each of the N = B*G rows a generation cache of its own.
-    Otherwise the cache holds the prompt's T slots, repeated G times, and `_decode` grows it."""
+    cache is None: `_decode` gives each of the N = B*G rows a generation cache of its own,
+    grown window by window. Otherwise one cache of T + max_new_tokens slots is filled and
+    repeated G times."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     b, t = prompt.mask.shape
     g, n, m = cfg.num_samples, prompt.mask.shape[0] * cfg.num_samples, cfg.max_new_tokens
     x = _adapter(model).embed(model, prompt.embed_inputs)
     mask = prompt.mask.astype(jnp.int32)
-    hidden, cache = model.forward_embeds(x, prompt.positions, mask,
-                                         model.init_cache(b, t, x.dtype), jnp.int32(0))
     if g > 1 and shares_prefix(model):     # one sample per prompt: nothing to share
+        hidden, cache = model.forward_embeds(x, prompt.positions, mask,
+                                             model.init_cache(b, t, x.dtype), jnp.int32(0))
         prefix, cache = (cache, mask), None
         kv_mask = jnp.ones((n, m), jnp.int32)   # causal: a row reads its slots up to the latest
     else:
-        cache = _repeat_batch(cache, model, b, g, t, x.dtype)    # prompt-major copies
+        s = t + m
+        kv_mask = jnp.concatenate([mask, jnp.ones((b, m), jnp.int32)], axis=1)
+        hidden, cache = model.forward_embeds(x, prompt.positions, kv_mask,
+                                             model.init_cache(b, s, x.dtype), jnp.int32(0))
+        cache = _repeat_batch(cache, model, b, g, s, x.dtype)    # prompt-major copies
         if hasattr(model, "decode_cache"):
             cache = model.decode_cache(cache)
-        kv_mask = jnp.repeat(jnp.concatenate([mask, jnp.ones((b, m), jnp.int32)], axis=1), g,
-                             axis=0)
+        kv_mask = jnp.repeat(kv_mask, g, axis=0)
         prefix = None
     logits = jnp.repeat(model.logits(hidden[:, -1:])[:, 0], g, axis=0)    # [N, V]
     deltas = jnp.repeat(prompt.deltas.astype(jnp.int32), g, axis=0)
@@ -476,10 +482,10 @@ def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
 
 def _decode(graphdef, state, carry: _Carry, cache, kv_mask, deltas, uniforms, eos, suppress,
             prefix, cfg: _Config, mrope: bool, prompt_len: int):
-    """The decode loops; returns (Samples, final carry). The carry is donated and returned
-    (less its cache), so the samples are written in place. `cache`: the prompt's, grown here
-    window by window, or None with `prefix` (the shared prompt cache and mask, read-only):
-    then each row's generation cache starts empty."""
+    """The decode loops; returns (Samples, final carry). The carry and the cache are donated
+    and returned, so the samples and the cache are written in place. `cache`: the prefill's,
+    holding the prompt; or None with `prefix` (the shared prompt cache and mask, read-only):
+    then each row's generation cache starts empty and grows window by window."""
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     if hasattr(model, "for_decode"):
@@ -496,11 +502,16 @@ def _decode(graphdef, state, carry: _Carry, cache, kv_mask, deltas, uniforms, eo
         tok, lp = _sample(model.logits(hidden)[:, 0], uniforms, c.step, cfg, suppress)
         return _emit(c._replace(cache=cache), tok, lp, eos, cfg)
 
-    # One loop per window of steps, on a cache grown to the slots that window can reach: the
-    # attention reads every slot of the cache it is given, and in place (a slice of a larger
-    # cache would be a copy per step), so early steps read a fraction of the slots.
-    n = kv_mask.shape[0]
-    for _, end, slots in _step_windows(cfg, base):
+    # With a shared prompt: one loop per window of steps, on a generation cache grown to the
+    # slots that window can reach. The attention reads every slot of the cache it is given,
+    # and in place (a slice of a larger cache would be a copy per step), so early steps read
+    # a fraction of the slots. A cache that holds the prompt is not grown: each growth would
+    # copy the prompt's slots, and the prefill's cache, an argument here, would stay alive
+    # beside the grown one (up to twice the prompt's memory); it is decoded in one loop.
+    n, donated = kv_mask.shape[0], cache is not None
+    windows = _step_windows(cfg, base) if cache is None else (
+        [(1, cfg.max_new_tokens, kv_mask.shape[1])] if cfg.max_new_tokens > 1 else [])
+    for _, end, slots in windows:
         if cache is None:
             dtype = jax.eval_shape(model.embed, carry.last[:, None]).dtype
             cache = model.init_cache(n, slots, dtype)
@@ -513,9 +524,10 @@ def _decode(graphdef, state, carry: _Carry, cache, kv_mask, deltas, uniforms, eo
     is_stop = jnp.isin(carry.tokens, eos)
     stopped = jnp.any(is_stop, axis=1)
     lengths = jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, cfg.max_new_tokens)
-    # the final carry (less its cache) is returned so that every donated buffer is reused
+    # the final carry is returned so that every donated buffer is reused (a cache grown here
+    # was not donated: returning it would only hold its memory past the call)
     return (Samples(carry.tokens, carry.logprobs, lengths.astype(jnp.int32), ~stopped),
-            carry._replace(cache=None))
+            carry._replace(cache=cache if donated else None))
 
 
 def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
@@ -660,7 +672,7 @@ def token_logprobs(model, inputs: dict, completions, mask, *, temperature: float
 
 _JIT_SPECS = {  # name -> (function, static argnames, donated argnames)
     "prefill": (_prefill, ("graphdef", "cfg"), ()),
-    "decode": (_decode, ("graphdef", "cfg", "mrope", "prompt_len"), ("carry",)),
+    "decode": (_decode, ("graphdef", "cfg", "mrope", "prompt_len"), ("carry", "cache")),
     "token_logprobs": (_token_logprobs_jit, ("graphdef", "temperature"), ()),
 }
 

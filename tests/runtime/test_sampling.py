@@ -308,10 +308,11 @@ def test_step_windows_cover_the_steps_and_their_slots(max_new, windows, base):
 @pytest.mark.parametrize("decode_layers", ["unroll", "scan"])
 def test_cache_windows_equal_one_window_and_grow_the_cache(tiny_lm, num_samples, decode_layers,
                                                            monkeypatch):
-    """Decoding in windows (a cache grown per window, read whole) samples the same tokens as
-    one loop over the whole cache, with or without a shared prompt (num_samples 3 / 1), over
-    per-layer and stacked caches, and with rows that stop inside a window. Each window's
-    steps run on a cache of exactly the slots that window can reach."""
+    """With a shared prompt (num_samples 3), decoding in windows (a generation cache grown per
+    window, read whole) samples the same tokens as one loop over the whole cache, over
+    per-layer and stacked caches, with rows that stop inside a window; each window's steps
+    run on a cache of exactly the slots that window can reach. Without one (num_samples 1)
+    the cache holds the prompt and is decoded in one loop, whatever cache_windows says."""
     from balcap_jax.models.decoder import CausalLM
     seen = []
     forward = CausalLM.forward_embeds
@@ -337,11 +338,14 @@ def test_cache_windows_equal_one_window_and_grow_the_cache(tiny_lm, num_samples,
     np.testing.assert_array_equal(one.lengths, four.lengths)
     lengths = np.asarray(four.lengths)
     assert lengths.min() < kw["max_new_tokens"] - 8 and lengths.max() > 9   # stops mid-way
-    # generated token 0's slot: after the bucketed prompt, or 0 in a shared prompt's own cache
-    base = 0 if num_samples > 1 else sampling.prepare_prompt(tiny_lm, inputs).mask.shape[1]
-    cfg = sampling._Config(kw["max_new_tokens"], num_samples, 1.0, 0, 1.0, 0, 4)
-    want = [(slots, slots) for _, _, slots in sampling._step_windows(cfg, base)]
-    assert len(want) == 4 and seen == want
+    if num_samples > 1:
+        cfg = sampling._Config(kw["max_new_tokens"], num_samples, 1.0, 0, 1.0, 0, 4)
+        want = [(slots, slots) for _, _, slots in sampling._step_windows(cfg, 0)]
+        assert len(want) == 4
+    else:          # the bucketed prompt and every generated token, from the first step
+        full = sampling.prepare_prompt(tiny_lm, inputs).mask.shape[1] + kw["max_new_tokens"]
+        want = [(full, full)]
+    assert seen == want
     with pytest.raises(ValueError, match="cache_windows"):
         sampling.generate(tiny_lm, inputs, cache_windows=0, **kw)
 
