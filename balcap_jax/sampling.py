@@ -539,7 +539,9 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
     inputs: the processor's dict (input_ids, attention_mask; optionally pixel_values,
     image_grid_thw, mm_token_type_ids), numpy, jax or torch arrays, left or right padded.
     temperature 0 is greedy. eos_token_ids: one id or several; ids outside the vocabulary never
-    stop. Returns Samples on device.
+    stop. cache_windows: with a shared prompt (num_samples > 1), the number of decode loops,
+    each on a generation cache grown to the slots it can reach (1 = one loop; each compiles
+    its own body). Returns Samples on device.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -14,8 +14,8 @@ subprocess so peak RSS is its own.
         [--floor]       # also time a lower bound: our prefill (a 1-token generate) plus
                         # new_tokens - 1 steps of the decode step's matmuls alone (same shapes,
                         # a bare jitted loop), and the ratio that bound would give
-        [--cache-windows K]   # our decode in K cache windows (default: generate's, 4; 1 = one
-                              # loop over the whole cache)
+        [--cache-windows K]   # with G > 1, our decode in K cache windows (default:
+                              # generate's, 4; 1 = one loop over the whole cache)
 
 Prints tokens/s (steady state: best of `repeats` calls after the first; transformers: best over
 torch's default thread count and 1 thread), the first call's time
