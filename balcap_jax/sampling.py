@@ -347,21 +347,21 @@ class _Config:
     top_k: int
     top_p: float
     pad_id: int
-    cache_windows: int = 1
+    cache_windows: int
 
 
-def _step_windows(cfg: _Config, base: int) -> list[tuple[int, int, int]]:
+def _step_windows(cfg: _Config) -> list[tuple[int, int, int]]:
     """Static (start, end, slots) per window of decode steps: `cfg.cache_windows` near-equal
     ranges [start, end) of steps 1 .. max_new_tokens - 1 (step 0 is the prefill's), none
-    shorter than 8 steps, each with the cache slots its last step can reach (`base` is the
-    slot of generated token 0). The decode loop grows the cache to that size per window, so
-    a step early in a long generation reads a fraction of the slots the last one reads."""
+    shorter than 8 steps, each with the generation-cache slots its last step can reach (step s
+    writes slot s - 1). The decode loop grows the cache to that size per window, so a step
+    early in a long generation reads a fraction of the slots the last one reads."""
     steps = cfg.max_new_tokens - 1
     if steps < 1:
         return []
     n = max(1, min(cfg.cache_windows, steps // 8))
     cuts = [1 + round(i * steps / n) for i in range(n + 1)]
-    return [(a, e, base + e - 1) for a, e in zip(cuts[:-1], cuts[1:])]
+    return [(a, e, e - 1) for a, e in zip(cuts[:-1], cuts[1:])]
 
 
 def _grow_cache(cache, model, n: int, slots: int):
@@ -378,7 +378,7 @@ def _grow_cache(cache, model, n: int, slots: int):
         axis = next(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
         pad = [(0, 0)] * x.ndim
         pad[axis] = (0, slots - x.shape[axis])
-        return jnp.pad(x, pad) if slots > x.shape[axis] else x
+        return jnp.pad(x, pad)
     return jax.tree.map(grow, cache, one, two)
 
 
@@ -502,32 +502,37 @@ def _decode(graphdef, state, carry: _Carry, cache, kv_mask, deltas, uniforms, eo
         tok, lp = _sample(model.logits(hidden)[:, 0], uniforms, c.step, cfg, suppress)
         return _emit(c._replace(cache=cache), tok, lp, eos, cfg)
 
-    # With a shared prompt: one loop per window of steps, on a generation cache grown to the
-    # slots that window can reach. The attention reads every slot of the cache it is given,
-    # and in place (a slice of a larger cache would be a copy per step), so early steps read
-    # a fraction of the slots. A cache that holds the prompt is not grown: each growth would
-    # copy the prompt's slots, and the prefill's cache, an argument here, would stay alive
-    # beside the grown one (up to twice the prompt's memory); it is decoded in one loop.
-    n, donated = kv_mask.shape[0], cache is not None
-    windows = _step_windows(cfg, base) if cache is None else (
-        [(1, cfg.max_new_tokens, kv_mask.shape[1])] if cfg.max_new_tokens > 1 else [])
-    for _, end, slots in windows:
-        if cache is None:
-            dtype = jax.eval_shape(model.embed, carry.last[:, None]).dtype
-            cache = model.init_cache(n, slots, dtype)
-            cache = model.decode_cache(cache) if hasattr(model, "decode_cache") else cache
-        else:
-            cache = _grow_cache(cache, model, n, slots)
-        carry = jax.lax.while_loop(lambda c, end=end: (c.step < end) & ~jnp.all(c.done),
-                                   functools.partial(body, slots), carry._replace(cache=cache))
-        cache = carry.cache
+    def loop(carry: _Carry, end: int, slots: int) -> _Carry:
+        return jax.lax.while_loop(lambda c: (c.step < end) & ~jnp.all(c.done),
+                                  functools.partial(body, slots), carry)
+
+    if prefix is None:
+        # The cache holds the prompt: one loop over all of it. Growing it per window would
+        # copy the prompt's slots, and the prefill's cache, an argument here, would stay alive
+        # beside the grown one (up to twice the prompt's memory). Donated and returned.
+        carry = carry._replace(cache=cache)
+        if cfg.max_new_tokens > 1:
+            carry = loop(carry, cfg.max_new_tokens, kv_mask.shape[1])
+    else:
+        # One loop per window of steps, on a generation cache grown to the slots that window
+        # can reach. The attention reads every slot of the cache it is given, and in place (a
+        # slice of a larger cache would be a copy per step), so early steps read a fraction
+        # of the slots. The grown cache is not returned: that would only hold its memory.
+        n = kv_mask.shape[0]
+        for i, (_, end, slots) in enumerate(_step_windows(cfg)):
+            if i == 0:
+                dtype = jax.eval_shape(model.embed, carry.last[:, None]).dtype
+                cache = model.init_cache(n, slots, dtype)
+                cache = model.decode_cache(cache) if hasattr(model, "decode_cache") else cache
+            else:
+                cache = _grow_cache(carry.cache, model, n, slots)
+            carry = loop(carry._replace(cache=cache), end, slots)
+        carry = carry._replace(cache=None)
     is_stop = jnp.isin(carry.tokens, eos)
     stopped = jnp.any(is_stop, axis=1)
     lengths = jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, cfg.max_new_tokens)
-    # the final carry is returned so that every donated buffer is reused (a cache grown here
-    # was not donated: returning it would only hold its memory past the call)
-    return (Samples(carry.tokens, carry.logprobs, lengths.astype(jnp.int32), ~stopped),
-            carry._replace(cache=cache if donated else None))
+    # the final carry is returned so that every donated buffer is reused
+    return Samples(carry.tokens, carry.logprobs, lengths.astype(jnp.int32), ~stopped), carry
 
 
 def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,

@@ -134,7 +134,7 @@ def check_decode(model, counts, cfgd, tiny):
     mean_valid = b * prompt_len + b * g * (steps + 1) / 2             # prefix once per prompt
     need = weights + mean_valid * slot
     # the generation cache a step reads: its cache window's slots (sampling.cache_windows)
-    windows = sampling._step_windows(sampling._Config(new, g, 1.0, 0, 1.0, 0, 4), 0)
+    windows = sampling._step_windows(sampling._Config(new, g, 1.0, 0, 1.0, 0, 4))
     read = sum((e - a) * slots for a, e, slots in windows) / max(1, sum(e - a for a, e, _ in
                                                                      windows))
     ours = weights + (b * prompt_len + b * g * read) * slot

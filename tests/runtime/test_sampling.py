@@ -288,11 +288,11 @@ def test_decode_layers_scan_equals_unroll(tiny_lm, num_samples):
         tiny_lm.set_decode_layers("loop")
 
 
-@pytest.mark.parametrize("max_new,windows,base", [(96, 4, 32), (64, 4, 0), (20, 4, 7),
-                                                  (16, 4, 0), (1, 4, 5), (40, 1, 3)])
-def test_step_windows_cover_the_steps_and_their_slots(max_new, windows, base):
+@pytest.mark.parametrize("max_new,windows", [(96, 4), (64, 4), (20, 4), (16, 4), (1, 4),
+                                             (40, 1)])
+def test_step_windows_cover_the_steps_and_their_slots(max_new, windows):
     cfg = sampling._Config(max_new, 1, 1.0, 0, 1.0, 0, windows)
-    w = sampling._step_windows(cfg, base)
+    w = sampling._step_windows(cfg)
     if max_new == 1:
         assert w == []          # the prefill draws the only token
         return
@@ -300,8 +300,8 @@ def test_step_windows_cover_the_steps_and_their_slots(max_new, windows, base):
     assert w[-1][1] == max_new
     assert len(w) == max(1, min(windows, (max_new - 1) // 8))
     assert all(e - a >= 8 for a, e, _ in w) or len(w) == 1
-    # a step s writes and reads slot base + s - 1: the window's last step reaches its last slot
-    assert [slots for _, _, slots in w] == [base + e - 1 for _, e, _ in w]
+    # a step s writes and reads slot s - 1: the window's last step reaches its last slot
+    assert [slots for _, _, slots in w] == [e - 1 for _, e, _ in w]
 
 
 @pytest.mark.parametrize("num_samples", [1, 3])
@@ -340,7 +340,7 @@ def test_cache_windows_equal_one_window_and_grow_the_cache(tiny_lm, num_samples,
     assert lengths.min() < kw["max_new_tokens"] - 8 and lengths.max() > 9   # stops mid-way
     if num_samples > 1:
         cfg = sampling._Config(kw["max_new_tokens"], num_samples, 1.0, 0, 1.0, 0, 4)
-        want = [(slots, slots) for _, _, slots in sampling._step_windows(cfg, 0)]
+        want = [(slots, slots) for _, _, slots in sampling._step_windows(cfg)]
         assert len(want) == 4
     else:          # the bucketed prompt and every generated token, from the first step
         full = sampling.prepare_prompt(tiny_lm, inputs).mask.shape[1] + kw["max_new_tokens"]

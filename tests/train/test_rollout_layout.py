@@ -30,7 +30,7 @@ def _decode_hlo(trainer, model):
         sampling._prompt_batch_axis)
     # 40 tokens in 4 cache windows: the cache grows between the loops without a collective
     cfg = sampling._Config(40, s.num_samples, 1.0, 0, 1.0, trainer.p.pad_id, 4)
-    assert len(sampling._step_windows(cfg, 0)) == 4
+    assert len(sampling._step_windows(cfg)) == 4
     eos = np.asarray(trainer.p.eos_token_ids, np.int32)
     suppress = sampling.suppressed_ids(model)
     graphdef, state = nnx.split(model)
