@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+from tests.conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -21,7 +23,7 @@ def run_processes(script: str, out_dir: str, *, processes: int, devices_per_proc
     with the log's tail, when one exits non-zero or outlives timeout_s (then it is killed).
     No persistent XLA cache: several devices per process (see tests/conftest.py)."""
     base = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+            "XLA_FLAGS": xla_flags(devices_per_process),
             "BALCAP_COORDINATOR": f"127.0.0.1:{free_port()}",
             "BALCAP_NUM_PROCESSES": str(processes)}
     base.pop("JAX_COMPILATION_CACHE_DIR", None)

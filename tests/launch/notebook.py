@@ -50,12 +50,14 @@ def execute(d: str, cache_dir: str = ""):
     fake ones) and `cache_dir` as its persistent compile cache."""
     import nbclient
     import nbformat
+
+    from tests.conftest import TEST_XLA_FLAGS
     env = write_inputs(d)
     nb = nbformat.read(os.path.join(ROOT, "launch", "colab.ipynb"), as_version=4)
     saved = dict(os.environ)
     try:
         os.environ.update(env, JAX_PLATFORMS="cpu")
-        os.environ.pop("XLA_FLAGS", None)
+        os.environ["XLA_FLAGS"] = TEST_XLA_FLAGS      # one device, the suite's codegen level
         if cache_dir:
             os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
         nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",

@@ -176,7 +176,8 @@ def test_attention_in_row_chunks_equals_all_rows(pair, monkeypatch):
     jaxpr = str(jax.make_jaxpr(lambda st: nnx.merge(graph, st)(vi))(state))
     assert "while" in jaxpr or "scan" in jaxpr          # the chunked path really runs
     chunked, g_chunked = run()
-    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-6)
+    # a float32 sum of thousands of sines: each output's rounding adds up to ~1e-6 of it
+    np.testing.assert_allclose(float(chunked), float(whole), rtol=5e-6)
     scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(g_whole))
     assert scale > 1e-2
     for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):   # float32 noise

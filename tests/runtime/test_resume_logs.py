@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import XLA_CACHE
+from tests.conftest import XLA_CACHE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +34,7 @@ app.run(main.main)
 
 
 def _run(workdir, kill_at=0):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1),
                PYTHONPATH=ROOT, KILL_AT=str(kill_at),
                JAX_COMPILATION_CACHE_DIR=XLA_CACHE)
     return subprocess.run(

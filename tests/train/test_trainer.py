@@ -17,7 +17,7 @@ from balcap_jax.checkpoint import Checkpointer
 from balcap_jax.config import ConfigError, load_config_file
 from balcap_jax.rewards.scripted import TokenFrequencyScorer
 from balcap_jax.sharding import make_mesh
-from tests.conftest import XLA_CACHE
+from tests.conftest import XLA_CACHE, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -174,7 +174,7 @@ def test_bad_config_fails_before_building_anything(monkeypatch):
 
 @pytest.mark.heavy
 def test_sigterm_leaves_a_restorable_checkpoint(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1),
                PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=XLA_CACHE)
     proc = subprocess.Popen(
         [sys.executable, "-m", "balcap_jax.main", "--config=configs/tiny.py",
