@@ -60,6 +60,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -684,14 +685,39 @@ _JIT_SPECS = {  # name -> (function, static argnames, donated argnames)
 }
 
 
-@functools.cache
-def _jit(name: str):
-    """The jitted function, built on first use (so importing this module starts no backend).
+def _cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity, where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _compiler_options(name: str, backend: str, cores: int) -> dict | None:
+    """XLA options for one of the jitted functions; None = the backend's defaults.
 
     On CPU, XLA's experimental YNNPACK fusions (default on in jax 0.10) make the small float32
     matmuls of a decode step ~35% slower (measured with benchmarks/sampler.py: 6.4 vs 9.9 ms
-    per step), so these executables are compiled without them. Other backends: defaults.
+    per step), so these executables are compiled without them. On a CPU of at most 2 cores
+    (this project's CI machines, Colab's CPU runtime) the decode's matmuls also run on one
+    thread: handing each of a step's small matmuls to Eigen's thread pool cost more than the
+    second core gave (in-process A/Bs on 2 cores, 96 tokens, identical tokens and log-probs; a
+    sampler call at benchmarks/sampler.py's shapes: -10% at G = 1, -8% at G = 8 in medians of 12
+    pairs; -5% at 16 rows of a 4 x 1024 model, whose fastest calls were equal). The prefill's
+    larger matmuls keep the pool.
     """
+    if backend != "cpu":
+        return None
+    opts: dict = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    if name == "decode" and cores <= 2:
+        opts["xla_cpu_multi_thread_eigen"] = False
+    return opts
+
+
+@functools.cache
+def _jit(name: str):
+    """The jitted function, built on first use (so importing this module starts no backend),
+    with `_compiler_options`."""
     fn, static, donate = _JIT_SPECS[name]
-    opts = {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else None
+    opts = _compiler_options(name, jax.default_backend(), _cpu_cores())
     return jax.jit(fn, static_argnames=static, donate_argnames=donate, compiler_options=opts)

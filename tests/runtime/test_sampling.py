@@ -288,6 +288,30 @@ def test_decode_layers_scan_equals_unroll(tiny_lm, num_samples):
         tiny_lm.set_decode_layers("loop")
 
 
+def test_cpu_decode_runs_its_matmuls_on_one_thread_on_two_cores(monkeypatch):
+    """XLA options per jitted function: on a CPU of at most 2 cores the decode's matmuls run on
+    one thread; YNNPACK fusions are off for every CPU executable; other backends get XLA's
+    defaults. XLA accepts the options, and `_jit` passes them."""
+    opts = sampling._compiler_options
+    ynn_off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert opts("decode", "gpu", 2) is None and opts("prefill", "tpu", 1) is None
+    for cores in (1, 2):
+        assert opts("decode", "cpu", cores) == {**ynn_off, "xla_cpu_multi_thread_eigen": False}
+    assert opts("decode", "cpu", 3) == opts("decode", "cpu", 64) == ynn_off
+    for name in ("prefill", "token_logprobs"):
+        assert opts(name, "cpu", 2) == ynn_off
+    x = jnp.arange(16.0).reshape(4, 4)
+    y = jax.jit(lambda a: a @ a, compiler_options=opts("decode", "cpu", 2))(x)
+    np.testing.assert_allclose(y, np.asarray(x) @ np.asarray(x))
+    seen = {}
+    monkeypatch.setattr(sampling, "_cpu_cores", lambda: 2)
+    monkeypatch.setattr(sampling.jax, "jit", lambda fn, **kw: seen.setdefault(fn.__name__, kw))
+    sampling._jit.__wrapped__("decode")
+    sampling._jit.__wrapped__("prefill")
+    assert seen["_decode"]["compiler_options"] == opts("decode", "cpu", 2)
+    assert seen["_prefill"]["compiler_options"] == ynn_off
+
+
 @pytest.mark.parametrize("max_new,windows", [(96, 4), (64, 4), (20, 4), (16, 4), (1, 4),
                                              (40, 1)])
 def test_step_windows_cover_the_steps_and_their_slots(max_new, windows):
