@@ -13,7 +13,8 @@ subprocess so peak RSS is its own.
         [--breakdown]   # also time our decode with greedy / top-k / top-p to see sampling's share
         [--floor]       # also time a lower bound: our prefill (a 1-token generate) plus
                         # new_tokens - 1 steps of the decode step's matmuls alone (same shapes,
-                        # a bare jitted loop), and the ratio that bound would give
+                        # a bare jitted loop, the faster of XLA's default options and our
+                        # decode's), and the ratio that bound would give
         [--cache-windows K]   # with G > 1, our decode in K cache windows (default:
                               # generate's, 4; 1 = one loop over the whole cache)
 
@@ -126,14 +127,18 @@ def matmul_floor_s(new: int, rows: int, repeats: int) -> float:
             x = x + (x @ wqkv)[:, :d] @ wo
             x = x + (x @ wgu)[:, :f] @ wd
         return x + (x @ head)[:, :d]
-    loop = jax.jit(lambda x: jax.lax.fori_loop(0, new - 1, step, x))
     x = jnp.ones((rows, d), jnp.float32)
-    loop(x).block_until_ready()
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    # XLA's default options and the ones our decode compiles with on this machine (on <= 2
+    # cores: one thread for the matmuls): the floor is the faster of the two
+    from balcap_jax.sampling import _compiler_options, _cpu_cores
+    for opts in (None, _compiler_options("decode", jax.default_backend(), _cpu_cores())):
+        loop = jax.jit(lambda x: jax.lax.fori_loop(0, new - 1, step, x), compiler_options=opts)
         loop(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            loop(x).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
     return best
 
 
