@@ -12,7 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA's own passes (fusion, layouts, the arithmetic in the HLO) are unchanged; LLVM's code
 # generation is not, so float32 results may differ from an -O2 build in their last bits, and
 # the long runs (ShapesWorld's 20 RL steps) run slower. Subprocesses a test starts get the same
-# flags through `xla_flags`. Benchmarks and real runs keep XLA's default (-O2).
+# level: through `xla_flags` / `TEST_XLA_FLAGS` where a test sets their XLA_FLAGS, by inheriting
+# this process's otherwise. Benchmarks and real runs keep XLA's default (-O2).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
