@@ -3,12 +3,12 @@
 `generate` runs two jitted functions: a prefill over the padded prompt batch (images included,
 the vision tower runs once per prompt) that also samples the first token, and the decode
 `lax.while_loop`s that stop as soon as every row is done. The prompt's cache is filled by the
-prefill, once per prompt. With G > 1, a model that `shares_prefix` keeps it once for its G
-rows, and each row's generation cache is decoded in `cache_windows` windows of steps, each on
-a cache grown to the slots that window can reach (attention reads the whole cache it is
-given: the first quarter of a long generation reads about a quarter of the slots). Otherwise
-one cache holds prompt and generation, its prompt repeated G times (never recomputed), and
-is donated to one decode loop.
+prefill, once per prompt. A model that `shares_prefix` keeps it once for its G rows (read-only,
+never copied), and each row's generation cache is decoded in `cache_windows` windows of steps,
+each on a cache grown to the slots that window can reach (attention reads the whole cache it
+is given: the first quarter of a long generation reads about a quarter of the slots). That
+holds at G = 1 too. Otherwise one cache holds prompt and generation, its prompt repeated G
+times (never recomputed), and is donated to one decode loop.
 
 Model protocol (duck-typed; the text decoder and Qwen2.5-VL provide it):
   model.embed(input_ids [B,T]) -> [B,T,D]
@@ -444,18 +444,18 @@ def shares_prefix(model) -> bool:
 
 def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
     """Prompt forward + first token. Returns (carry without its cache, cache, kv_mask,
-    deltas, uniforms, prefix). With G > 1 and a model that `shares_prefix`, the prompt cache
-    [B, .., T] is kept once (`prefix`, the keys every rollout of the prompt reads) and the
-    cache is None: `_decode` gives each of the N = B*G rows a generation cache of its own,
-    grown window by window. Otherwise one cache of T + max_new_tokens slots is filled and
-    repeated G times."""
+    deltas, uniforms, prefix). With a model that `shares_prefix`, the prompt cache [B, .., T]
+    is kept once (`prefix`, the keys every sample of the prompt reads) and the cache is None:
+    `_decode` gives each of the N = B*G rows a generation cache of its own, grown window by
+    window (also at G = 1, where nothing is shared: the windows are the gain). Otherwise one
+    cache of T + max_new_tokens slots is filled and repeated G times."""
     _TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     b, t = prompt.mask.shape
     g, n, m = cfg.num_samples, prompt.mask.shape[0] * cfg.num_samples, cfg.max_new_tokens
     x = _adapter(model).embed(model, prompt.embed_inputs)
     mask = prompt.mask.astype(jnp.int32)
-    if g > 1 and shares_prefix(model):     # one sample per prompt: nothing to share
+    if shares_prefix(model):
         hidden, cache = model.forward_embeds(x, prompt.positions, mask,
                                              model.init_cache(b, t, x.dtype), jnp.int32(0))
         prefix, cache = (cache, mask), None
@@ -545,9 +545,9 @@ def generate(model, inputs: dict, *, max_new_tokens: int, num_samples: int = 1,
     inputs: the processor's dict (input_ids, attention_mask; optionally pixel_values,
     image_grid_thw, mm_token_type_ids), numpy, jax or torch arrays, left or right padded.
     temperature 0 is greedy. eos_token_ids: one id or several; ids outside the vocabulary never
-    stop. cache_windows: with a shared prompt (num_samples > 1), the number of decode loops,
-    each on a generation cache grown to the slots it can reach (1 = one loop; each compiles
-    its own body). Returns Samples on device.
+    stop. cache_windows: with a model that `shares_prefix` (any num_samples), the number of
+    decode loops, each on a generation cache grown to the slots it can reach (1 = one loop;
+    each compiles its own body). Returns Samples on device.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

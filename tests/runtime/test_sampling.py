@@ -332,11 +332,11 @@ def test_step_windows_cover_the_steps_and_their_slots(max_new, windows):
 @pytest.mark.parametrize("decode_layers", ["unroll", "scan"])
 def test_cache_windows_equal_one_window_and_grow_the_cache(tiny_lm, num_samples, decode_layers,
                                                            monkeypatch):
-    """With a shared prompt (num_samples 3), decoding in windows (a generation cache grown per
-    window, read whole) samples the same tokens as one loop over the whole cache, over
-    per-layer and stacked caches, with rows that stop inside a window; each window's steps
-    run on a cache of exactly the slots that window can reach. Without one (num_samples 1)
-    the cache holds the prompt and is decoded in one loop, whatever cache_windows says."""
+    """Decoding in windows (a generation cache grown per window, read whole, after the prompt's
+    cache kept once) samples the same tokens as one loop over the whole cache, over per-layer
+    and stacked caches, with rows that stop inside a window; each window's steps run on a
+    cache of exactly the slots that window can reach. That holds with one sample per prompt
+    too (nothing shared, the windows alone) and with a shared prompt (num_samples 3)."""
     from balcap_jax.models.decoder import CausalLM
     seen = []
     forward = CausalLM.forward_embeds
@@ -362,13 +362,9 @@ def test_cache_windows_equal_one_window_and_grow_the_cache(tiny_lm, num_samples,
     np.testing.assert_array_equal(one.lengths, four.lengths)
     lengths = np.asarray(four.lengths)
     assert lengths.min() < kw["max_new_tokens"] - 8 and lengths.max() > 9   # stops mid-way
-    if num_samples > 1:
-        cfg = sampling._Config(kw["max_new_tokens"], num_samples, 1.0, 0, 1.0, 0, 4)
-        want = [(slots, slots) for _, _, slots in sampling._step_windows(cfg)]
-        assert len(want) == 4
-    else:          # the bucketed prompt and every generated token, from the first step
-        full = sampling.prepare_prompt(tiny_lm, inputs).mask.shape[1] + kw["max_new_tokens"]
-        want = [(full, full)]
+    cfg = sampling._Config(kw["max_new_tokens"], num_samples, 1.0, 0, 1.0, 0, 4)
+    want = [(slots, slots) for _, _, slots in sampling._step_windows(cfg)]
+    assert len(want) == 4
     assert seen == want
     with pytest.raises(ValueError, match="cache_windows"):
         sampling.generate(tiny_lm, inputs, cache_windows=0, **kw)
