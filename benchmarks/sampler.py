@@ -15,12 +15,16 @@ subprocess so peak RSS is its own.
                         # new_tokens - 1 steps of the decode step's matmuls alone (same shapes,
                         # a bare jitted loop, the faster of XLA's default options and our
                         # decode's), and the ratio that bound would give
-        [--cache-windows K]   # with G > 1, our decode in K cache windows (default:
-                              # generate's, 4; 1 = one loop over the whole cache)
+        [--cache-windows K]   # our decode in K cache windows (default: generate's, 4;
+                              # 1 = one loop over the whole cache)
+        [--rounds N]    # the two sides alternate N times, each time in fresh subprocesses,
+                        # and every pair's ratio is printed with their median (this machine's
+                        # speed drifts by tens of percent between minutes and processes)
 
 Prints tokens/s (steady state: best of `repeats` calls after the first; transformers: best over
 torch's default thread count and 1 thread), the first call's time
-(ours: includes compilation), peak RSS per side and the ratio ours / transformers.
+(ours: includes compilation), peak RSS per side and the ratio ours / transformers; with
+--rounds N, the figures of the last round, then each round's ratio and their median.
 """
 from __future__ import annotations
 
@@ -187,6 +191,27 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
+def run_side(side: str, args, d: str) -> dict:
+    """One side's child process on the saved model and batch; its RESULT line as a dict."""
+    cmd = [sys.executable, "-m", "benchmarks.sampler", "--side", side, "--dir", d,
+           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+           "--num-samples", str(args.num_samples)]
+    if args.breakdown:
+        cmd.append("--breakdown")
+    if args.floor:
+        cmd.append("--floor")
+    if args.cache_windows:
+        cmd += ["--cache-windows", str(args.cache_windows)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{side} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -196,6 +221,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--floor", action="store_true")
     ap.add_argument("--cache-windows", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--side", choices=["hf", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -211,28 +237,14 @@ def main() -> None:
         torch.manual_seed(0)
         Qwen2_5_VLForConditionalGeneration(hf_config()).eval().save_pretrained(d)
         np.savez(os.path.join(d, "batch.npz"), **make_batch(args.batch // args.num_samples))
-        results = {}
-        for side in ("hf", "ours"):
-            cmd = [sys.executable, "-m", "benchmarks.sampler", "--side", side, "--dir", d,
-                   "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-                   "--num-samples", str(args.num_samples)]
-            if args.breakdown:
-                cmd.append("--breakdown")
-            if args.floor:
-                cmd.append("--floor")
-            if args.cache_windows:
-                cmd += ["--cache-windows", str(args.cache_windows)]
-            env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-                       TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                raise SystemExit(f"{side} side failed:\n{proc.stdout[-3000:]}\n"
-                                 f"{proc.stderr[-3000:]}")
-            results[side] = json.loads(lines[-1][len("RESULT "):])
+        rounds = []
+        for _ in range(max(1, args.rounds)):
+            results = {}
+            for side in ("hf", "ours"):
+                results[side] = run_side(side, args, d)
+            rounds.append(results)
 
-    hf, ours = results["hf"], results["ours"]
+    hf, ours = rounds[-1]["hf"], rounds[-1]["ours"]
     print(f"Qwen2.5-VL 4x256, vocab {VOCAB}, batch {args.batch} ({args.batch // args.num_samples}"
           f" prompts x {args.num_samples} samples), one {GRID} image per prompt, "
           f"{args.new_tokens} new tokens, temperature 1, our cache windows "
@@ -248,8 +260,14 @@ def main() -> None:
     for k, v in ours.items():
         if k.startswith("steady_s["):
             print(f"  ours {k[9:-1]:>10}: {ours['tokens'] / v:8.1f} tokens/s")
-    ratio = (ours["tokens"] / ours["steady_s"]) / (hf["tokens"] / hf["steady_s"])
-    print(f"  ratio ours / transformers: {ratio:.2f}x (goal: >= 4x)")
+    rate = lambda r: r["tokens"] / r["steady_s"]  # noqa: E731
+    ratios = [rate(r["ours"]) / rate(r["hf"]) for r in rounds]
+    print(f"  ratio ours / transformers: {ratios[-1]:.2f}x (goal: >= 4x)")
+    if len(rounds) > 1:
+        print(f"  {len(rounds)} rounds, ours / transformers each: "
+              + ", ".join(f"{x:.2f}x ({r['ours']['steady_s']:.3f} vs {r['hf']['steady_s']:.3f} s)"
+                          for x, r in zip(ratios, rounds))
+              + f"; median {float(np.median(ratios)):.2f}x")
     if "floor_matmuls_s" in ours:
         bound = ours["floor_prefill_s"] + ours["floor_matmuls_s"]
         per = ours["floor_matmuls_s"] / (args.new_tokens - 1) * 1e3
