@@ -108,9 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.temperature = 1.0
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
-    # with G > 1, each rollout's generation cache is decoded in this many windows of steps,
-    # each on a cache grown to the slots it can reach (early steps read a fraction of it);
-    # each window compiles its own loop. 1 = one loop over the whole cache
+    # each sample's generation cache (any G; the prompt's is kept once) is decoded in this many
+    # windows of steps, each on a cache grown to the slots it can reach (early steps read a
+    # fraction of it); each window compiles its own loop. 1 = one loop over the whole cache
     c.sampling.cache_windows = 4
 
     c.rl = ml_collections.ConfigDict()
