@@ -269,6 +269,26 @@ def tiny_lm():
     return CausalLM(cfg, rngs=nnx.Rngs(0))
 
 
+def test_one_sample_kept_prompt_equals_one_cache_and_a_full_forward(tiny_lm, monkeypatch):
+    """At G = 1 a model that shares_prefix keeps the prompt's cache apart and grows a
+    generation cache window by window. It samples the tokens of the one-cache path (prompt +
+    max_new_tokens slots, taken when the model reports no prefix support) under the same key,
+    with rows that stop early, and its log-probabilities equal a full forward's."""
+    inputs = _prompts(rng=3, lengths=(5, 3, 7, 6))
+    kw = dict(max_new_tokens=30, temperature=1.0, eos_token_ids=[3, 4], rng=jax.random.key(6))
+    kept = sampling.generate(tiny_lm, inputs, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "shares_prefix", lambda model: False)
+        one_cache = sampling.generate(tiny_lm, inputs, **kw)
+    np.testing.assert_array_equal(kept.tokens, one_cache.tokens)
+    np.testing.assert_array_equal(kept.lengths, one_cache.lengths)
+    np.testing.assert_allclose(kept.logprobs, one_cache.logprobs, atol=1e-5)
+    lengths = np.asarray(kept.lengths)
+    assert lengths.min() < 20 and lengths.max() == 30     # one row stops in a later window
+    full = sampling.token_logprobs(tiny_lm, inputs, kept.tokens, kept.mask)
+    np.testing.assert_allclose(full, kept.logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_decode_layers_scan_equals_unroll(tiny_lm, num_samples):
     """The decode step over per-layer caches (a Python loop, the default) and over the stacked
