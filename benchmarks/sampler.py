@@ -225,6 +225,8 @@ def main() -> None:
     ap.add_argument("--side", choices=["hf", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.batch % args.num_samples:
         ap.error(f"--batch {args.batch} must be a multiple of --num-samples {args.num_samples}")
     if args.side:
@@ -238,7 +240,7 @@ def main() -> None:
         Qwen2_5_VLForConditionalGeneration(hf_config()).eval().save_pretrained(d)
         np.savez(os.path.join(d, "batch.npz"), **make_batch(args.batch // args.num_samples))
         rounds = []
-        for _ in range(max(1, args.rounds)):
+        for _ in range(args.rounds):
             results = {}
             for side in ("hf", "ours"):
                 results[side] = run_side(side, args, d)
