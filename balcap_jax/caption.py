@@ -152,7 +152,7 @@ def _caption(cfg, cap, paths, todo, out, *, batch, sample, seed, load=None) -> d
                 temperature=s.temperature if sample else 0.0,
                 top_p=s.top_p if sample else 1.0, top_k=s.top_k if sample else 0,
                 eos_token_ids=cap.eos_token_ids, rng=key, pad_id=cap.pad_id,
-                prompt_buckets=cap.prompt_buckets)
+                prompt_buckets=cap.prompt_buckets, cache_windows=int(s.get("cache_windows", 4)))
             texts = completion_text(cap.tokenizer, np.asarray(smp.tokens),
                                     np.asarray(smp.lengths), np.asarray(smp.truncated))
             for path, text in zip(chunk, texts):

@@ -97,10 +97,18 @@ def test_the_entry_point_names_what_is_missing(export_and_images):
         caption(c, [], "/nonexistent/out.jsonl", batch=2)
 
 
-def test_a_prepared_split_is_captioned_by_image_id(export_and_images, tmp_path, one_device):
+def test_a_prepared_split_is_captioned_by_image_id(export_and_images, tmp_path, one_device,
+                                                  monkeypatch):
     """--split: the data block's TFDS split (built as training builds it) captioned by image
-    id, its pixels those of the files."""
+    id, its pixels those of the files; the sampler gets the config's sampling.cache_windows."""
+    from balcap_jax import sampling
     from balcap_jax.data.config import prepared_split
+    windows, generate = [], sampling.generate
+
+    def spy(*a, **kw):
+        windows.append(kw.get("cache_windows"))
+        return generate(*a, **kw)
+    monkeypatch.setattr(sampling, "generate", spy)
     d = export_and_images
     ann = tmp_path / "ann.jsonl"
     with open(ann, "w") as f:
@@ -108,6 +116,7 @@ def test_a_prepared_split_is_captioned_by_image_id(export_and_images, tmp_path, 
             f.write(json.dumps({"image": f"img{i}.png", "image_id": f"id{i}",
                                 "caption": f"reference {i}"}) + "\n")
     c = _cfg(d / "export")
+    c.sampling.cache_windows = 2
     c.data.builder, c.data.files = "captions", str(ann)
     c.data.image_root, c.data.data_dir = str(d / "images"), str(tmp_path / "tfds")
     ids, example = prepared_split(c.data, "train")
@@ -115,6 +124,7 @@ def test_a_prepared_split_is_captioned_by_image_id(export_and_images, tmp_path, 
     out = str(tmp_path / "split.jsonl")
     res = caption(c, ids, out, batch=2, load=lambda k: example(k)["image"])
     assert res["kept"] == 3 and [r["image"] for r in _lines(out)] == ids
+    assert windows == [2, 2]                      # two batches of 2 (the second filled)
     for i in range(3):      # the split's images are the files' pixels (PNG kept exactly)
         np.testing.assert_array_equal(example(f"id{i}")["image"], np.asarray(
             Image.open(d / "images" / f"img{i}.png").convert("RGB")))
