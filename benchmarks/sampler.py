@@ -191,6 +191,11 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
+def rate(result: dict) -> float:
+    """Steady-state tokens/s of one side's RESULT."""
+    return result["tokens"] / result["steady_s"]
+
+
 def run_side(side: str, args, d: str) -> dict:
     """One side's child process on the saved model and batch; its RESULT line as a dict."""
     cmd = [sys.executable, "-m", "benchmarks.sampler", "--side", side, "--dir", d,
@@ -253,8 +258,7 @@ def main() -> None:
           f"{args.cache_windows or 'default'}, CPU ({os.cpu_count()} cores, load "
           f"average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after the run)")
     for r in (hf, ours):
-        tps = r["tokens"] / r["steady_s"]
-        print(f"  {r['side']:>12}: {tps:8.1f} tokens/s  (steady {r['steady_s']:.3f} s, "
+        print(f"  {r['side']:>12}: {rate(r):8.1f} tokens/s  (steady {r['steady_s']:.3f} s, "
               f"first call {r['first_s']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
               + (f", torch threads {r['torch_threads']})" if "torch_threads" in r else ")"))
     compile_s = ours["first_s"] - ours["steady_s"]
@@ -262,7 +266,6 @@ def main() -> None:
     for k, v in ours.items():
         if k.startswith("steady_s["):
             print(f"  ours {k[9:-1]:>10}: {ours['tokens'] / v:8.1f} tokens/s")
-    rate = lambda r: r["tokens"] / r["steady_s"]  # noqa: E731
     ratios = [rate(r["ours"]) / rate(r["hf"]) for r in rounds]
     print(f"  ratio ours / transformers: {ratios[-1]:.2f}x (goal: >= 4x)")
     if len(rounds) > 1:
