@@ -458,6 +458,11 @@ def _prefill(graphdef, state, prompt: Prompt, rng, eos, suppress, cfg: _Config):
     if shares_prefix(model):
         hidden, cache = model.forward_embeds(x, prompt.positions, mask,
                                              model.init_cache(b, t, x.dtype), jnp.int32(0))
+        # per layer where the decode loop runs its layers as a Python loop: a slice of the
+        # stacked cache inside the loop would be a copy of the prompt's keys at every token
+        # (XLA does not hoist it), here it is made once
+        if hasattr(model, "decode_cache"):
+            cache = model.decode_cache(cache)
         prefix, cache = (cache, mask), None
         kv_mask = jnp.ones((n, m), jnp.int32)   # causal: a row reads its slots up to the latest
     else:

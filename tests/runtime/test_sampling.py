@@ -289,6 +289,32 @@ def test_one_sample_kept_prompt_equals_one_cache_and_a_full_forward(tiny_lm, mon
     np.testing.assert_allclose(full, kept.logprobs, atol=1e-5)
 
 
+def test_decode_loop_reads_the_prompt_cache_without_copies(tiny_lm, monkeypatch):
+    """The kept prompt cache reaches the decode loop as one buffer per layer: the compiled
+    decode holds nothing of the prompt cache's stacked [layers, ...] shape, whose per-layer
+    slices XLA would copy out of the stack at every token (it does not hoist them)."""
+    lowered, real = [], sampling._jit
+
+    def spy(name):
+        f = real(name)
+        if name != "decode":
+            return f
+
+        def run(*args):
+            lowered.append((args[9], f.lower(*args).compile().as_text()))
+            return f(*args)
+        return run
+    monkeypatch.setattr(sampling, "_jit", spy)
+    sampling.generate(tiny_lm, _prompts(), max_new_tokens=9, temperature=1.0, eos_token_ids=[3],
+                      rng=jax.random.key(0), num_samples=2)
+    (prefix, hlo), = lowered
+    layers = tiny_lm.model.layers.num
+    for leaf in (prefix[0].k, prefix[0].v):      # leaf[0]: layer 0's buffer, either layout
+        stacked = (layers, *np.shape(leaf[0]))
+        assert f"f32[{','.join(map(str, stacked))}]" not in hlo, stacked
+    assert prefix[0].is_per_layer and len(prefix[0].k) == layers
+
+
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_decode_layers_scan_equals_unroll(tiny_lm, num_samples):
     """The decode step over per-layer caches (a Python loop, the default) and over the stacked
