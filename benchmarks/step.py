@@ -15,6 +15,9 @@ template adds its default system prompt: its prompts are longer than ours).
 Prints per side: the steady step (median of the steps after the first), its split into
 rollout / scoring / update, the first step (ours: compilation included; the difference is the
 compile time), tokens/s of the step, peak RSS, and the ratio TRL / ours of the steady step.
+Ours also: the update's rate in GFLOP/s (6 x language parameters x the tokens it forwards)
+against this CPU's float32 matmul rate measured in the same process, how close the update is
+to what the cores can do.
 With --repeats N the two sides alternate N times (the cores are often shared) and the ratio of
 each pair is printed. Ours runs its 4 layers straight-line (model.scan_unroll=0: no per-layer
 scan bookkeeping, and at this depth it compiles faster too); --scan-unroll 1 measures the
@@ -63,6 +66,34 @@ def hf_config() -> dict:
                           spatial_merge_size=2, window_size=56)
     cfg.update(num_hidden_layers=4, tie_word_embeddings=False)
     return cfg
+
+
+def update_flops(prompt_tokens: int) -> float:
+    """6 x language parameters (the layers' matmuls and the LM head; not the embedding table,
+    a gather) x the tokens the update forwards: each prompt once per group plus every
+    completion token. Attention's score and value products are left out (a few % here)."""
+    t = hf_config()
+    d, f, v, layers = (t["hidden_size"], t["intermediate_size"], t["vocab_size"],
+                       t["num_hidden_layers"])
+    kv = t["num_key_value_heads"] * d // t["num_attention_heads"]
+    params = layers * (d * (d + 2 * kv) + d * d + 3 * d * f) + d * v
+    return 6.0 * params * (prompt_tokens + PROMPTS * G * NEW)
+
+
+def matmul_gflops(repeats: int = 5) -> float:
+    """This CPU's float32 matmul rate under XLA (best of `repeats`): [1024, 256] @ [256, 8192],
+    the update's LM-head shape, with XLA's default options as the update's jit has."""
+    import jax
+    import jax.numpy as jnp
+    a, b = jnp.ones((1024, 256), jnp.float32), jnp.ones((256, 8192), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024 * 256 * 8192 / best / 1e9
 
 
 def our_config(model_dir: str, steps: int, judges: bool = False, scan_unroll: int = 0):
@@ -169,8 +200,17 @@ def run_ours(d: str, steps: int, judge_tokens: int = 0, judge_url: str = "",
     elif judge_tokens:
         trainer.p.scorer, judge = judge_scorer(d, judge_tokens)
     trainer.p.tokenizer.save_pretrained(os.path.join(d, "tokenizer"))
+    forwarded = []          # prompt tokens of each update micro-batch (prompts x bucket)
+    micro_batches = trainer._micro_batches
+
+    def counted(*a, **kw):
+        for sl, mb in micro_batches(*a, **kw):
+            forwarded.append(int(np.prod(np.shape(mb["prompt"].mask))))
+            yield sl, mb
+    trainer._micro_batches = counted
     rows, images, prompts = [], [], []
     for _ in range(steps):
+        forwarded.clear()
         examples = next(trainer.p.loader)
         images += [np.asarray(e["image"], np.uint8) for e in examples]
         prompts += [e["prompt"] for e in examples]
@@ -185,7 +225,8 @@ def run_ours(d: str, steps: int, judge_tokens: int = 0, judge_url: str = "",
                          update_s=dt - m["time/rollout"] - exposed, exposed_s=exposed,
                          tokens=m["length/tokens"] * PROMPTS * G))
     np.savez(os.path.join(d, "examples.npz"), images=np.stack(images), prompts=np.array(prompts))
-    out = dict(side="ours", rows=rows, peak_rss_mib=peak_rss_mib())
+    out = dict(side="ours", rows=rows, peak_rss_mib=peak_rss_mib(),
+               update_gflop=update_flops(sum(forwarded)) / 1e9, matmul_gflops=matmul_gflops())
     if judge is not None:
         out["judge_s"] = {k: round(v, 3) for k, v in judge.times.items()}
         out["judge_rows"] = dict(judge.stats)
@@ -232,6 +273,9 @@ def _summary(r: dict) -> dict:
            for k in ("step_s", "rollout_s", "score_s", "update_s", "tokens")}
     med["exposed_s"] = float(np.median([x.get("exposed_s", x["score_s"]) for x in steady]))
     med["first_s"] = r["rows"][0]["step_s"]
+    for k in ("update_gflop", "matmul_gflops"):
+        if k in r:
+            med[k] = r[k]
     med["peak_rss_mib"] = r["peak_rss_mib"]
     return med
 
@@ -324,6 +368,11 @@ def main() -> None:
             print(_line("ours", ours), flush=True)
             print(f"         compile ~{ours['first_s'] - ours['step_s']:.1f} s (first step - "
                   "steady step)")
+            rate = ours["update_gflop"] / ours["update_s"]
+            print(f"         update ~{ours['update_gflop']:.1f} GFLOP (6 x params x tokens) at "
+                  f"{rate:.0f} GFLOP/s: {rate / ours['matmul_gflops']:.0%} of this CPU's float32 "
+                  f"matmul under XLA in the same process ({ours['matmul_gflops']:.0f} GFLOP/s, "
+                  "[1024, 256] @ [256, 8192])")
             if with_trl:
                 peer = _summary(_side("trl", d, args.steps))
                 print(_line("trl", peer), flush=True)
