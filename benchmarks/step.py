@@ -69,15 +69,17 @@ def hf_config() -> dict:
 
 
 def update_flops(prompt_tokens: int) -> float:
-    """6 x language parameters (the layers' matmuls and the LM head; not the embedding table,
-    a gather) x the tokens the update forwards: each prompt once per group plus every
-    completion token. Attention's score and value products are left out (a few % here)."""
+    """6 x parameters x tokens for the update's matmuls: the layers' projections for every
+    token it forwards (each prompt once per group plus every completion token), the LM head
+    for the completion tokens it scores. Not counted: the embedding table (a gather), the
+    attention's score and value products (a few % here) and the vision tower."""
     t = hf_config()
     d, f, v, layers = (t["hidden_size"], t["intermediate_size"], t["vocab_size"],
                        t["num_hidden_layers"])
     kv = t["num_key_value_heads"] * d // t["num_attention_heads"]
-    params = layers * (d * (d + 2 * kv) + d * d + 3 * d * f) + d * v
-    return 6.0 * params * (prompt_tokens + PROMPTS * G * NEW)
+    per_token = layers * (d * (d + 2 * kv) + d * d + 3 * d * f)
+    completions = PROMPTS * G * NEW
+    return 6.0 * (per_token * (prompt_tokens + completions) + d * v * completions)
 
 
 def matmul_gflops(repeats: int = 5) -> float:
@@ -369,8 +371,9 @@ def main() -> None:
             print(f"         compile ~{ours['first_s'] - ours['step_s']:.1f} s (first step - "
                   "steady step)")
             rate = ours["update_gflop"] / ours["update_s"]
-            print(f"         update ~{ours['update_gflop']:.1f} GFLOP (6 x params x tokens) at "
-                  f"{rate:.0f} GFLOP/s: {rate / ours['matmul_gflops']:.0%} of this CPU's float32 "
+            print(f"         update ~{ours['update_gflop']:.1f} GFLOP of matmuls (6 x params x "
+                  f"tokens) at {rate:.0f} GFLOP/s: {rate / ours['matmul_gflops']:.0%} of this "
+                  "CPU's float32 "
                   f"matmul under XLA in the same process ({ours['matmul_gflops']:.0f} GFLOP/s, "
                   "[1024, 256] @ [256, 8192])")
             if with_trl:
