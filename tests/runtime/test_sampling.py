@@ -4,6 +4,8 @@ Model-independent pieces (filters, keys, bucketing, the decode loop's bookkeepin
 hand-built attention model that follows the decoder protocol; parity with transformers' greedy
 `generate` runs on the real decoders against tiny random HF models.
 """
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,7 +303,8 @@ def test_decode_loop_reads_the_prompt_cache_without_copies(tiny_lm, monkeypatch)
             return f
 
         def run(*args):
-            lowered.append((args[9], f.lower(*args).compile().as_text()))
+            prefix = inspect.signature(sampling._decode).bind(*args).arguments["prefix"]
+            lowered.append((prefix, f.lower(*args).compile().as_text()))
             return f(*args)
         return run
     monkeypatch.setattr(sampling, "_jit", spy)
