@@ -339,19 +339,29 @@ def test_decode_layers_scan_equals_unroll(tiny_lm, num_samples):
 
 def test_cpu_decode_runs_its_matmuls_on_one_thread_on_two_cores(monkeypatch):
     """XLA options per jitted function: on a CPU of at most 2 cores the decode's matmuls run on
-    one thread; YNNPACK fusions are off for every CPU executable; other backends get XLA's
-    defaults. XLA accepts the options, and `_jit` passes them."""
+    one thread; the decode keeps its reductions whole (no tree-reduction rewrite); YNNPACK
+    fusions are off for every CPU executable; other backends get XLA's defaults. XLA accepts
+    the options, and `_jit` passes them."""
     opts = sampling._compiler_options
     ynn_off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    decode = {**ynn_off, "xla_disable_hlo_passes": "tree_reduction_rewriter"}
     assert opts("decode", "gpu", 2) is None and opts("prefill", "tpu", 1) is None
     for cores in (1, 2):
-        assert opts("decode", "cpu", cores) == {**ynn_off, "xla_cpu_multi_thread_eigen": False}
-    assert opts("decode", "cpu", 3) == opts("decode", "cpu", 64) == ynn_off
+        assert opts("decode", "cpu", cores) == {**decode, "xla_cpu_multi_thread_eigen": False}
+    assert opts("decode", "cpu", 3) == opts("decode", "cpu", 64) == decode
     for name in ("prefill", "token_logprobs"):
         assert opts(name, "cpu", 2) == ynn_off
     x = jnp.arange(16.0).reshape(4, 4)
     y = jax.jit(lambda a: a @ a, compiler_options=opts("decode", "cpu", 2))(x)
     np.testing.assert_allclose(y, np.asarray(x) @ np.asarray(x))
+    # the pass is named as XLA names it: a max over a vocabulary-sized row compiles to a
+    # reduce-window without the option (the prefill's options) and to a plain reduce with it
+    logits = jax.ShapeDtypeStruct((16, 8192), jnp.float32)
+    default, decode_hlo = (
+        jax.jit(lambda a: a.max(-1), compiler_options=o).lower(logits).compile().as_text()
+        for o in (opts("prefill", "cpu", 2), opts("decode", "cpu", 2)))
+    if jax.default_backend() == "cpu":
+        assert "reduce-window" in default and "reduce-window" not in decode_hlo
     seen = {}
     monkeypatch.setattr(sampling, "_cpu_cores", lambda: 2)
     monkeypatch.setattr(sampling.jax, "jit", lambda fn, **kw: seen.setdefault(fn.__name__, kw))
