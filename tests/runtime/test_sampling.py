@@ -291,6 +291,51 @@ def test_one_sample_kept_prompt_equals_one_cache_and_a_full_forward(tiny_lm, mon
     np.testing.assert_allclose(full, kept.logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("every", [3, 8])
+def test_early_exit_tested_every_few_steps_gives_the_same_samples(tiny_lm, monkeypatch, every):
+    """With the loop's "every row done?" test made every few steps (CPU rows split over
+    devices), the samples are those of the per-step test, and the loop still stops early: at
+    most every - 1 steps after the last row's stop."""
+    inputs = _prompts(rng=4, lengths=(5, 3, 7, 6))
+    # rows stop at 10, 4, 17 and 11: across the first window's end (11), all before 30
+    kw = dict(max_new_tokens=30, temperature=1.0, eos_token_ids=list(range(3, 10)),
+              rng=jax.random.key(1))
+    steps = []
+    jit = sampling._jit
+
+    def spy(name):
+        fn = jit(name)
+        if name != "decode":
+            return fn
+
+        def run(*a, **k):
+            out = fn(*a, **k)
+            steps.append(int(out[1].step))
+            return out
+        return run
+    monkeypatch.setattr(sampling, "_jit", spy)
+    each = sampling.generate(tiny_lm, inputs, **kw)
+    monkeypatch.setattr(sampling, "_done_every", lambda model: every)
+    chunked = sampling.generate(tiny_lm, inputs, **kw)
+    np.testing.assert_array_equal(each.tokens, chunked.tokens)
+    np.testing.assert_array_equal(each.lengths, chunked.lengths)
+    np.testing.assert_array_equal(each.logprobs, chunked.logprobs)
+    last = int(np.max(each.lengths))
+    first_end = sampling._step_windows(sampling._Config(30, 1, 1.0, 0, 1.0, 0, 4))[0][1]
+    assert first_end < last < 30 - every, "rows must stop in a later window, all before the end"
+    assert steps[0] == last and last <= steps[1] < last + every
+
+
+def test_done_every_is_8_only_for_cpu_rows_split_over_devices(tiny_lm, monkeypatch):
+    from balcap_jax import sharding
+    assert sampling._done_every(tiny_lm) == 1
+    monkeypatch.setattr(tiny_lm, "mesh", sharding.make_mesh((2, 1, 1), jax.devices()[:2]),
+                        raising=False)
+    assert sampling._done_every(tiny_lm) == (8 if jax.default_backend() == "cpu" else 1)
+    monkeypatch.setattr(tiny_lm, "mesh", sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    assert sampling._done_every(tiny_lm) == 1
+
+
 def test_decode_loop_reads_the_prompt_cache_without_copies(tiny_lm, monkeypatch):
     """The kept prompt cache reaches the decode loop as one buffer per layer: the compiled
     decode holds nothing of the prompt cache's stacked [layers, ...] shape, whose per-layer
