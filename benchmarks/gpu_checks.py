@@ -12,9 +12,10 @@ Steady-state figures first: every check compiles once, then times a second call.
    preallocated generation cache, valid or not).
 2. train: 16 prompts x G=8 = 128 rollouts x 512 tokens, scripted scorer, bf16 parameters with a
    float32 master copy and AdamW state, remat on, micro-batch 32. Two steps; the second is
-   steady: its whole time and phase split, and the update's MFU (6 x language params x the
-   tokens the update forwards: each prompt once per group plus every completion; remat
-   recompute not counted).
+   steady: its whole time and phase split, and the update's MFU: 6 x the decoder layers'
+   projection weights x the tokens the update forwards (each prompt once per group plus every
+   completion) + 6 x the LM head x the completion tokens it scores (the embedding table is a
+   gather; attention's score and value products and the remat recompute are not counted).
 3. compiles: the backend compiles of each jitted function over the whole run (jax.monitoring),
    and how many happened during the steady calls (should be 0).
 4. memory: peak device memory against balcap_jax.build.memory_plan for the train check.
@@ -93,6 +94,18 @@ def text_dims(cfgd: dict) -> dict:
                 hd=t.get("head_dim") or d // h)
 
 
+def matmul_params(cfgd: dict) -> tuple[int, int]:
+    """(the decoder layers' projection weights, the LM head's): what each forwarded token
+    multiplies through, and what each scored token adds. The embedding table is a gather (no
+    FLOPs, one row read per token), so an untied model's table counts in neither; a tied one's
+    is the LM head. Biases and norms are left out (well under 0.1%)."""
+    t = cfgd.get("text_config") or cfgd
+    d, f, v, h = t["hidden_size"], t["intermediate_size"], t["vocab_size"], t["num_attention_heads"]
+    dims = text_dims(cfgd)
+    q, kv = h * dims["hd"], dims["kv"] * dims["hd"]
+    return dims["layers"] * (d * (q + 2 * kv) + q * d + 3 * d * f), d * v
+
+
 def pieces(side: int):
     """The tiny BPE, our processor and a synthetic loader of side x side images."""
     from balcap_jax.config import base_config
@@ -130,7 +143,8 @@ def check_decode(model, counts, cfgd, tiny):
     prompt_len = int(sampling.prepare_prompt(model, inputs).mask.shape[1])
     dims = text_dims(cfgd)
     slot = dims["layers"] * 2 * dims["kv"] * dims["hd"] * 2          # bytes per token, bf16
-    weights = counts["language"] * 2
+    layers, head = matmul_params(cfgd)
+    weights = (layers + head) * 2                     # bf16 weights a step reads
     mean_valid = b * prompt_len + b * g * (steps + 1) / 2             # prefix once per prompt
     need = weights + mean_valid * slot
     # the generation cache a step reads: its cache window's slots (sampling.cache_windows)
@@ -186,7 +200,8 @@ def check_train(model, counts, cfgd, tiny, deadline):
         m = tr.train_step(next(loader))
         wall = time.time() - t0
         tokens = m["length/tokens"] * b * g                   # completion tokens
-        upd_flops = 6 * counts["language"] * (b * prompt_len + tokens)
+        layers, head = matmul_params(cfgd)
+        upd_flops = 6 * (layers * (b * prompt_len + tokens) + head * tokens)
         log(check="train_step", step=i, steady=(i == 1), wall_s=round(wall, 2),
             rollout_s=round(m["time/rollout"], 2), scoring_s=round(m["time/scoring"], 3),
             update_s=round(m["time/update"], 2), rollouts=b * g,
