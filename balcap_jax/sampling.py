@@ -739,10 +739,15 @@ def _compiler_options(name: str, backend: str, cores: int) -> dict | None:
     The decode is compiled without it (-3.5% a sampler call at benchmarks/sampler.py's shapes,
     in-process paired medians; same tokens, log-probs within 4e-6: the sums over V are then a
     vectorised loop instead of a tree).
+
+    XLA:CPU vectorises its own loops (everything but the matmuls) for 256-bit registers unless
+    told otherwise; on an AVX-512 CPU (this project's Xeons) 512-bit vectors take 4.5% off a
+    sampler call (12 in-process pairs, same tokens, log-probs within 4e-6). A CPU without
+    AVX-512 ignores the preference.
     """
     if backend != "cpu":
         return None
-    opts: dict = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    opts: dict = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_prefer_vector_width": 512}
     if name == "decode":
         opts["xla_disable_hlo_passes"] = "tree_reduction_rewriter"
         if cores <= 2:

@@ -386,9 +386,9 @@ def test_cpu_decode_runs_its_matmuls_on_one_thread_on_two_cores(monkeypatch):
     """XLA options per jitted function: on a CPU of at most 2 cores the decode's matmuls run on
     one thread; the decode keeps its reductions whole (no tree-reduction rewrite); YNNPACK
     fusions are off for every CPU executable; other backends get XLA's defaults. XLA accepts
-    the options, and `_jit` passes them."""
+    the options, and `_jit` passes them. Every CPU executable prefers 512-bit vectors."""
     opts = sampling._compiler_options
-    ynn_off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    ynn_off = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_prefer_vector_width": 512}
     decode = {**ynn_off, "xla_disable_hlo_passes": "tree_reduction_rewriter"}
     assert opts("decode", "gpu", 2) is None and opts("prefill", "tpu", 1) is None
     for cores in (1, 2):
