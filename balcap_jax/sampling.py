@@ -60,6 +60,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, NamedTuple, Sequence
 
@@ -361,7 +362,12 @@ def _done_every(model) -> int:
     more, writing pad tokens (the outputs are the same). Accelerators keep the per-step test:
     their steps are long next to a one-bit all-reduce."""
     mesh = getattr(model, "mesh", None)
-    return 8 if jax.default_backend() == "cpu" and mesh is not None and mesh.size > 1 else 1
+    if jax.default_backend() != "cpu" or mesh is None or mesh.size == 1:
+        return 1
+    from balcap_jax import sharding as shd
+    spec = shd.logical_to_spec(("batch",), getattr(model, "rules", None), mesh=mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return 8 if math.prod(mesh.shape[a] for a in axes) > 1 else 1   # rows on several devices
 
 
 def _step_windows(cfg: _Config) -> list[tuple[int, int, int]]:

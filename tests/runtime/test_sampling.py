@@ -334,6 +334,9 @@ def test_done_every_is_8_only_for_cpu_rows_split_over_devices(tiny_lm, monkeypat
     assert sampling._done_every(tiny_lm) == (8 if jax.default_backend() == "cpu" else 1)
     monkeypatch.setattr(tiny_lm, "mesh", sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     assert sampling._done_every(tiny_lm) == 1
+    # tensor-parallel only: every device holds every row, the test is no all-reduce
+    monkeypatch.setattr(tiny_lm, "mesh", sharding.make_mesh((1, 1, 2), jax.devices()[:2]))
+    assert sampling._done_every(tiny_lm) == 1
 
 
 def test_decode_loop_reads_the_prompt_cache_without_copies(tiny_lm, monkeypatch):
