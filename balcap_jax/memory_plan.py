@@ -69,6 +69,19 @@ def count_params(hf_config: dict) -> dict:
     return {"language": lang, "vision": vision}
 
 
+def matmul_params(hf_config: dict) -> tuple[int, int]:
+    """(the decoder layers' projection weights, the LM head's) from an HF config dict: what each
+    forwarded token multiplies through, and what each scored token adds (FLOPs = 6 x these x
+    tokens; a decode step reads them). The embedding table is a gather (no FLOPs, one row read
+    per token), so an untied model's table counts in neither; a tied one's is the LM head.
+    Biases and norms are left out (well under 0.1%)."""
+    t = _text_cfg(hf_config)
+    d, f, v, h = t["hidden_size"], t["intermediate_size"], t["vocab_size"], t["num_attention_heads"]
+    hd = t.get("head_dim") or d // h
+    q, kv = h * hd, t.get("num_key_value_heads", h) * hd
+    return t["num_hidden_layers"] * (d * (q + 2 * kv) + q * d + 3 * d * f), d * v
+
+
 class Item(NamedTuple):
     name: str
     bytes: float        # per device

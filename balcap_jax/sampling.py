@@ -365,9 +365,9 @@ def _done_every(model) -> int:
     if jax.default_backend() != "cpu" or mesh is None or mesh.size == 1:
         return 1
     from balcap_jax import sharding as shd
-    spec = shd.logical_to_spec(("batch",), getattr(model, "rules", None), mesh=mesh)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return 8 if math.prod(mesh.shape[a] for a in axes) > 1 else 1   # rows on several devices
+    batch = shd.logical_to_spec(("batch",), getattr(model, "rules", None), mesh=mesh)[0]
+    split = math.prod(mesh.shape[a] for a in shd._axes_tuple(batch))   # devices over the rows
+    return 8 if split > 1 else 1
 
 
 def _step_windows(cfg: _Config) -> list[tuple[int, int, int]]:

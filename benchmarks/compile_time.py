@@ -107,8 +107,8 @@ def main():
         rows = {}
         for n in (a.layers if i % 2 == 0 else a.layers[::-1]):
             r = run(n, a.steps, a.decode_layers, a.scan_unroll, a.cache_windows)
-            steady = sorted(r["times"][1:])[len(r["times"][1:]) // 2]
-            steady_cpu = sorted(r["cpu_times"][1:])[len(r["cpu_times"][1:]) // 2]
+            # the steady step: the (upper) median of the steps after the first
+            steady, steady_cpu = (statistics.median_high(r[k][1:]) for k in ("times", "cpu_times"))
             r.update(first_s=r["times"][0], steady_s=steady, compile_s=r["times"][0] - steady,
                      compile_cpu_s=r["cpu_times"][0] - steady_cpu)
             rows[n] = r

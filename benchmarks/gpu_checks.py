@@ -36,6 +36,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from balcap_jax.memory_plan import matmul_params
+
 T0 = time.time()
 COMPILES: collections.Counter = collections.Counter()
 
@@ -92,18 +94,6 @@ def text_dims(cfgd: dict) -> dict:
     d, h = t["hidden_size"], t["num_attention_heads"]
     return dict(layers=t["num_hidden_layers"], kv=t["num_key_value_heads"],
                 hd=t.get("head_dim") or d // h)
-
-
-def matmul_params(cfgd: dict) -> tuple[int, int]:
-    """(the decoder layers' projection weights, the LM head's): what each forwarded token
-    multiplies through, and what each scored token adds. The embedding table is a gather (no
-    FLOPs, one row read per token), so an untied model's table counts in neither; a tied one's
-    is the LM head. Biases and norms are left out (well under 0.1%)."""
-    t = cfgd.get("text_config") or cfgd
-    d, f, v, h = t["hidden_size"], t["intermediate_size"], t["vocab_size"], t["num_attention_heads"]
-    dims = text_dims(cfgd)
-    q, kv = h * dims["hd"], dims["kv"] * dims["hd"]
-    return dims["layers"] * (d * (q + 2 * kv) + q * d + 3 * d * f), d * v
 
 
 def pieces(side: int):

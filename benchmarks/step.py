@@ -73,13 +73,10 @@ def update_flops(prompt_tokens: int) -> float:
     token it forwards (each prompt once per group plus every completion token), the LM head
     for the completion tokens it scores. Not counted: the embedding table (a gather), the
     attention's score and value products (a few % here) and the vision tower."""
-    t = hf_config()
-    d, f, v, layers = (t["hidden_size"], t["intermediate_size"], t["vocab_size"],
-                       t["num_hidden_layers"])
-    kv = t["num_key_value_heads"] * d // t["num_attention_heads"]
-    per_token = layers * (d * (d + 2 * kv) + d * d + 3 * d * f)
+    from balcap_jax.memory_plan import matmul_params
+    layers, head = matmul_params(hf_config())
     completions = PROMPTS * G * NEW
-    return 6.0 * (per_token * (prompt_tokens + completions) + d * v * completions)
+    return 6.0 * (layers * (prompt_tokens + completions) + head * completions)
 
 
 def matmul_gflops(repeats: int = 5) -> float:
